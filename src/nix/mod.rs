@@ -1,0 +1,1 @@
+//! Pure Nix formats: no I/O lives here.

@@ -1,0 +1,1 @@
+//! nix-daemon worker protocol client.

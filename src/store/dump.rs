@@ -1,0 +1,1 @@
+//! Streaming NAR serializer over a physical store directory.
