@@ -6,5 +6,7 @@
 //! `peerix` binary in `main.rs` only parses the command line and starts threads.
 #![forbid(unsafe_code)]
 
+pub mod config;
+pub mod http;
 pub mod nix;
 pub mod store;
