@@ -1,1 +1,594 @@
-//! nix-daemon worker protocol client.
+//! A client for the nix-daemon worker protocol: the read-only ops peerix
+//! needs, over a small pool of reused Unix-socket connections.
+//!
+//! It announces protocol 1.35 and reads whatever version the daemon
+//! negotiates down to (Nix 2.3 gives 1.21). Every length read from the socket
+//! is capped, so a confused peer cannot make us allocate without bound. Any
+//! I/O or protocol error retires that connection only.
+
+use std::fmt;
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+const WORKER_MAGIC_1: u64 = 0x6e697863;
+const WORKER_MAGIC_2: u64 = 0x6478696f;
+/// 1.35: Lix refuses less; 1.38 and up would need the feature exchange.
+const CLIENT_VERSION: u64 = 0x123;
+const MIN_DAEMON_MINOR: u64 = 10;
+
+const STDERR_NEXT: u64 = 0x6f6c6d67;
+const STDERR_READ: u64 = 0x64617461;
+const STDERR_WRITE: u64 = 0x64617416;
+const STDERR_LAST: u64 = 0x616c7473;
+const STDERR_ERROR: u64 = 0x63787470;
+const STDERR_START_ACTIVITY: u64 = 0x53545254;
+const STDERR_STOP_ACTIVITY: u64 = 0x53544f50;
+const STDERR_RESULT: u64 = 0x52534c54;
+
+const OP_IS_VALID_PATH: u64 = 1;
+const OP_QUERY_ALL_VALID_PATHS: u64 = 23;
+const OP_QUERY_PATH_INFO: u64 = 26;
+const OP_QUERY_PATH_FROM_HASH_PART: u64 = 29;
+const OP_QUERY_VALID_PATHS: u64 = 31;
+
+/// Longest string accepted from the daemon (a log line, a path, a signature).
+const MAX_STRING: u64 = 1 << 20;
+/// Most list entries accepted (QueryAllValidPaths on a very large store).
+const MAX_LIST: u64 = 10_000_000;
+/// A daemon that stays silent this long is taken as wedged.
+const IO_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A valid path's metadata, as the daemon reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PathInfo {
+    pub path: String,
+    pub deriver: Option<String>,
+    pub nar_hash: [u8; 32],
+    pub references: Vec<String>,
+    pub registration_time: u64,
+    pub nar_size: u64,
+    pub ultimate: bool,
+    pub sigs: Vec<String>,
+    pub ca: Option<String>,
+}
+
+#[derive(Debug)]
+pub enum DaemonError {
+    Connect {
+        socket: PathBuf,
+        source: io::Error,
+    },
+    Io {
+        op: &'static str,
+        source: io::Error,
+    },
+    Protocol {
+        op: &'static str,
+        message: String,
+    },
+    /// The daemon answered the op with an error of its own.
+    Remote {
+        op: &'static str,
+        message: String,
+    },
+    /// Refused before sending: it would have killed the connection.
+    InvalidArgument(String),
+}
+
+impl fmt::Display for DaemonError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DaemonError::Connect { socket, source } => {
+                write!(
+                    f,
+                    "cannot connect to nix-daemon at {}: {source}",
+                    socket.display()
+                )
+            }
+            DaemonError::Io { op, source } => write!(f, "nix-daemon {op}: {source}"),
+            DaemonError::Protocol { op, message } => {
+                write!(f, "nix-daemon {op}: protocol error: {message}")
+            }
+            DaemonError::Remote { op, message } => write!(f, "nix-daemon {op} failed: {message}"),
+            DaemonError::InvalidArgument(message) => write!(f, "not sent to nix-daemon: {message}"),
+        }
+    }
+}
+
+impl std::error::Error for DaemonError {}
+
+/// One connection after the handshake.
+struct Connection {
+    reader: BufReader<UnixStream>,
+    writer: BufWriter<UnixStream>,
+    /// The negotiated protocol minor version.
+    minor: u64,
+}
+
+/// Errors inside one exchange, before the op name is attached.
+enum Fault {
+    Io(io::Error),
+    Protocol(String),
+    Remote(String),
+}
+
+impl From<io::Error> for Fault {
+    fn from(e: io::Error) -> Self {
+        Fault::Io(e)
+    }
+}
+
+type FaultResult<T> = Result<T, Fault>;
+
+impl Connection {
+    fn open(socket: &Path) -> Result<Connection, DaemonError> {
+        let connect_error = |source| DaemonError::Connect {
+            socket: socket.to_path_buf(),
+            source,
+        };
+        let stream = UnixStream::connect(socket).map_err(connect_error)?;
+        stream
+            .set_read_timeout(Some(IO_TIMEOUT))
+            .map_err(connect_error)?;
+        stream
+            .set_write_timeout(Some(IO_TIMEOUT))
+            .map_err(connect_error)?;
+        let reader =
+            BufReader::with_capacity(16 * 1024, stream.try_clone().map_err(connect_error)?);
+        let mut conn = Connection {
+            reader,
+            writer: BufWriter::with_capacity(4 * 1024, stream),
+            minor: 0,
+        };
+        conn.handshake()
+            .map_err(|fault| attach("handshake", fault))?;
+        Ok(conn)
+    }
+
+    fn handshake(&mut self) -> FaultResult<()> {
+        self.write_u64(WORKER_MAGIC_1)?;
+        self.writer.flush()?;
+        if self.read_u64()? != WORKER_MAGIC_2 {
+            return Err(Fault::Protocol("wrong magic from daemon".into()));
+        }
+        let daemon_version = self.read_u64()?;
+        if daemon_version >> 8 != 1 || daemon_version & 0xff < MIN_DAEMON_MINOR {
+            return Err(Fault::Protocol(format!(
+                "unsupported daemon protocol version {}.{}",
+                daemon_version >> 8,
+                daemon_version & 0xff
+            )));
+        }
+        let negotiated = daemon_version.min(CLIENT_VERSION);
+        self.minor = negotiated & 0xff;
+        self.write_u64(CLIENT_VERSION)?;
+        if self.minor >= 14 {
+            self.write_u64(0)?; // no CPU affinity
+        }
+        if self.minor >= 11 {
+            self.write_u64(0)?; // reserveSpace
+        }
+        self.writer.flush()?;
+        if self.minor >= 33 {
+            self.read_string()?; // the daemon's Nix version
+        }
+        if self.minor >= 35 {
+            self.read_u64()?; // whether we are trusted
+        }
+        self.stderr_loop()
+    }
+
+    fn write_u64(&mut self, n: u64) -> io::Result<()> {
+        self.writer.write_all(&n.to_le_bytes())
+    }
+
+    fn write_string(&mut self, s: &str) -> io::Result<()> {
+        self.write_u64(s.len() as u64)?;
+        self.writer.write_all(s.as_bytes())?;
+        let pad = (8 - s.len() % 8) % 8;
+        self.writer.write_all(&[0u8; 8][..pad])
+    }
+
+    fn read_u64(&mut self) -> io::Result<u64> {
+        let mut buf = [0u8; 8];
+        self.reader.read_exact(&mut buf)?;
+        Ok(u64::from_le_bytes(buf))
+    }
+
+    fn read_bool(&mut self) -> FaultResult<bool> {
+        match self.read_u64()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            n => Err(Fault::Protocol(format!("expected a boolean, got {n}"))),
+        }
+    }
+
+    fn read_bytes(&mut self) -> FaultResult<Vec<u8>> {
+        let len = self.read_u64()?;
+        if len > MAX_STRING {
+            return Err(Fault::Protocol(format!("string of {len} bytes")));
+        }
+        let mut buf = vec![0u8; len as usize];
+        self.reader.read_exact(&mut buf)?;
+        let mut pad = [0u8; 8];
+        let pad = &mut pad[..((8 - len % 8) % 8) as usize];
+        self.reader.read_exact(pad)?;
+        if pad.iter().any(|&b| b != 0) {
+            return Err(Fault::Protocol("non-zero string padding".into()));
+        }
+        Ok(buf)
+    }
+
+    fn read_string(&mut self) -> FaultResult<String> {
+        String::from_utf8(self.read_bytes()?)
+            .map_err(|_| Fault::Protocol("string is not UTF-8".into()))
+    }
+
+    fn read_string_list(&mut self) -> FaultResult<Vec<String>> {
+        let count = self.read_u64()?;
+        if count > MAX_LIST {
+            return Err(Fault::Protocol(format!("list of {count} entries")));
+        }
+        // Grow as entries arrive rather than trusting the count up front.
+        let mut list = Vec::with_capacity(count.min(4096) as usize);
+        for _ in 0..count {
+            list.push(self.read_string()?);
+        }
+        Ok(list)
+    }
+
+    fn skip_fields(&mut self) -> FaultResult<()> {
+        let count = self.read_u64()?;
+        if count > 1024 {
+            return Err(Fault::Protocol(format!("{count} log fields")));
+        }
+        for _ in 0..count {
+            match self.read_u64()? {
+                0 => {
+                    self.read_u64()?;
+                }
+                1 => {
+                    self.read_bytes()?;
+                }
+                t => return Err(Fault::Protocol(format!("unknown log field type {t}"))),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads log messages until STDERR_LAST; an error frame becomes `Fault::Remote`.
+    fn stderr_loop(&mut self) -> FaultResult<()> {
+        loop {
+            match self.read_u64()? {
+                STDERR_LAST => return Ok(()),
+                STDERR_NEXT => log::debug!("nix-daemon: {}", self.read_string()?.trim_end()),
+                STDERR_WRITE => {
+                    self.read_bytes()?;
+                }
+                STDERR_START_ACTIVITY => {
+                    self.read_u64()?; // id
+                    self.read_u64()?; // level
+                    self.read_u64()?; // type
+                    self.read_bytes()?; // text
+                    self.skip_fields()?;
+                    self.read_u64()?; // parent
+                }
+                STDERR_STOP_ACTIVITY => {
+                    self.read_u64()?;
+                }
+                STDERR_RESULT => {
+                    self.read_u64()?; // id
+                    self.read_u64()?; // type
+                    self.skip_fields()?;
+                }
+                STDERR_ERROR => return Err(Fault::Remote(self.read_error()?)),
+                STDERR_READ => return Err(Fault::Protocol("daemon asked us for data".into())),
+                code => return Err(Fault::Protocol(format!("unknown stderr code {code:#x}"))),
+            }
+        }
+    }
+
+    fn read_error(&mut self) -> FaultResult<String> {
+        if self.minor < 26 {
+            let message = self.read_string()?;
+            self.read_u64()?; // exit status
+            return Ok(message);
+        }
+        self.read_bytes()?; // "Error"
+        self.read_u64()?; // level
+        self.read_bytes()?; // name
+        let message = self.read_string()?;
+        self.read_u64()?; // havePos, always 0 from the daemon
+        let traces = self.read_u64()?;
+        if traces > 1024 {
+            return Err(Fault::Protocol(format!("{traces} error traces")));
+        }
+        for _ in 0..traces {
+            self.read_u64()?;
+            self.read_bytes()?;
+        }
+        Ok(message)
+    }
+
+    fn read_path_info(&mut self, path: &str) -> FaultResult<Option<PathInfo>> {
+        if self.minor >= 17 && !self.read_bool()? {
+            return Ok(None);
+        }
+        let deriver = self.read_string()?;
+        let hex = self.read_string()?;
+        let nar_hash = decode_hex_sha256(&hex)
+            .ok_or_else(|| Fault::Protocol(format!("narHash `{hex}` is not 64 hex chars")))?;
+        let references = self.read_string_list()?;
+        let registration_time = self.read_u64()?;
+        let nar_size = self.read_u64()?;
+        let (ultimate, sigs, ca) = if self.minor >= 16 {
+            (
+                self.read_bool()?,
+                self.read_string_list()?,
+                self.read_string()?,
+            )
+        } else {
+            (false, Vec::new(), String::new())
+        };
+        Ok(Some(PathInfo {
+            path: path.to_string(),
+            deriver: (!deriver.is_empty()).then_some(deriver),
+            nar_hash,
+            references,
+            registration_time,
+            nar_size,
+            ultimate,
+            sigs,
+            ca: (!ca.is_empty()).then_some(ca),
+        }))
+    }
+}
+
+fn decode_hex_sha256(hex: &str) -> Option<[u8; 32]> {
+    let bytes = hex.as_bytes();
+    if bytes.len() != 64 {
+        return None;
+    }
+    let nibble = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    let mut out = [0u8; 32];
+    for (i, pair) in bytes.chunks(2).enumerate() {
+        out[i] = nibble(pair[0])? << 4 | nibble(pair[1])?;
+    }
+    Some(out)
+}
+
+fn attach(op: &'static str, fault: Fault) -> DaemonError {
+    match fault {
+        Fault::Io(source) => DaemonError::Io { op, source },
+        Fault::Protocol(message) => DaemonError::Protocol { op, message },
+        Fault::Remote(message) => DaemonError::Remote { op, message },
+    }
+}
+
+fn is_nix32(c: u8) -> bool {
+    c.is_ascii_digit() || (c.is_ascii_lowercase() && !b"eout".contains(&c))
+}
+
+fn check_hash_part(hash: &str) -> Result<(), DaemonError> {
+    if hash.len() == 32 && hash.bytes().all(is_nix32) {
+        Ok(())
+    } else {
+        Err(DaemonError::InvalidArgument(format!(
+            "`{hash}` is not a hash part"
+        )))
+    }
+}
+
+/// The same grammar as `nix::store_path`, repeated cheaply here because an
+/// unparsable path kills the daemon connection.
+fn check_path(path: &str) -> Result<(), DaemonError> {
+    let base = path.strip_prefix("/nix/store/").unwrap_or("").as_bytes();
+    let ok = base.len() > 33
+        && base.len() <= 32 + 1 + 211
+        && base[..32].iter().all(|&c| is_nix32(c))
+        && base[32] == b'-'
+        && base[33..]
+            .iter()
+            .all(|&c| c.is_ascii_alphanumeric() || b"+-._?=".contains(&c));
+    if ok {
+        Ok(())
+    } else {
+        Err(DaemonError::InvalidArgument(format!(
+            "`{path}` is not a store path"
+        )))
+    }
+}
+
+/// A pool of daemon connections, shared by all threads.
+pub struct DaemonPool {
+    socket: PathBuf,
+    max_idle: usize,
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl DaemonPool {
+    /// Does not connect; the first op does.
+    pub fn new(socket: PathBuf, max_idle: usize) -> DaemonPool {
+        DaemonPool {
+            socket,
+            max_idle: max_idle.max(1),
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn socket_path(&self) -> &Path {
+        &self.socket
+    }
+
+    fn take(&self) -> Option<Connection> {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()
+    }
+
+    fn put(&self, conn: Connection) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < self.max_idle {
+            idle.push(conn);
+        }
+    }
+
+    /// Runs one exchange. A connection that had sat idle may have been closed
+    /// by a daemon restart, so an I/O failure on it is retried once on a new one.
+    fn run<T>(
+        &self,
+        op: &'static str,
+        mut exchange: impl FnMut(&mut Connection) -> FaultResult<T>,
+    ) -> Result<T, DaemonError> {
+        if let Some(mut conn) = self.take() {
+            match exchange(&mut conn) {
+                Ok(value) => {
+                    self.put(conn);
+                    return Ok(value);
+                }
+                Err(Fault::Io(e)) => {
+                    log::debug!("idle nix-daemon connection failed ({e}); reconnecting");
+                }
+                Err(Fault::Remote(message)) => {
+                    // The op failed but the connection is in a clean state.
+                    self.put(conn);
+                    return Err(DaemonError::Remote { op, message });
+                }
+                Err(fault) => return Err(attach(op, fault)),
+            }
+        }
+        let mut conn = Connection::open(&self.socket)?;
+        match exchange(&mut conn) {
+            Ok(value) => {
+                self.put(conn);
+                Ok(value)
+            }
+            Err(Fault::Remote(message)) => {
+                self.put(conn);
+                Err(DaemonError::Remote { op, message })
+            }
+            Err(fault) => Err(attach(op, fault)),
+        }
+    }
+
+    /// Connects (or reuses a connection) to see whether the daemon answers.
+    pub fn check(&self) -> Result<(), DaemonError> {
+        match self.take() {
+            Some(conn) => {
+                self.put(conn);
+                Ok(())
+            }
+            None => {
+                self.put(Connection::open(&self.socket)?);
+                Ok(())
+            }
+        }
+    }
+
+    pub fn is_valid_path(&self, path: &str) -> Result<bool, DaemonError> {
+        check_path(path)?;
+        self.run("IsValidPath", |c| {
+            c.write_u64(OP_IS_VALID_PATH)?;
+            c.write_string(path)?;
+            c.writer.flush()?;
+            c.stderr_loop()?;
+            c.read_bool()
+        })
+    }
+
+    pub fn query_all_valid_paths(&self) -> Result<Vec<String>, DaemonError> {
+        self.run("QueryAllValidPaths", |c| {
+            c.write_u64(OP_QUERY_ALL_VALID_PATHS)?;
+            c.writer.flush()?;
+            c.stderr_loop()?;
+            c.read_string_list()
+        })
+    }
+
+    /// `None` when the path is not valid.
+    pub fn query_path_info(&self, path: &str) -> Result<Option<PathInfo>, DaemonError> {
+        check_path(path)?;
+        let result = self.run("QueryPathInfo", |c| {
+            c.write_u64(OP_QUERY_PATH_INFO)?;
+            c.write_string(path)?;
+            c.writer.flush()?;
+            c.stderr_loop()?;
+            c.read_path_info(path)
+        });
+        match result {
+            // Before 1.17 a missing path comes back as an error frame.
+            Err(DaemonError::Remote { message, .. }) if message.contains("is not valid") => {
+                Ok(None)
+            }
+            other => other,
+        }
+    }
+
+    pub fn query_path_from_hash_part(&self, hash: &str) -> Result<Option<String>, DaemonError> {
+        check_hash_part(hash)?;
+        let path = self.run("QueryPathFromHashPart", |c| {
+            c.write_u64(OP_QUERY_PATH_FROM_HASH_PART)?;
+            c.write_string(hash)?;
+            c.writer.flush()?;
+            c.stderr_loop()?;
+            c.read_string()
+        })?;
+        Ok((!path.is_empty()).then_some(path))
+    }
+
+    pub fn query_valid_paths(&self, paths: &[String]) -> Result<Vec<String>, DaemonError> {
+        for path in paths {
+            check_path(path)?;
+        }
+        self.run("QueryValidPaths", |c| {
+            c.write_u64(OP_QUERY_VALID_PATHS)?;
+            c.write_u64(paths.len() as u64)?;
+            for path in paths {
+                c.write_string(path)?;
+            }
+            if c.minor >= 27 {
+                c.write_u64(0)?; // never substitute: we only ask what is here
+            }
+            c.writer.flush()?;
+            c.stderr_loop()?;
+            c.read_string_list()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_and_hash_checks() {
+        let hash = "0c4kzwq7qxdkaz2zd6ibpcrl5dl8bm1d";
+        assert!(check_hash_part(hash).is_ok());
+        assert!(check_hash_part("0c4kzwq7qxdkaz2zd6ibpcrl5dl8bm1e").is_err());
+        assert!(check_hash_part("short").is_err());
+        assert!(check_path(&format!("/nix/store/{hash}-hello")).is_ok());
+        for bad in [
+            format!("/nix/store/{hash}"),
+            format!("/nix/store/{hash}-"),
+            format!("/nix/store/{hash}-a/b"),
+            format!("/nix/store/{hash}-{}", "x".repeat(212)),
+            format!("/tmp/{hash}-x"),
+            format!("/nix/store/{hash}-\u{e9}"),
+        ] {
+            assert!(check_path(&bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn hex_decoding() {
+        let hex = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        assert_eq!(decode_hex_sha256(hex).unwrap()[0], 0xba);
+        assert!(decode_hex_sha256(&hex.to_uppercase()).is_none());
+        assert!(decode_hex_sha256(&hex[1..]).is_none());
+    }
+}
