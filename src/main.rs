@@ -1,2 +1,116 @@
+//! The `peerix` daemon: parse the configuration, start the scanner thread and
+//! the HTTP worker pool, and serve until killed.
 #![forbid(unsafe_code)]
-fn main() {}
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use peerix::config::{self, Command, Config};
+use peerix::http::{Server, ServerContext};
+use peerix::nix::keys::{PublicKey, SecretKey};
+use peerix::store::daemon::DaemonPool;
+use peerix::store::policy::SharePolicy;
+use peerix::store::{LocalStore, scanner};
+
+/// Idle daemon connections kept per worker, so each worker rarely reconnects.
+const DAEMON_CONNECTIONS_PER_WORKER: usize = 1;
+
+fn main() -> ExitCode {
+    let command = config::parse_args(std::env::args_os().skip(1), &|name| std::env::var_os(name));
+    let config = match command {
+        Ok(Command::Run(config)) => config,
+        Ok(Command::Help) => {
+            print!("{}", config::HELP);
+            return ExitCode::SUCCESS;
+        }
+        Ok(Command::Version) => {
+            println!("peerix {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("peerix: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_logging(config.verbose);
+    match run(&config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(verbose: bool) {
+    let default = if verbose { "debug" } else { "info" };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default))
+        .format_timestamp(None)
+        .init();
+}
+
+fn run(config: &Config) -> Result<(), String> {
+    let trusted_keys = config
+        .trusted_keys
+        .iter()
+        .map(|k| PublicKey::parse(k).map_err(|e| format!("trusted key `{k}`: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let signing_key = match &config.private_key_file {
+        Some(file) => {
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| format!("cannot read private key {}: {e}", file.display()))?;
+            let key = SecretKey::parse(&text)
+                .map_err(|e| format!("private key {}: {e}", file.display()))?;
+            log::info!("signing this host's narinfos as {}", key.name());
+            Some(key)
+        }
+        None => None,
+    };
+    let policy = SharePolicy::new(config.filter_mode, trusted_keys, &config.filter_patterns);
+    let daemon = DaemonPool::new(
+        config.daemon_socket.clone(),
+        config.workers * DAEMON_CONNECTIONS_PER_WORKER + 1,
+    );
+    let store = Arc::new(LocalStore::new(
+        daemon,
+        config.store_root.clone(),
+        policy,
+        signing_key,
+    ));
+
+    if let Err(e) = store.daemon().check() {
+        log::warn!(
+            "nix-daemon not reachable ({e}): serving no local paths yet; retrying in the background"
+        );
+    }
+    let wakeup = scanner::Wakeup::on_sighup().map_err(|e| format!("cannot handle SIGHUP: {e}"))?;
+    let scan_store = Arc::clone(&store);
+    let interval = config.scan_interval;
+    std::thread::Builder::new()
+        .name("scanner".into())
+        .spawn(move || scanner::run(scan_store, interval, wakeup))
+        .map_err(|e| format!("cannot start the scanner thread: {e}"))?;
+
+    let context = ServerContext {
+        store,
+        priority: config.priority,
+        started: Instant::now(),
+    };
+    let server = Server::start(
+        SocketAddr::new(config.bind, config.port),
+        config.workers,
+        context,
+    )
+    .map_err(|e| e.to_string())?;
+    log::info!(
+        "peerix {} serving http://{} (store root {}, nix-daemon {})",
+        env!("CARGO_PKG_VERSION"),
+        server.local_addr,
+        config.store_root.display(),
+        config.daemon_socket.display()
+    );
+    server.join();
+    Err("all HTTP workers stopped".to_string())
+}

@@ -1,4 +1,259 @@
-//! This host's Nix store: the nix-daemon client, the NAR dumper and the index.
+//! This host's Nix store: the nix-daemon client, the NAR dumper, the share
+//! policy, the index of hash parts, and [`LocalStore`], which ties them together
+//! for the request handlers.
 
+pub mod cache;
 pub mod daemon;
 pub mod dump;
+pub mod index;
+pub mod policy;
+pub mod scanner;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use crate::http::route::nar_file_name;
+use crate::nix::hash::NarHash;
+use crate::nix::keys::{SecretKey, fingerprint};
+use crate::nix::narinfo::NarInfo;
+use crate::nix::store_path::{HashPart, StorePath};
+
+use cache::PathCache;
+use daemon::{DaemonError, DaemonPool, PathInfo};
+use index::Index;
+use policy::SharePolicy;
+
+/// A valid path's metadata, checked and typed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalPathInfo {
+    pub path: StorePath,
+    pub nar_hash: NarHash,
+    pub nar_size: u64,
+    pub references: Vec<StorePath>,
+    pub deriver: Option<StorePath>,
+    pub sigs: Vec<String>,
+    pub ca: Option<String>,
+}
+
+impl LocalPathInfo {
+    /// Checks what the daemon sent; a path it cannot parse is an error, not a guess.
+    pub fn from_daemon(info: PathInfo) -> Result<LocalPathInfo, StoreError> {
+        let bad = |what: &str, value: &str| {
+            StoreError::Invalid(format!(
+                "nix-daemon sent {what} `{value}` for {}",
+                info.path
+            ))
+        };
+        let path = StorePath::parse(&info.path).map_err(|_| bad("an invalid path", &info.path))?;
+        let references = info
+            .references
+            .iter()
+            .map(|r| StorePath::parse(r).map_err(|_| bad("an invalid reference", r)))
+            .collect::<Result<Vec<_>, _>>()?;
+        // A deriver Nix cannot parse is dropped: it is informative only and not signed.
+        let deriver = info
+            .deriver
+            .as_deref()
+            .and_then(|d| StorePath::parse(d).ok());
+        Ok(LocalPathInfo {
+            path,
+            nar_hash: NarHash(info.nar_hash),
+            nar_size: info.nar_size,
+            references,
+            deriver,
+            sigs: info.sigs,
+            ca: info.ca,
+        })
+    }
+
+    pub fn fingerprint(&self) -> String {
+        fingerprint(&self.path, &self.nar_hash, self.nar_size, &self.references)
+    }
+
+    /// The narinfo served for this path, with its store signatures plus ours.
+    pub fn to_narinfo(&self, signing_key: Option<&SecretKey>) -> NarInfo {
+        let mut sigs = self.sigs.clone();
+        if let Some(key) = signing_key {
+            let ours = key.sign(&self.fingerprint());
+            if !sigs.contains(&ours) {
+                sigs.push(ours);
+            }
+        }
+        NarInfo {
+            store_path: self.path.clone(),
+            url: format!(
+                "nar/{}",
+                nar_file_name(&self.path.hash_part(), &self.nar_hash)
+            ),
+            compression: "none".to_string(),
+            file_hash: None,
+            file_size: None,
+            nar_hash: self.nar_hash,
+            nar_size: self.nar_size,
+            references: self.references.clone(),
+            deriver: self.deriver.clone(),
+            sigs,
+            ca: self.ca.clone(),
+        }
+    }
+}
+
+/// A looked-up path as the handlers need it: metadata, share decision, and the
+/// rendered narinfo (rendering signs, so it is done once per cache entry).
+#[derive(Debug)]
+pub struct LocalPath {
+    pub info: LocalPathInfo,
+    pub shared: bool,
+    pub narinfo: String,
+}
+
+#[derive(Debug)]
+pub enum StoreError {
+    Daemon(DaemonError),
+    Invalid(String),
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreError::Daemon(e) => write!(f, "{e}"),
+            StoreError::Invalid(message) => f.write_str(message),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+impl From<DaemonError> for StoreError {
+    fn from(e: DaemonError) -> Self {
+        StoreError::Daemon(e)
+    }
+}
+
+/// This host's store as the HTTP handlers and the scanner see it.
+pub struct LocalStore {
+    daemon: DaemonPool,
+    store_root: PathBuf,
+    policy: SharePolicy,
+    signing_key: Option<SecretKey>,
+    index: RwLock<Arc<Index>>,
+    cache: PathCache,
+    scans: AtomicU64,
+    daemon_reachable: AtomicBool,
+}
+
+impl LocalStore {
+    pub fn new(
+        daemon: DaemonPool,
+        store_root: PathBuf,
+        policy: SharePolicy,
+        signing_key: Option<SecretKey>,
+    ) -> LocalStore {
+        LocalStore {
+            daemon,
+            store_root,
+            policy,
+            signing_key,
+            index: RwLock::new(Arc::new(Index::default())),
+            cache: PathCache::new(cache::DEFAULT_CAPACITY),
+            scans: AtomicU64::new(0),
+            daemon_reachable: AtomicBool::new(false),
+        }
+    }
+
+    pub fn daemon(&self) -> &DaemonPool {
+        &self.daemon
+    }
+
+    pub fn policy(&self) -> &SharePolicy {
+        &self.policy
+    }
+
+    /// Where the files of `path` are on this machine.
+    pub fn physical_path(&self, path: &StorePath) -> PathBuf {
+        physical_path(&self.store_root, path)
+    }
+
+    pub fn index(&self) -> Arc<Index> {
+        Arc::clone(&self.index.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Installs a freshly scanned index.
+    pub fn replace_index(&self, index: Index) {
+        *self.index.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(index);
+        self.scans.fetch_add(1, Ordering::Relaxed);
+        // Share decisions may have changed with the store; cached ones are re-made.
+        self.cache.clear();
+    }
+
+    pub fn completed_scans(&self) -> u64 {
+        self.scans.load(Ordering::Relaxed)
+    }
+
+    pub fn daemon_reachable(&self) -> bool {
+        self.daemon_reachable.load(Ordering::Relaxed)
+    }
+
+    pub fn set_daemon_reachable(&self, reachable: bool) {
+        self.daemon_reachable.store(reachable, Ordering::Relaxed);
+    }
+
+    /// Finds a valid local path by hash part, whether or not it may be shared.
+    ///
+    /// Answers from the cache when it can; the files must still be on disk, so
+    /// a path that was garbage-collected since is asked of the daemon again.
+    pub fn lookup(&self, hash: &HashPart) -> Result<Option<Arc<LocalPath>>, StoreError> {
+        if let Some(found) = self.cache.get(hash) {
+            if self
+                .physical_path(&found.info.path)
+                .symlink_metadata()
+                .is_ok()
+            {
+                return Ok(Some(found));
+            }
+            self.cache.remove(hash);
+        }
+        let result = self.lookup_uncached(hash);
+        self.set_daemon_reachable(!matches!(result, Err(StoreError::Daemon(_))));
+        let found = match result? {
+            Some(found) => Arc::new(found),
+            None => return Ok(None),
+        };
+        self.cache.insert(*hash, Arc::clone(&found));
+        Ok(Some(found))
+    }
+
+    fn lookup_uncached(&self, hash: &HashPart) -> Result<Option<LocalPath>, StoreError> {
+        let path = match self.index().get(hash) {
+            Some(entry) => entry.path.to_string(),
+            None => match self.daemon.query_path_from_hash_part(hash.as_str())? {
+                Some(path) => path,
+                None => return Ok(None),
+            },
+        };
+        let Some(info) = self.daemon.query_path_info(&path)? else {
+            return Ok(None);
+        };
+        let info = LocalPathInfo::from_daemon(info)?;
+        if info.path.hash_part() != *hash {
+            return Err(StoreError::Invalid(format!(
+                "nix-daemon answered hash part {} with {}",
+                hash.as_str(),
+                info.path
+            )));
+        }
+        let shared = self.policy.allows(&info);
+        let narinfo = info.to_narinfo(self.signing_key.as_ref()).render();
+        Ok(Some(LocalPath {
+            info,
+            shared,
+            narinfo,
+        }))
+    }
+}
+
+pub fn physical_path(store_root: &Path, path: &StorePath) -> PathBuf {
+    store_root.join("nix/store").join(path.base_name())
+}

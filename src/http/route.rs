@@ -1,0 +1,154 @@
+//! Request routing: a strict parse of the URL path into a [`Route`].
+//!
+//! Nothing from a URL reaches the filesystem: a hash part must be 32 nix32
+//! characters and a NAR name must be `<hash part>-<52-char nix32 NarHash>.nar`.
+//! Anything else under a known prefix is a 400; an unknown path is a 404.
+
+use crate::nix::hash::NarHash;
+use crate::nix::store_path::HashPart;
+
+/// Who a route serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// This host's own nix, on loopback: every valid local path.
+    Root,
+    /// Peers and LAN hosts under `/local`: only what the share policy allows.
+    Local,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Route {
+    CacheInfo(Scope),
+    NarInfo(Scope, HashPart),
+    Nar(Scope, HashPart, NarHash),
+    Health,
+    /// A known prefix with a malformed name: 400.
+    BadRequest(&'static str),
+    /// 404.
+    NotFound,
+}
+
+impl Route {
+    /// Parses the request target (path plus optional query, which is ignored).
+    pub fn parse(target: &str) -> Route {
+        let path = target.split_once('?').map_or(target, |(path, _query)| path);
+        let (scope, rest) = match path.strip_prefix("/local/") {
+            Some(rest) => (Scope::Local, rest),
+            None => match path.strip_prefix('/') {
+                Some(rest) => (Scope::Root, rest),
+                None => return Route::BadRequest("request target must start with /"),
+            },
+        };
+        if scope == Scope::Root && rest == "health" {
+            return Route::Health;
+        }
+        if rest == "nix-cache-info" {
+            return Route::CacheInfo(scope);
+        }
+        if let Some(name) = rest.strip_suffix(".narinfo") {
+            return match HashPart::parse(name) {
+                Ok(hash) => Route::NarInfo(scope, hash),
+                Err(_) => Route::BadRequest("malformed hash part in narinfo request"),
+            };
+        }
+        if let Some(file) = rest.strip_prefix("nar/") {
+            return parse_nar_file(file).map_or(
+                Route::BadRequest("malformed NAR name"),
+                |(hash, nar_hash)| Route::Nar(scope, hash, nar_hash),
+            );
+        }
+        Route::NotFound
+    }
+}
+
+/// The NAR file name this daemon hands out: `<hash part>-<NarHash nix32>.nar`.
+pub fn nar_file_name(hash: &HashPart, nar_hash: &NarHash) -> String {
+    format!("{}-{}.nar", hash.as_str(), nar_hash.to_nix32())
+}
+
+fn parse_nar_file(file: &str) -> Option<(HashPart, NarHash)> {
+    let stem = file.strip_suffix(".nar")?;
+    let (hash, nar_hash) = stem.split_once('-')?;
+    // Only the nix32 form is ever handed out; `parse` would also take hex.
+    if nar_hash.len() != 52 {
+        return None;
+    }
+    let hash = HashPart::parse(hash).ok()?;
+    let nar_hash = NarHash::parse(&format!("sha256:{nar_hash}")).ok()?;
+    Some((hash, nar_hash))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HASH: &str = "0c4kzwq7qxdkaz2zd6ibpcrl5dl8bm1d";
+    const NAR: &str = "1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s";
+
+    #[test]
+    fn known_routes() {
+        let hash = HashPart::parse(HASH).unwrap();
+        assert_eq!(
+            Route::parse("/nix-cache-info"),
+            Route::CacheInfo(Scope::Root)
+        );
+        assert_eq!(
+            Route::parse("/local/nix-cache-info"),
+            Route::CacheInfo(Scope::Local)
+        );
+        assert_eq!(Route::parse("/health"), Route::Health);
+        assert_eq!(
+            Route::parse(&format!("/{HASH}.narinfo")),
+            Route::NarInfo(Scope::Root, hash)
+        );
+        assert_eq!(
+            Route::parse(&format!("/local/{HASH}.narinfo?x=1")),
+            Route::NarInfo(Scope::Local, hash)
+        );
+        let nar_hash = NarHash::parse(&format!("sha256:{NAR}")).unwrap();
+        assert_eq!(
+            Route::parse(&format!("/local/nar/{HASH}-{NAR}.nar")),
+            Route::Nar(Scope::Local, hash, nar_hash)
+        );
+        assert_eq!(nar_file_name(&hash, &nar_hash), format!("{HASH}-{NAR}.nar"));
+    }
+
+    #[test]
+    fn malformed_names_are_bad_requests() {
+        for target in [
+            "/0c4kzwq7qxdkaz2zd6ibpcrl5dl8bm1.narinfo",
+            "/0c4kzwq7qxdkaz2zd6ibpcrl5dl8bm1e.narinfo",
+            "/0c4kzwq7qxdkaz2zd6ibpcrl5dl8bm1dd.narinfo",
+            "/../0c4kzwq7qxdkaz2zd6ibpcrl5dl8bm1d.narinfo",
+            "/local/..%2f0c4kzwq7qxdkaz2zd6ibpcrl5dl8bm.narinfo",
+            "/nar/..%2f..%2fetc%2fpasswd",
+            "/nar/../../etc/passwd.nar",
+            &format!("/nar/{HASH}.nar"),
+            &format!("/nar/{HASH}-{NAR}"),
+            &format!("/nar/{HASH}-{}.nar", &NAR[1..]),
+            &format!("/nar/{HASH}-{NAR}.nar.xz"),
+            "no-slash",
+        ] {
+            assert!(
+                matches!(Route::parse(target), Route::BadRequest(_) | Route::NotFound),
+                "{target} parsed as {:?}",
+                Route::parse(target)
+            );
+        }
+        assert!(matches!(Route::parse("/nar/x.nar"), Route::BadRequest(_)));
+    }
+
+    #[test]
+    fn unknown_paths_are_not_found() {
+        for target in [
+            "/",
+            "/local",
+            "/local/",
+            "/local/health",
+            "/etc/passwd",
+            "/local/../nix-cache-info",
+        ] {
+            assert_eq!(Route::parse(target), Route::NotFound, "{target}");
+        }
+    }
+}

@@ -1,0 +1,303 @@
+//! Request handlers: cache info, narinfos, NARs and health.
+
+use std::io::{self, Cursor, Read, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use tiny_http::{Header, Method, Request, Response, StatusCode};
+
+use super::ServerContext;
+use super::range::{self, RangeAnswer};
+use super::route::{Route, Scope};
+use crate::nix::store_path::{HashPart, STORE_DIR};
+use crate::store::dump::{NarDump, nar_size};
+use crate::store::{LocalPath, StoreError};
+
+/// NARs are copied to the socket in chunks of this size: large enough that a
+/// GB/s stream costs few syscalls, small enough for a Raspberry Pi.
+const NAR_CHUNK: usize = 256 * 1024;
+
+pub fn handle(context: &ServerContext, request: Request) {
+    let head = match request.method() {
+        Method::Get => false,
+        Method::Head => true,
+        _ => {
+            let response =
+                text(405, "method not allowed\n").with_header(header("Allow", "GET, HEAD"));
+            return respond(request, response);
+        }
+    };
+    let route = Route::parse(request.url());
+    let scope = match &route {
+        Route::CacheInfo(scope) | Route::NarInfo(scope, _) | Route::Nar(scope, _, _) => *scope,
+        _ => Scope::Local,
+    };
+    if scope == Scope::Root && !request.remote_addr().is_some_and(is_loopback) {
+        return respond(
+            request,
+            text(403, "root endpoints answer this host only; use /local/\n"),
+        );
+    }
+    match route {
+        Route::Health => respond(request, health(context)),
+        Route::CacheInfo(_) => respond(request, cache_info(context.priority)),
+        Route::NarInfo(scope, hash) => match find(context, scope, &hash) {
+            Ok(path) => respond(
+                request,
+                body(200, path.narinfo.clone().into_bytes(), "text/x-nix-narinfo"),
+            ),
+            Err(response) => respond(request, response),
+        },
+        Route::Nar(scope, hash, nar_hash) => match find(context, scope, &hash) {
+            Ok(path) if path.info.nar_hash == nar_hash => serve_nar(context, request, &path, head),
+            Ok(_) => respond(request, text(404, "no such NAR (stale NarHash)\n")),
+            Err(response) => respond(request, response),
+        },
+        Route::BadRequest(why) => respond(request, text(400, &format!("bad request: {why}\n"))),
+        Route::NotFound => respond(request, text(404, "not found\n")),
+    }
+}
+
+/// Whether a peer address is this host. IPv4-mapped IPv6 counts as IPv4.
+pub fn is_loopback(addr: &SocketAddr) -> bool {
+    match addr.ip() {
+        IpAddr::V4(ip) => ip.is_loopback(),
+        IpAddr::V6(ip) => {
+            ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    }
+}
+
+/// Looks a path up for `scope`; a path the policy keeps private is simply not
+/// there for `/local`, so a peer cannot tell it apart from a missing one.
+fn find(
+    context: &ServerContext,
+    scope: Scope,
+    hash: &HashPart,
+) -> Result<Arc<LocalPath>, Response<Cursor<Vec<u8>>>> {
+    match context.store.lookup(hash) {
+        Ok(Some(path)) if scope == Scope::Root || path.shared => Ok(path),
+        Ok(_) => Err(text(404, "not found\n")),
+        // Nix takes a 404 as "not here" and moves on to its next substituter;
+        // a 5xx would make it retry and then fail the build.
+        Err(StoreError::Daemon(e)) => {
+            log::warn!("lookup of {}: {e}", hash.as_str());
+            Err(text(404, "not found (local store unavailable)\n"))
+        }
+        Err(e) => {
+            log::error!("lookup of {}: {e}", hash.as_str());
+            Err(text(404, "not found\n"))
+        }
+    }
+}
+
+fn serve_nar(context: &ServerContext, request: Request, path: &LocalPath, head: bool) {
+    let size = path.info.nar_size;
+    let physical = context.store.physical_path(&path.info.path);
+    // The NAR length is known from metadata alone: a path whose files no
+    // longer add up to NarSize is refused before any header goes out.
+    match nar_size(&physical) {
+        Ok(on_disk) if on_disk == size => {}
+        Ok(on_disk) => {
+            log::error!(
+                "{}: files on disk make a {on_disk}-byte NAR, the store says {size}; not serving it",
+                path.info.path
+            );
+            return respond(request, text(404, "NAR does not match the store\n"));
+        }
+        Err(e) => {
+            log::warn!("{}: {e}", path.info.path);
+            return respond(request, text(404, "NAR is gone\n"));
+        }
+    }
+    let range_header = request
+        .headers()
+        .iter()
+        .find(|h| h.field.equiv("Range"))
+        .map(|h| h.value.as_str().to_string());
+    let (status, start, end) = match range::answer(range_header.as_deref(), size) {
+        RangeAnswer::Full => (200, 0, size),
+        RangeAnswer::Partial { start, end } => (206, start, end),
+        RangeAnswer::Unsatisfiable => {
+            let response = text(416, "range not satisfiable\n")
+                .with_header(header("Content-Range", &format!("bytes */{size}")));
+            return respond(request, response);
+        }
+    };
+    let mut head_lines = format!(
+        "HTTP/1.1 {status} {}\r\nContent-Type: application/x-nix-nar\r\nContent-Length: {}\r\nAccept-Ranges: bytes\r\n",
+        if status == 200 {
+            "OK"
+        } else {
+            "Partial Content"
+        },
+        end - start
+    );
+    if status == 206 {
+        head_lines.push_str(&format!(
+            "Content-Range: bytes {start}-{}/{size}\r\n",
+            end - 1
+        ));
+    }
+    head_lines.push_str("\r\n");
+
+    let dump = if head {
+        None
+    } else {
+        match open_at(&physical, start) {
+            Ok(dump) => Some(dump),
+            Err(e) => {
+                log::warn!("{}: {e}", path.info.path);
+                return respond(request, text(404, "NAR is gone\n"));
+            }
+        }
+    };
+    // The body is written here rather than through tiny_http's 8 KiB copy loop.
+    let mut writer = request.into_writer();
+    let sent = writer
+        .write_all(head_lines.as_bytes())
+        .and_then(|()| match dump {
+            Some(dump) => copy_exact(dump, &mut writer, end - start),
+            None => Ok(()),
+        });
+    let result = sent.and_then(|()| writer.flush());
+    match result {
+        Ok(()) => log::debug!(
+            "served {} bytes of {}",
+            if head { 0 } else { end - start },
+            path.info.path
+        ),
+        Err(e) if is_client_gone(&e) => log::debug!("client left during {}: {e}", path.info.path),
+        Err(e) => log::error!(
+            "serving {} failed after the headers were sent: {e}",
+            path.info.path
+        ),
+    }
+}
+
+fn open_at(physical: &std::path::Path, start: u64) -> io::Result<NarDump> {
+    let mut dump = NarDump::open(physical)?;
+    if start > 0 {
+        dump.skip(start)?;
+    }
+    Ok(dump)
+}
+
+/// Copies exactly `len` bytes; fewer is an error, so a body is never short
+/// without the caller knowing.
+fn copy_exact(mut source: impl Read, sink: &mut impl Write, len: u64) -> io::Result<()> {
+    let mut buf = vec![
+        0u8;
+        NAR_CHUNK
+            .min(usize::try_from(len).unwrap_or(NAR_CHUNK))
+            .max(1)
+    ];
+    let mut left = len;
+    while left > 0 {
+        let want = buf.len().min(usize::try_from(left).unwrap_or(buf.len()));
+        let n = match source.read(&mut buf[..want]) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("NAR ended {left} bytes early"),
+                ));
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        sink.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    Ok(())
+}
+
+fn is_client_gone(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+    )
+}
+
+fn cache_info(priority: u32) -> Response<Cursor<Vec<u8>>> {
+    let text = format!("StoreDir: {STORE_DIR}\nWantMassQuery: 1\nPriority: {priority}\n");
+    body(200, text.into_bytes(), "text/x-nix-cache-info")
+}
+
+fn health(context: &ServerContext) -> Response<Cursor<Vec<u8>>> {
+    let store = &context.store;
+    let index = store.index();
+    let daemon = store.daemon_reachable();
+    let json = serde_json::json!({
+        "status": if daemon { "healthy" } else { "degraded" },
+        "uptime_seconds": context.started.elapsed().as_secs(),
+        "daemon": if daemon { "connected" } else { "unreachable" },
+        "scans": store.completed_scans(),
+        "indexed_paths": index.len(),
+        "shared_paths": index.shared_len(),
+    });
+    body(200, format!("{json}\n").into_bytes(), "application/json")
+}
+
+fn respond(request: Request, response: Response<Cursor<Vec<u8>>>) {
+    if let Err(e) = request.respond(response) {
+        log::debug!("response not delivered: {e}");
+    }
+}
+
+fn header(name: &str, value: &str) -> Header {
+    // Only called with ASCII constants and numbers, which tiny_http always accepts.
+    Header::from_bytes(name.as_bytes(), value.as_bytes()).expect("ASCII header")
+}
+
+fn body(status: u16, bytes: Vec<u8>, content_type: &str) -> Response<Cursor<Vec<u8>>> {
+    let len = bytes.len();
+    Response::new(
+        StatusCode(status),
+        vec![header("Content-Type", content_type)],
+        Cursor::new(bytes),
+        Some(len),
+        None,
+    )
+}
+
+fn text(status: u16, message: &str) -> Response<Cursor<Vec<u8>>> {
+    body(status, message.as_bytes().to_vec(), "text/plain")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_is_decided_by_the_socket_address() {
+        for addr in [
+            "127.0.0.1:1",
+            "127.8.9.10:1",
+            "[::1]:1",
+            "[::ffff:127.0.0.1]:1",
+        ] {
+            assert!(is_loopback(&addr.parse().unwrap()), "{addr}");
+        }
+        for addr in [
+            "10.0.0.1:1",
+            "192.168.1.2:1",
+            "[::ffff:10.0.0.1]:1",
+            "[fe80::1]:1",
+            "0.0.0.0:1",
+        ] {
+            assert!(!is_loopback(&addr.parse().unwrap()), "{addr}");
+        }
+    }
+
+    #[test]
+    fn copy_exact_refuses_a_short_source() {
+        let mut sink = Vec::new();
+        assert!(copy_exact(&b"abc"[..], &mut sink, 3).is_ok());
+        assert_eq!(sink, b"abc");
+        let e = copy_exact(&b"ab"[..], &mut Vec::new(), 3).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    }
+}
