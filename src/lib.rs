@@ -8,5 +8,7 @@
 
 pub mod config;
 pub mod http;
+pub mod lan;
 pub mod nix;
+pub mod peers;
 pub mod store;

@@ -1,0 +1,201 @@
+//! The peer table: what this host has seen of each peer, and whom to ask first.
+//!
+//! Every fetch outcome is recorded. A peer that fails (unreachable, slow, dead
+//! mid-stream) goes into exponential backoff, capped; a peer that lies (a bad
+//! signature, a NAR whose hash or size is wrong, garbage bytes) is banned for
+//! far longer than any backoff. Peers in backoff or banned are skipped. Time is
+//! passed in, so the rules are tested without sleeping.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// The first backoff after a failure; it doubles with each further failure.
+pub const FIRST_BACKOFF: Duration = Duration::from_secs(2);
+/// The longest backoff for an honest but failing peer.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// How long a peer that served wrong data is shunned.
+pub const LIAR_BAN: Duration = Duration::from_secs(24 * 3600);
+
+/// What went wrong with a peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// Unreachable, timed out, or died mid-transfer: maybe a passing problem.
+    Unavailable,
+    /// Served a bad signature, a wrong hash or size, or malformed data.
+    Lied,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PeerRecord {
+    pub successes: u64,
+    pub failures: u64,
+    pub lies: u64,
+    pub bytes: u64,
+    /// Smoothed time to first byte, in milliseconds.
+    pub latency_ms: Option<f64>,
+    consecutive_failures: u32,
+    shunned_until: Option<Instant>,
+}
+
+impl PeerRecord {
+    pub fn is_available(&self, now: Instant) -> bool {
+        self.shunned_until.is_none_or(|until| now >= until)
+    }
+
+    /// Higher is better: reliability first, then speed.
+    fn score(&self) -> f64 {
+        let attempts = (self.successes + self.failures + self.lies) as f64;
+        // An unknown peer starts at a neutral 0.5 and earns its place.
+        let reliability = (self.successes as f64 + 1.0) / (attempts + 2.0);
+        let speed = 1.0 / (1.0 + self.latency_ms.unwrap_or(50.0) / 100.0);
+        reliability * 10.0 + speed
+    }
+}
+
+#[derive(Default)]
+pub struct PeerTable {
+    peers: Mutex<HashMap<SocketAddr, PeerRecord>>,
+}
+
+impl PeerTable {
+    pub fn new() -> PeerTable {
+        PeerTable::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, PeerRecord>> {
+        self.peers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn record_success(&self, peer: SocketAddr, bytes: u64, latency: Duration) {
+        let mut peers = self.lock();
+        let record = peers.entry(peer).or_default();
+        record.successes += 1;
+        record.bytes += bytes;
+        record.consecutive_failures = 0;
+        record.shunned_until = None;
+        let ms = latency.as_secs_f64() * 1000.0;
+        record.latency_ms = Some(match record.latency_ms {
+            Some(old) => old * 0.8 + ms * 0.2,
+            None => ms,
+        });
+    }
+
+    pub fn record_failure(&self, peer: SocketAddr, failure: Failure, now: Instant) {
+        let mut peers = self.lock();
+        let record = peers.entry(peer).or_default();
+        let shun = match failure {
+            Failure::Unavailable => {
+                record.failures += 1;
+                record.consecutive_failures = record.consecutive_failures.saturating_add(1);
+                let doublings = record.consecutive_failures.saturating_sub(1).min(16);
+                (FIRST_BACKOFF * 2u32.pow(doublings)).min(MAX_BACKOFF)
+            }
+            Failure::Lied => {
+                record.lies += 1;
+                LIAR_BAN
+            }
+        };
+        let until = now + shun;
+        // A ban is never shortened by a later, milder failure.
+        record.shunned_until = Some(record.shunned_until.map_or(until, |old| old.max(until)));
+    }
+
+    pub fn is_available(&self, peer: &SocketAddr, now: Instant) -> bool {
+        self.lock().get(peer).is_none_or(|r| r.is_available(now))
+    }
+
+    /// The available peers among `candidates`, best first. Stable for ties, so
+    /// equal peers keep the order in which they answered.
+    pub fn rank(&self, candidates: &[SocketAddr], now: Instant) -> Vec<SocketAddr> {
+        let peers = self.lock();
+        let mut seen = std::collections::HashSet::new();
+        let mut ranked: Vec<(SocketAddr, f64)> = candidates
+            .iter()
+            .filter(|p| seen.insert(**p))
+            .filter(|p| peers.get(p).is_none_or(|r| r.is_available(now)))
+            .map(|p| {
+                (
+                    *p,
+                    peers
+                        .get(p)
+                        .map_or(PeerRecord::default().score(), PeerRecord::score),
+                )
+            })
+            .collect();
+        ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+        ranked.into_iter().map(|(p, _)| p).collect()
+    }
+
+    pub fn record(&self, peer: &SocketAddr) -> Option<PeerRecord> {
+        self.lock().get(peer).cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(n: u8) -> SocketAddr {
+        SocketAddr::from(([10, 77, 0, n], 12304))
+    }
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        let table = PeerTable::new();
+        let t0 = Instant::now();
+        table.record_failure(addr(1), Failure::Unavailable, t0);
+        assert!(!table.is_available(&addr(1), t0));
+        assert!(!table.is_available(&addr(1), t0 + FIRST_BACKOFF - Duration::from_millis(1)));
+        assert!(table.is_available(&addr(1), t0 + FIRST_BACKOFF));
+        table.record_failure(addr(1), Failure::Unavailable, t0);
+        assert!(!table.is_available(&addr(1), t0 + FIRST_BACKOFF));
+        assert!(table.is_available(&addr(1), t0 + FIRST_BACKOFF * 2));
+        for _ in 0..40 {
+            table.record_failure(addr(1), Failure::Unavailable, t0);
+        }
+        assert!(table.is_available(&addr(1), t0 + MAX_BACKOFF));
+    }
+
+    #[test]
+    fn success_clears_backoff() {
+        let table = PeerTable::new();
+        let t0 = Instant::now();
+        table.record_failure(addr(1), Failure::Unavailable, t0);
+        table.record_success(addr(1), 10, Duration::from_millis(5));
+        assert!(table.is_available(&addr(1), t0));
+        assert_eq!(table.record(&addr(1)).unwrap().bytes, 10);
+    }
+
+    #[test]
+    fn liars_are_banned_far_beyond_backoff() {
+        let table = PeerTable::new();
+        let t0 = Instant::now();
+        table.record_failure(addr(2), Failure::Lied, t0);
+        assert!(!table.is_available(&addr(2), t0 + MAX_BACKOFF * 10));
+        // A later mild failure does not shorten the ban.
+        table.record_failure(addr(2), Failure::Unavailable, t0 + Duration::from_secs(1));
+        assert!(!table.is_available(&addr(2), t0 + MAX_BACKOFF * 10));
+        assert!(table.is_available(&addr(2), t0 + LIAR_BAN));
+    }
+
+    #[test]
+    fn ranking_prefers_reliable_fast_peers_and_skips_shunned_ones() {
+        let table = PeerTable::new();
+        let t0 = Instant::now();
+        for _ in 0..5 {
+            table.record_success(addr(1), 1, Duration::from_millis(200));
+            table.record_success(addr(2), 1, Duration::from_millis(2));
+        }
+        table.record_failure(addr(3), Failure::Lied, t0);
+        let ranked = table.rank(&[addr(3), addr(1), addr(4), addr(2), addr(2)], t0);
+        assert_eq!(ranked, vec![addr(2), addr(1), addr(4)]);
+        let unknown = table.rank(&[addr(5), addr(6), addr(5)], t0);
+        assert_eq!(
+            unknown,
+            vec![addr(5), addr(6)],
+            "ties keep answer order, once each"
+        );
+    }
+}
