@@ -111,7 +111,8 @@ Options:
                          else /nix/var/nix/daemon-socket/socket]
   --store-root DIR       physical root that holds nix/store; a chroot store
                          /tmp/h1 keeps its files in /tmp/h1/nix/store [default: /]
-  --state-dir DIR        where state is kept [default: /var/lib/peerix]
+  --state-dir DIR        where state will be kept (node key, statistics);
+                         nothing is written there yet [default: /var/lib/peerix]
   --private-key FILE     Nix secret key (nix-store --generate-binary-cache-key)
                          that signs this host's own narinfos
                          [default: $NIX_SECRET_KEY_FILE, else none]
