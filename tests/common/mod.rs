@@ -455,6 +455,8 @@ pub struct ManyFixture {
     pub first: String,
     /// Item 1: references item 0.
     pub second: String,
+    /// Item 2: references item 1 (its closure is items 0, 1 and 2).
+    pub third: String,
     pub count: usize,
 }
 
@@ -538,14 +540,17 @@ pub fn realistic_fixture() -> &'static RealisticFixture {
 pub fn many_fixture() -> &'static ManyFixture {
     static FIXTURE: OnceLock<ManyFixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
-        build_fixture("many.nix", &["top", "items.0", "items.1"], |_, p| {
-            ManyFixture {
+        build_fixture(
+            "many.nix",
+            &["top", "items.0", "items.1", "items.2"],
+            |_, p| ManyFixture {
                 top: p[0].clone(),
                 first: p[1].clone(),
                 second: p[2].clone(),
+                third: p[3].clone(),
                 count: MANY_COUNT,
-            }
-        })
+            },
+        )
     })
 }
 
