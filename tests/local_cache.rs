@@ -74,6 +74,23 @@ fn comparable_headers(response: &Response) -> Vec<(String, String)> {
     headers
 }
 
+/// A served NAR must equal `nix-store --dump`; says where it first differs.
+fn assert_same_bytes(what: &str, got: &[u8], expected: &[u8]) {
+    if got == expected {
+        return;
+    }
+    let first_difference = got
+        .iter()
+        .zip(expected)
+        .position(|(g, e)| g != e)
+        .unwrap_or(got.len().min(expected.len()));
+    panic!(
+        "GET {what}: expected the {} bytes of `nix-store --dump`, got {} bytes, first difference at offset {first_difference}",
+        expected.len(),
+        got.len()
+    );
+}
+
 /// HEAD must answer exactly like GET, without a body.
 fn assert_head_matches_get(addr: SocketAddr, path: &str) -> Response {
     let get = http::expect_status(addr, path, 200);
@@ -258,12 +275,7 @@ fn every_nar_equals_nix_store_dump_and_every_narinfo_round_trips() {
             "GET {nar_path}: Content-Length must be the NarSize"
         );
         let expected = a.dump(&info.path);
-        assert!(
-            nar.body == expected,
-            "GET {nar_path}: expected the {} bytes of `nix-store --dump`, got {} bytes that differ",
-            expected.len(),
-            nar.body.len()
-        );
+        assert_same_bytes(&nar_path, &nar.body, &expected);
     }
 }
 
@@ -357,10 +369,7 @@ fn signed_mode_shares_only_paths_signed_by_a_trusted_key() {
     );
     let nar_path = nar_request_path("/local", &text);
     let nar = http::expect_status(peerix.addr, &nar_path, 200);
-    assert!(
-        nar.body == a.dump(&many.first),
-        "GET {nar_path}: expected the bytes of nix-store --dump"
-    );
+    assert_same_bytes(&nar_path, &nar.body, &a.dump(&many.first));
 
     // Unsigned and untrusted-signed paths: 404 for the narinfo and the NAR,
     // even though the NAR URL is right (learned from the loopback endpoint).
@@ -454,10 +463,7 @@ fn head_matches_get_ranges_work_and_stale_nar_urls_are_404() {
             Some("bytes"),
             "GET {nar_path}: Accept-Ranges"
         );
-        assert!(
-            nar.body == dump,
-            "GET {nar_path}: expected the bytes of nix-store --dump"
-        );
+        assert_same_bytes(&nar_path, &nar.body, &dump);
 
         // Satisfiable single ranges: 206 with exactly those bytes.
         let ranges = [

@@ -16,7 +16,8 @@
 //! - Every wait is a bounded poll loop; nothing asserts on wall-clock time.
 //! - Tests only talk to loopback or to namespace addresses they created.
 //!
-//! Set `PEERIX_TEST_KEEP=1` to keep test directories for inspection.
+//! Set `PEERIX_TEST_KEEP=1` to keep test directories for inspection, and
+//! `PEERIX_BIN=/path/to/peerix` to test another build of the daemon.
 
 // Each test file uses a different subset of the harness.
 #![allow(dead_code)]
@@ -752,6 +753,14 @@ impl Drop for Host {
 // peerix
 // ---------------------------------------------------------------------------
 
+/// The peerix binary under test: the one cargo built for this test run, or
+/// `PEERIX_BIN` if set (e.g. a release build, or another build to compare).
+pub fn peerix_binary() -> PathBuf {
+    std::env::var_os("PEERIX_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_peerix")))
+}
+
 /// How long to wait after spawning peerix.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Readiness {
@@ -793,7 +802,7 @@ impl Peerix {
         let state_dir = dir.subdir(&format!("peerix-state-{n}"));
         let stderr_path = dir.join(&format!("peerix-{n}.stderr"));
         let stderr = fs::File::create(&stderr_path).expect("creating peerix stderr file");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_peerix"));
+        let mut cmd = Command::new(peerix_binary());
         host.nix.apply(&mut cmd);
         cmd.arg("--bind")
             .arg(bind)
