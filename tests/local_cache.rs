@@ -115,6 +115,8 @@ fn assert_head_matches_get(addr: SocketAddr, path: &str) -> Response {
     get
 }
 
+/// `nix copy --from` and `nix-store -r` with peerix as substituter fetch the
+/// whole realistic closure into fresh stores, and `nix store verify` passes.
 #[test]
 fn nix_copies_and_substitutes_a_realistic_closure_from_peerix() {
     let dir = TestDir::new("copy_closure");
@@ -182,6 +184,8 @@ fn nix_copies_and_substitutes_a_realistic_closure_from_peerix() {
     );
 }
 
+/// Over 300+ paths: narinfo fields equal `nix path-info --json`, the narinfo
+/// round-trips through `NarInfo`, and the NAR equals `nix-store --dump`.
 #[test]
 fn every_nar_equals_nix_store_dump_and_every_narinfo_round_trips() {
     let dir = TestDir::new("every_nar");
@@ -279,6 +283,8 @@ fn every_nar_equals_nix_store_dump_and_every_narinfo_round_trips() {
     }
 }
 
+/// Nix imports and verifies paths signed by peerix's key, and refuses them
+/// (imports nothing) when it trusts only another key.
 #[test]
 fn nix_accepts_the_peerix_signature_and_refuses_a_wrong_key() {
     let dir = TestDir::new("signatures");
@@ -330,6 +336,9 @@ fn nix_accepts_the_peerix_signature_and_refuses_a_wrong_key() {
     assert_failure("nix store verify trusting only a wrong key", &verify_wrong);
 }
 
+/// Default `signed` mode: /local serves only paths with a signature by a
+/// `--trusted-key`; unsigned or stranger-signed paths get 404 for narinfo
+/// and NAR alike. /local works as a plain substituter for nix.
 #[test]
 fn signed_mode_shares_only_paths_signed_by_a_trusted_key() {
     let dir = TestDir::new("signed_mode");
@@ -430,6 +439,9 @@ fn signed_mode_shares_only_paths_signed_by_a_trusted_key() {
     assert_failure("nix copy --from peerix/local of an unshared path", &copy);
 }
 
+/// On both the root and /local caches: HEAD equals GET without a body,
+/// single ranges get 206 with the right bytes, unsatisfiable ones 416, and a
+/// NAR URL with a stale NarHash 404.
 #[test]
 fn head_matches_get_ranges_work_and_stale_nar_urls_are_404() {
     let dir = TestDir::new("head_range");
@@ -554,6 +566,8 @@ fn head_matches_get_ranges_work_and_stale_nar_urls_are_404() {
     }
 }
 
+/// A client in another network namespace (not loopback) gets 403 on the
+/// endpoints that act for the local nix, and 200 on /local.
 #[test]
 fn non_loopback_clients_get_403_on_root_endpoints_and_200_on_local() {
     let dir = TestDir::new("netns_403");
@@ -605,6 +619,9 @@ enum Allowed {
     Not5xx,
 }
 
+/// Malformed hashes, traversal, huge headers and unknown methods get 4xx
+/// (or a closed connection where allowed), never 5xx; peerix keeps serving
+/// and never panics.
 #[test]
 fn bad_requests_get_4xx_and_never_break_the_daemon() {
     let dir = TestDir::new("bad_input");

@@ -32,8 +32,9 @@ fi
 
 if [ -n "$missing" ]; then
     # Deduplicate; keep the order.
+    # shellcheck disable=SC2086
     packages=$(printf '%s\n' $missing | awk '!seen[$0]++' | tr '\n' ' ')
-    echo "run.sh: installing:$missing" >&2
+    echo "run.sh: installing missing packages: $packages" >&2
     export DEBIAN_FRONTEND=noninteractive
     apt-get update
     # shellcheck disable=SC2086
