@@ -65,8 +65,9 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// Poll `check` every 100 ms, at most `POLL_LIMIT` times; panics with `what`
-/// and the last observation if it never returns `Some`.
+/// Poll `check` every 100 ms, at most `POLL_LIMIT` times, until it returns
+/// `Ok`; `Err` carries the latest observation. Panics with `what`
+/// and that observation if the bound runs out.
 pub fn poll_until<T>(what: &str, mut check: impl FnMut() -> Result<T, String>) -> T {
     let mut last = String::from("(never checked)");
     for _ in 0..POLL_LIMIT {
