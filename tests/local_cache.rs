@@ -805,8 +805,8 @@ fn bad_requests_get_4xx_and_never_break_the_daemon() {
     peerix.assert_alive_without_panic();
 }
 
-/// peerix must not need the nix-daemon at start. `--scan-interval 1` keeps
-/// the test from depending on when peerix retries the daemon on its own.
+/// peerix must not need the nix-daemon at start: with the default hourly scan
+/// interval, it is the scanner's own background retry that finds the daemon.
 #[test]
 fn starts_without_a_nix_daemon_and_picks_it_up_later() {
     let dir = TestDir::new("no_daemon");
@@ -818,7 +818,7 @@ fn starts_without_a_nix_daemon_and_picks_it_up_later() {
         &dir,
         &a,
         "127.0.0.1",
-        &["--no-filter", "--scan-interval", "1"],
+        &["--no-filter"],
         Readiness::Listening,
     );
     let health = peerix.wait_health("/health to report the daemon unreachable", |h| {
@@ -869,5 +869,26 @@ fn starts_without_a_nix_daemon_and_picks_it_up_later() {
             }
         },
     );
+    peerix.assert_alive_without_panic();
+}
+
+/// SIGHUP rescans at once: paths added after the first scan join the index
+/// without waiting for the (hourly) scan interval.
+#[test]
+fn sighup_rescans_the_store() {
+    let dir = TestDir::new("sighup");
+    let many = many_fixture();
+    let a = Host::with_paths(&dir, "a", &[&many.first]);
+    let mut peerix = Peerix::start(&dir, &a, &["--no-filter"]);
+    let before = peerix.wait_health("the first scan", |h| h["scans"].as_u64() >= Some(1));
+    assert_eq!(before["indexed_paths"].as_u64(), Some(1), "{before}");
+
+    // The closure of `third` adds `second` and `third`.
+    a.add_closure(&[&many.third]);
+    peerix.send_sighup();
+    let after = peerix.wait_health("a rescan that finds the two new paths", |h| {
+        h["indexed_paths"].as_u64() == Some(3)
+    });
+    assert!(after["scans"].as_u64() >= Some(2), "{after}");
     peerix.assert_alive_without_panic();
 }

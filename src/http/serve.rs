@@ -17,7 +17,20 @@ use crate::store::{LocalPath, StoreError};
 /// GB/s stream costs few syscalls, small enough for a Raspberry Pi.
 const NAR_CHUNK: usize = 256 * 1024;
 
+/// Request heads larger than this are refused, as nginx refuses them; nix
+/// sends about 150 bytes.
+const MAX_HEAD: usize = 8 * 1024;
+
 pub fn handle(context: &ServerContext, request: Request) {
+    let head_size = request.url().len()
+        + request
+            .headers()
+            .iter()
+            .map(|h| h.field.as_str().as_str().len() + h.value.as_str().len() + 4)
+            .sum::<usize>();
+    if head_size > MAX_HEAD {
+        return respond(request, text(431, "request header fields too large\n"));
+    }
     let head = match request.method() {
         Method::Get => false,
         Method::Head => true,

@@ -905,6 +905,15 @@ impl Peerix {
         );
     }
 
+    /// Sends SIGHUP, which asks peerix to rescan the store.
+    pub fn send_sighup(&self) {
+        let status = Command::new("kill")
+            .args(["-HUP", &self.child.id().to_string()])
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill -HUP peerix failed: {status}");
+    }
+
     /// Exit status if peerix has stopped.
     pub fn try_wait(&mut self) -> Option<ExitStatus> {
         self.child.try_wait().ok().flatten()
