@@ -13,6 +13,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::nix::hash::NarHash;
+use crate::nix::store_path::{HashPart, StorePath};
+
 const WORKER_MAGIC_1: u64 = 0x6e697863;
 const WORKER_MAGIC_2: u64 = 0x6478696f;
 /// 1.35: Lix refuses less; 1.38 and up would need the feature exchange.
@@ -319,8 +322,9 @@ impl Connection {
         }
         let deriver = self.read_string()?;
         let hex = self.read_string()?;
-        let nar_hash = decode_hex_sha256(&hex)
-            .ok_or_else(|| Fault::Protocol(format!("narHash `{hex}` is not 64 hex chars")))?;
+        let nar_hash = NarHash::from_hex(&hex)
+            .map_err(|e| Fault::Protocol(format!("narHash: {e}")))?
+            .0;
         let references = self.read_string_list()?;
         let registration_time = self.read_u64()?;
         let nar_size = self.read_u64()?;
@@ -347,23 +351,6 @@ impl Connection {
     }
 }
 
-fn decode_hex_sha256(hex: &str) -> Option<[u8; 32]> {
-    let bytes = hex.as_bytes();
-    if bytes.len() != 64 {
-        return None;
-    }
-    let nibble = |c: u8| match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
-    };
-    let mut out = [0u8; 32];
-    for (i, pair) in bytes.chunks(2).enumerate() {
-        out[i] = nibble(pair[0])? << 4 | nibble(pair[1])?;
-    }
-    Some(out)
-}
-
 fn attach(op: &'static str, fault: Fault) -> DaemonError {
     match fault {
         Fault::Io(source) => DaemonError::Io { op, source },
@@ -372,38 +359,17 @@ fn attach(op: &'static str, fault: Fault) -> DaemonError {
     }
 }
 
-fn is_nix32(c: u8) -> bool {
-    c.is_ascii_digit() || (c.is_ascii_lowercase() && !b"eout".contains(&c))
-}
-
 fn check_hash_part(hash: &str) -> Result<(), DaemonError> {
-    if hash.len() == 32 && hash.bytes().all(is_nix32) {
-        Ok(())
-    } else {
-        Err(DaemonError::InvalidArgument(format!(
-            "`{hash}` is not a hash part"
-        )))
-    }
+    HashPart::parse(hash)
+        .map(drop)
+        .map_err(|e| DaemonError::InvalidArgument(e.to_string()))
 }
 
-/// The same grammar as `nix::store_path`, repeated cheaply here because an
-/// unparsable path kills the daemon connection.
+/// An unparsable path kills the daemon connection, so it is never sent.
 fn check_path(path: &str) -> Result<(), DaemonError> {
-    let base = path.strip_prefix("/nix/store/").unwrap_or("").as_bytes();
-    let ok = base.len() > 33
-        && base.len() <= 32 + 1 + 211
-        && base[..32].iter().all(|&c| is_nix32(c))
-        && base[32] == b'-'
-        && base[33..]
-            .iter()
-            .all(|&c| c.is_ascii_alphanumeric() || b"+-._?=".contains(&c));
-    if ok {
-        Ok(())
-    } else {
-        Err(DaemonError::InvalidArgument(format!(
-            "`{path}` is not a store path"
-        )))
-    }
+    StorePath::parse(path)
+        .map(drop)
+        .map_err(|e| DaemonError::InvalidArgument(e.to_string()))
 }
 
 /// A pool of daemon connections, shared by all threads.
@@ -582,13 +548,5 @@ mod tests {
         ] {
             assert!(check_path(&bad).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn hex_decoding() {
-        let hex = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
-        assert_eq!(decode_hex_sha256(hex).unwrap()[0], 0xba);
-        assert!(decode_hex_sha256(&hex.to_uppercase()).is_none());
-        assert!(decode_hex_sha256(&hex[1..]).is_none());
     }
 }
