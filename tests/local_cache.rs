@@ -892,3 +892,72 @@ fn sighup_rescans_the_store() {
     assert!(after["scans"].as_u64() >= Some(2), "{after}");
     peerix.assert_alive_without_panic();
 }
+
+/// A file that shrinks while its NAR is being sent: the client was promised
+/// NarSize bytes, so peerix must close the connection early (the client sees
+/// a short read and fails at once) rather than leave it hanging, and later
+/// requests for that NAR must get 404.
+#[test]
+fn a_nar_whose_files_change_mid_transfer_aborts_the_connection() {
+    use std::io::{Read, Write};
+
+    let dir = TestDir::new("abort");
+    let fixture = realistic_fixture();
+    let a = Host::with_paths(&dir, "a", &[&fixture.big]);
+    let peerix = Peerix::start(&dir, &a, &["--no-filter"]);
+    let narinfo = narinfo_text(peerix.addr, "", &fixture.big);
+    let nar_path = nar_request_path("", &narinfo);
+    let nar_size: u64 = NarInfoText::read(&narinfo)
+        .field("NarSize")
+        .parse()
+        .unwrap();
+
+    let mut client = std::net::TcpStream::connect(peerix.addr).unwrap();
+    // Keep-alive, as nix asks: the connection stays open unless peerix closes it.
+    let request = format!("GET {nar_path} HTTP/1.1\r\nHost: peerix-test\r\n\r\n");
+    client.write_all(request.as_bytes()).unwrap();
+    // A bound on how long any read may block, so a hanging server fails the
+    // test instead of stalling it; it is not a measurement.
+    client
+        .set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .unwrap();
+    let mut first = [0u8; 4096];
+    let n = client.read(&mut first).unwrap();
+    assert!(
+        first[..n].starts_with(b"HTTP/1.1 200"),
+        "expected a 200 for the NAR, got {:?}",
+        String::from_utf8_lossy(&first[..n.min(200)])
+    );
+
+    // Socket buffers hold a few MiB at most, so the server is still far from
+    // the end of the 50 MiB file: shrink the file under it.
+    let blob = a.physical(&fixture.big).join("blob.bin");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&blob)
+        .and_then(|f| f.set_len(1000))
+        .expect("truncating the big file in store a");
+
+    let mut received = n as u64;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match client.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => received += n as u64,
+            Err(e) => panic!(
+                "expected the connection to be closed early, but reading failed after {received} bytes: {e}\n{}",
+                peerix.stderr()
+            ),
+        }
+    }
+    assert!(
+        received < nar_size,
+        "expected fewer than NarSize = {nar_size} bytes before the close, got {received}"
+    );
+    assert!(
+        peerix.stderr().contains("aborting the connection"),
+        "expected peerix to log the abort:\n{}",
+        peerix.stderr()
+    );
+    http::expect_status(peerix.addr, &nar_path, 404);
+}

@@ -5,6 +5,7 @@
 //! the check uses the socket's peer address, never a header. `/local/...`
 //! serves peers and LAN hosts, under the share policy.
 
+mod abort;
 pub mod range;
 pub mod route;
 mod serve;
@@ -42,7 +43,10 @@ impl Server {
         let server = tiny_http::Server::from_listener(listener, None)
             .map_err(|e| io::Error::other(format!("cannot start HTTP server on {addr}: {e}")))?;
         let server = Arc::new(server);
-        let context = Arc::new(context);
+        let context = Arc::new(Worker {
+            context,
+            local_port: local_addr.port(),
+        });
         let workers = (0..workers)
             .map(|n| {
                 let server = Arc::clone(&server);
@@ -86,7 +90,14 @@ fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     Ok(socket.into())
 }
 
-fn worker(server: &tiny_http::Server, context: &ServerContext) {
+/// What each worker thread holds.
+struct Worker {
+    context: ServerContext,
+    /// Identifies this server's connections when one must be aborted.
+    local_port: u16,
+}
+
+fn worker(server: &tiny_http::Server, worker: &Worker) {
     loop {
         let request = match server.recv() {
             Ok(request) => request,
@@ -97,7 +108,7 @@ fn worker(server: &tiny_http::Server, context: &ServerContext) {
         };
         // A bug in one request must not take the worker (and so the cache) down.
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            serve::handle(context, request)
+            serve::handle(&worker.context, worker.local_port, request)
         }));
         if outcome.is_err() {
             log::error!("a request handler panicked; the worker carries on");

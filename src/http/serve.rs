@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tiny_http::{Header, Method, Request, Response, StatusCode};
 
 use super::ServerContext;
+use super::abort;
 use super::range::{self, RangeAnswer};
 use super::route::{Route, Scope};
 use crate::nix::store_path::{HashPart, STORE_DIR};
@@ -21,7 +22,7 @@ const NAR_CHUNK: usize = 256 * 1024;
 /// sends about 150 bytes.
 const MAX_HEAD: usize = 8 * 1024;
 
-pub fn handle(context: &ServerContext, request: Request) {
+pub fn handle(context: &ServerContext, local_port: u16, request: Request) {
     let head_size = request.url().len()
         + request
             .headers()
@@ -62,7 +63,9 @@ pub fn handle(context: &ServerContext, request: Request) {
             Err(response) => respond(request, response),
         },
         Route::Nar(scope, hash, nar_hash) => match find(context, scope, &hash) {
-            Ok(path) if path.info.nar_hash == nar_hash => serve_nar(context, request, &path, head),
+            Ok(path) if path.info.nar_hash == nar_hash => {
+                serve_nar(context, local_port, request, &path, head)
+            }
             Ok(_) => respond(request, text(404, "no such NAR (stale NarHash)\n")),
             Err(response) => respond(request, response),
         },
@@ -104,7 +107,13 @@ fn find(
     }
 }
 
-fn serve_nar(context: &ServerContext, request: Request, path: &LocalPath, head: bool) {
+fn serve_nar(
+    context: &ServerContext,
+    local_port: u16,
+    request: Request,
+    path: &LocalPath,
+    head: bool,
+) {
     let size = path.info.nar_size;
     let physical = context.store.physical_path(&path.info.path);
     // The NAR length is known from metadata alone: a path whose files no
@@ -165,6 +174,7 @@ fn serve_nar(context: &ServerContext, request: Request, path: &LocalPath, head: 
             }
         }
     };
+    let peer = request.remote_addr().copied();
     // The body is written here rather than through tiny_http's 8 KiB copy loop.
     let mut writer = request.into_writer();
     let sent = writer
@@ -181,10 +191,20 @@ fn serve_nar(context: &ServerContext, request: Request, path: &LocalPath, head: 
             path.info.path
         ),
         Err(e) if is_client_gone(&e) => log::debug!("client left during {}: {e}", path.info.path),
-        Err(e) => log::error!(
-            "serving {} failed after the headers were sent: {e}",
-            path.info.path
-        ),
+        Err(e) => {
+            // The client was promised more bytes: close early so it sees a
+            // failed download at once instead of waiting for them.
+            log::error!(
+                "serving {} failed after the headers were sent: {e}; aborting the connection",
+                path.info.path
+            );
+            if let Some(peer) = peer
+                && let Err(e) = abort::abort_connection(local_port, peer)
+            {
+                log::error!("could not abort the connection to {peer}: {e}");
+            }
+            drop(writer);
+        }
     }
 }
 
