@@ -5,10 +5,10 @@
 //! the check uses the socket's peer address, never a header. `/local/...`
 //! serves peers and LAN hosts, under the share policy.
 
-mod abort;
 pub mod range;
 pub mod route;
 mod serve;
+mod socket;
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use tiny_http::{Header, Method, Request, Response, StatusCode};
 
 use super::ServerContext;
-use super::abort;
 use super::range::{self, RangeAnswer};
 use super::route::{Route, Scope};
+use super::socket;
 use crate::nix::store_path::{HashPart, STORE_DIR};
 use crate::store::dump::{NarDump, nar_size};
 use crate::store::{LocalPath, StoreError};
@@ -17,6 +17,10 @@ use crate::store::{LocalPath, StoreError};
 /// NARs are copied to the socket in chunks of this size: large enough that a
 /// GB/s stream costs few syscalls, small enough for a Raspberry Pi.
 const NAR_CHUNK: usize = 256 * 1024;
+
+/// NAR bodies from this size up are sent with `sendfile`: finding the socket
+/// costs a scan of our descriptors, which pays off only for large bodies.
+const SENDFILE_MIN: u64 = 1024 * 1024;
 
 /// Request heads larger than this are refused, as nginx refuses them; nix
 /// sends about 150 bytes.
@@ -175,13 +179,27 @@ fn serve_nar(
         }
     };
     let peer = request.remote_addr().copied();
-    // The body is written here rather than through tiny_http's 8 KiB copy loop.
+    // Large bodies go by sendfile over a second handle on the socket; the
+    // rest is copied here rather than through tiny_http's 8 KiB loop.
+    let direct = match (&dump, peer) {
+        (Some(_), Some(peer)) if end - start >= SENDFILE_MIN => {
+            socket::connection_socket(local_port, peer)
+                .inspect_err(|e| log::debug!("no sendfile for {peer}: {e}"))
+                .ok()
+        }
+        _ => None,
+    };
     let mut writer = request.into_writer();
     let sent = writer
         .write_all(head_lines.as_bytes())
-        .and_then(|()| match dump {
-            Some(dump) => copy_exact(dump, &mut writer, end - start),
-            None => Ok(()),
+        .and_then(|()| match (dump, direct) {
+            (Some(mut dump), Some(mut direct)) => {
+                // The headers must be on the wire before the body overtakes them.
+                writer.flush()?;
+                dump.send_to(&mut direct, end - start)
+            }
+            (Some(dump), None) => copy_exact(dump, &mut writer, end - start),
+            (None, _) => Ok(()),
         });
     let result = sent.and_then(|()| writer.flush());
     match result {
@@ -199,7 +217,7 @@ fn serve_nar(
                 path.info.path
             );
             if let Some(peer) = peer
-                && let Err(e) = abort::abort_connection(local_port, peer)
+                && let Err(e) = socket::abort_connection(local_port, peer)
             {
                 log::error!("could not abort the connection to {peer}: {e}");
             }

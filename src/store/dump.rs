@@ -11,7 +11,8 @@
 
 use std::ffi::OsString;
 use std::fs::{self, File};
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::net::TcpStream;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -279,6 +280,60 @@ impl NarDump {
     }
 }
 
+/// Files at least this large are handed to the kernel by [`NarDump::send_to`].
+const SENDFILE_MIN: u64 = 64 * 1024;
+
+impl NarDump {
+    /// Writes exactly `len` more bytes of the stream to `socket`. Contents of
+    /// large files go by `sendfile`, skipping the copy through user space;
+    /// everything else is gathered in one buffer so small files do not become
+    /// small packets. (std's `io::copy` will not use sendfile from a file to
+    /// a socket, because later writes to the file could show through; store
+    /// files are immutable, and the client checks the NarHash regardless.)
+    pub fn send_to(&mut self, socket: &mut TcpStream, mut len: u64) -> io::Result<()> {
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut filled = 0;
+        while len > 0 {
+            let large_file = self.pending_pos >= self.pending.len()
+                && self.file.as_ref().is_some_and(|f| f.left >= SENDFILE_MIN);
+            if large_file && let Some(open) = &mut self.file {
+                socket.write_all(&buf[..filled])?;
+                filled = 0;
+                let want = usize::try_from(open.left.min(len).min(1 << 30)).unwrap_or(1 << 30);
+                let sent = match rustix::fs::sendfile(&*socket, &open.file, None, want) {
+                    Ok(0) => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            format!("{}: file shrank while being served", open.path.display()),
+                        ));
+                    }
+                    Ok(sent) => sent as u64,
+                    Err(rustix::io::Errno::INTR) => continue,
+                    Err(e) => return Err(e.into()),
+                };
+                open.left -= sent;
+                len -= sent;
+                continue;
+            }
+            if filled == buf.len() {
+                socket.write_all(&buf)?;
+                filled = 0;
+            }
+            let room = (buf.len() - filled).min(usize::try_from(len).unwrap_or(usize::MAX));
+            let n = self.read(&mut buf[filled..filled + room])?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("NAR ended {len} bytes early"),
+                ));
+            }
+            filled += n;
+            len -= n as u64;
+        }
+        socket.write_all(&buf[..filled])
+    }
+}
+
 impl Read for NarDump {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if buf.is_empty() {
@@ -436,6 +491,32 @@ mod tests {
             let expected = nix_store_dump(root);
             assert_eq!(dump_with(root, 4096), expected);
             assert_eq!(nar_size(root).unwrap(), expected.len() as u64);
+        }
+    }
+
+    #[test]
+    fn send_to_a_socket_equals_reading() {
+        let dir = temp_dir("send");
+        realistic_tree(&dir.0);
+        let full = dump_with(&dir.0, 65536);
+        let len = full.len() as u64;
+        for start in [0, 1000, len / 2] {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let mut socket = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (mut receiver, _) = listener.accept().unwrap();
+            let reader = std::thread::spawn(move || {
+                let mut got = Vec::new();
+                receiver.read_to_end(&mut got).unwrap();
+                got
+            });
+            let mut dump = NarDump::open(&dir.0).unwrap();
+            dump.skip(start).unwrap();
+            dump.send_to(&mut socket, len - start).unwrap();
+            drop(socket);
+            assert!(
+                reader.join().unwrap() == full[start as usize..],
+                "from {start}"
+            );
         }
     }
 

@@ -1,28 +1,36 @@
-//! Aborting a response whose body cannot be completed.
+//! Reaching the TCP socket behind a tiny_http request.
 //!
-//! Once a `200` with a `Content-Length` has gone out, the only honest way to
-//! fail is to close the connection early, so the client sees a short read
-//! and an error rather than waiting for bytes that will never come. tiny_http
-//! does not hand out its sockets, so the socket is found among this process's
-//! own file descriptors by its two endpoints, duplicated with `pidfd_getfd`
-//! (Linux 5.6+), and shut down; the shutdown applies to every descriptor of
-//! that socket, so tiny_http's own reader and writer see it too.
+//! tiny_http does not hand out its sockets, but two things need one: sending
+//! a large NAR with `sendfile` instead of copying it through user space, and
+//! aborting a response whose body cannot be completed (after a 200 with a
+//! Content-Length, closing early is the only honest way to fail, so the
+//! client sees a short read at once rather than waiting for bytes that will
+//! never come). The socket is found among this process's own descriptors by
+//! its two endpoints and duplicated with `pidfd_getfd` (Linux 5.6+). The
+//! duplicate is the same socket: a shutdown through it reaches tiny_http's
+//! reader and writer too.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpStream};
 use std::os::fd::OwnedFd;
 
 use rustix::net::Shutdown;
 use rustix::process::{PidfdFlags, PidfdGetfdFlags, getpid, pidfd_getfd, pidfd_open};
 
-/// Shuts down the TCP connection between `local_port` on this host and `peer`.
-pub fn abort_connection(local_port: u16, peer: SocketAddr) -> io::Result<()> {
-    let socket = find_socket(local_port, peer)?.ok_or_else(|| {
-        io::Error::new(
+/// A second handle on the connection between `local_port` here and `peer`.
+pub fn connection_socket(local_port: u16, peer: SocketAddr) -> io::Result<TcpStream> {
+    match find_socket(local_port, peer)? {
+        Some(fd) => Ok(TcpStream::from(fd)),
+        None => Err(io::Error::new(
             io::ErrorKind::NotFound,
             format!("no socket to {peer} found"),
-        )
-    })?;
+        )),
+    }
+}
+
+/// Shuts down the TCP connection between `local_port` on this host and `peer`.
+pub fn abort_connection(local_port: u16, peer: SocketAddr) -> io::Result<()> {
+    let socket = connection_socket(local_port, peer)?;
     rustix::net::shutdown(&socket, Shutdown::Both)?;
     Ok(())
 }
