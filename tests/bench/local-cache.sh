@@ -241,12 +241,12 @@ copy_seconds() { # copy_seconds URL RUN
     start=$(date +%s.%N)
     if ! XDG_CACHE_HOME=$dest-cache nix copy --from "$1" --to "$dest" \
         --option trusted-public-keys "$pk" "$top" 2>"$dest.err"; then
-        note "warning: nix copy from $1 failed: $(tail -1 "$dest.err")"
+        note "warning: nix copy ($2) from $1 failed: $(tail -1 "$dest.err")"
         echo nan
     else
         end=$(date +%s.%N)
         copied=$(nix path-info --store "$dest" -r "$top" | wc -l)
-        [ "$copied" = "$closure_size" ] || note "warning: nix copy from $1 left $copied paths, not $closure_size"
+        [ "$copied" = "$closure_size" ] || note "warning: nix copy ($2) from $1 left $copied paths, not $closure_size"
         awk -v s="$start" -v e="$end" 'BEGIN { printf "%.2f\n", e - s }'
     fi
     rm -rf "$dest" "$dest-cache" "$dest.err"
