@@ -157,14 +157,17 @@ notes=$work/notes
 : >"$notes"
 note() { printf '%s\n' "$*" | tee -a "$notes" >&2; }
 
-# wrk: requests/s, p50 and p99 in microseconds, then non-2xx/3xx answers
-# and socket errors (a 404 is the expected answer of a miss).
+# wrk: requests/s, p50 and p99 in microseconds, non-2xx/3xx answers, socket
+# errors (a 404 is the expected answer of a miss), and the connections that
+# were busy on average: requests/s x mean latency (Little's law). wrk only
+# times requests that complete, so a server that leaves some connections
+# unserved shows low latencies at a low rate; this number gives it away.
 run_wrk() { # run_wrk THREADS CONNECTIONS URL
     wrk -t"$1" -c"$2" -d"${seconds}s" --latency "$3" | python3 -c '
 import re, sys
 text = sys.stdin.read()
 def us(label):
-    m = re.search(r"^\s*" + label + r"\s+([\d.]+)(us|ms|s)\s*$", text, re.M)
+    m = re.search(r"^\s*" + label + r"\s+([\d.]+)(us|ms|s)\b", text, re.M)
     value, unit = float(m.group(1)), m.group(2)
     return value * {"us": 1, "ms": 1e3, "s": 1e6}[unit]
 rps = float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1))
@@ -172,7 +175,8 @@ m = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
 non2xx = int(m.group(1)) if m else 0
 m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
 errors = sum(map(int, m.groups())) if m else 0
-print("%.0f %.0f %.0f %d %d" % (rps, us("50%"), us("99%"), non2xx, errors))'
+busy = rps * us("Latency") / 1e6
+print("%.0f %.0f %.0f %d %d %.1f" % (rps, us("50%"), us("99%"), non2xx, errors, busy))'
 }
 
 for kind in hit miss; do
@@ -182,10 +186,13 @@ for kind in hit miss; do
         for server in peerix nginx; do
             url=$peerix_url; [ "$server" = nginx ] && url=$nginx_url
             log "narinfo $kind, $conns connection(s), $server"
-            read -r rps p50 p99 non2xx errors < <(run_wrk "$threads" "$conns" "$url/$hash.narinfo")
+            read -r rps p50 p99 non2xx errors busy < <(run_wrk "$threads" "$conns" "$url/$hash.narinfo")
             record "narinfo $kind c=$conns req/s" "$server" "$rps"
             record "narinfo $kind c=$conns p50 us" "$server" "$p50"
             record "narinfo $kind c=$conns p99 us" "$server" "$p99"
+            record "narinfo $kind c=$conns busy conns" "$server" "$busy"
+            awk -v b="$busy" -v c="$conns" 'BEGIN { exit !(b < c / 2) }' &&
+                note "warning: $server narinfo $kind c=$conns: only $busy of $conns connections busy on average: some were left unanswered (or wrk was short of CPU), and its latencies leave those out"
             [ "$kind" = hit ] && [ "$non2xx" != 0 ] && note "warning: $server narinfo hit c=$conns: $non2xx answers were not 2xx"
             [ "$errors" != 0 ] && note "warning: $server narinfo $kind c=$conns: $errors socket errors"
         done
@@ -295,7 +302,7 @@ def ratio(a, b):
     return a / b if b and not math.isnan(a) and not math.isnan(b) else math.nan
 print(f"{'metric':34} {'peerix':>10} {'nginx':>10} {'peerix/nginx':>13}")
 for metric, v in table.items():
-    digits = 2 if metric.endswith(" s") else 0
+    digits = 2 if metric.endswith(" s") else 1 if metric.endswith(" conns") else 0
     print(f"{metric:34} {v['peerix']:>10.{digits}f} {v['nginx']:>10.{digits}f} {ratio(v['peerix'], v['nginx']):>13.2f}")
 print()
 MB = 1_000_000
