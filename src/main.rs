@@ -57,8 +57,18 @@ fn start_lan(config: &Config, store: &Arc<LocalStore>) -> Option<Arc<Lan>> {
         log::warn!("LAN discovery needs a fixed --port (peers ask on that UDP port); it is off");
         return None;
     }
+    // Peers fetch what we announce from /local/ over HTTP: with HTTP on
+    // loopback only, announcing would send them to a closed door.
+    let answer_peers = !config.bind.is_loopback();
+    if !answer_peers {
+        log::info!(
+            "HTTP is bound to {}: asking peers, not answering them",
+            config.bind
+        );
+    }
     let index_store = Arc::clone(store);
-    let shares = Box::new(move |hash: &_| index_store.index().get_shared(hash).is_some());
+    let shares =
+        Box::new(move |hash: &_| answer_peers && index_store.index().get_shared(hash).is_some());
     match Lan::start(&config.lan, config.port, config.port, shares) {
         Ok(lan) => {
             log::info!(
