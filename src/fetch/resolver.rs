@@ -221,6 +221,7 @@ impl Resolver {
             nar_size: offer.narinfo.nar_size,
             queue,
             tried: Vec::new(),
+            refreshed: false,
         })
     }
 
@@ -245,10 +246,33 @@ pub struct NarSource<'r> {
     pub nar_size: u64,
     queue: VecDeque<Pending>,
     tried: Vec<SocketAddr>,
+    /// Whether the LAN was asked again during this transfer.
+    refreshed: bool,
 }
 
 impl NarSource<'_> {
     pub fn next_holder(&mut self) -> Option<Holder> {
+        if let Some(holder) = self.next_queued() {
+            return Some(holder);
+        }
+        // Every known holder failed: the answer may be stale, so ask the
+        // LAN once more before giving up (a failed NAR fails nix's build).
+        if !self.refreshed {
+            self.refreshed = true;
+            if let Some(offer) = self
+                .resolver
+                .resolve(&self.hash)
+                .filter(|offer| offer.narinfo.nar_hash == self.nar_hash)
+            {
+                self.queue.push_back(Pending::Known(offer.source.clone()));
+                self.queue
+                    .extend(offer.others.iter().copied().map(Pending::Candidate));
+            }
+        }
+        self.next_queued()
+    }
+
+    fn next_queued(&mut self) -> Option<Holder> {
         while let Some(pending) = self.queue.pop_front() {
             let peer = match &pending {
                 Pending::Known(holder) => holder.peer,
