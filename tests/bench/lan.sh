@@ -28,9 +28,10 @@ peerix_pids=()
 daemon_pids=()
 
 cleanup() {
-    # Peerix first (its daemon connections end), then the daemons and their
+    # A request loop or nix-store still running (see interruptible), then
+    # peerix (its daemon connections end), then the daemons and their
     # workers; the namespaces last, once nothing runs in them.
-    for pid in "${peerix_pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in $(jobs -p) "${peerix_pids[@]}"; do kill "$pid" 2>/dev/null || true; done
     for pid in "${daemon_pids[@]}"; do stop_daemon "$pid"; done
     for pid in "${peerix_pids[@]}" "${daemon_pids[@]}"; do wait "$pid" 2>/dev/null || true; done
     for ns in "${namespaces[@]}"; do ip netns del "$ns" 2>/dev/null || true; done
@@ -51,6 +52,10 @@ fi
 
 in_a() { ip netns exec "$ns_a" "$@"; }
 in_b() { ip netns exec "$ns_b" "$@"; }
+# Runs a command of many seconds in the background and waits for it: bash
+# runs a trap only once its foreground command is done, but interrupts a
+# wait at once. So SIGTERM stops the benchmark now, not after it.
+interruptible() { "$@" & wait "$!"; }
 
 log "making the LAN: bridge in $ns_sw, hosts $ns_a ($a_ip) and $ns_b ($b_ip)"
 for ns in "$ns_sw" "$ns_a" "$ns_b"; do
@@ -219,12 +224,12 @@ done
 # lookup: B has no answer cached (a miss is kept 10 s, a find 60 s).
 # Misses: random valid hash parts no host has. Hits: the small paths,
 # which A has and B has not been asked for.
-latencies() { # latencies KIND b|a EXPECTED-STATUS HASH...: p50 and p99 in ms
+latencies() { # latencies KIND b|a EXPECTED-STATUS HASH...: p50 and p99 in ms, to $work/pct
     local kind=$1 way=$2 want=$3 base=$b_url
     shift 3
     [ "$way" = a ] && base=$a_url
     for h in "$@"; do printf 'url = "%s/%s.narinfo"\noutput = "/dev/null"\n' "$base" "$h"; done >"$work/curl-$kind-$way"
-    in_b curl -s -K "$work/curl-$kind-$way" -w '%{http_code} %{time_total}\n' >"$work/lat-$kind-$way" || true
+    interruptible ip netns exec "$ns_b" curl -s -K "$work/curl-$kind-$way" -w '%{http_code} %{time_total}\n' >"$work/lat-$kind-$way" || true
     local wrong
     wrong=$(awk -v w="$want" '$1 != w' "$work/lat-$kind-$way" | wc -l)
     if [ "$wrong" != 0 ] || [ "$(wc -l <"$work/lat-$kind-$way")" != $# ]; then
@@ -237,7 +242,7 @@ latencies() { # latencies KIND b|a EXPECTED-STATUS HASH...: p50 and p99 in ms
             i50 = int(NR * 0.50); if (i50 < NR * 0.50) i50++
             i99 = int(NR * 0.99); if (i99 < NR * 0.99) i99++
             printf "%.2f %.2f\n", v[i50], v[i99]
-        }'
+        }' >"$work/pct"
 }
 mapfile -t miss_hashes < <(python3 -c '
 import secrets
@@ -248,13 +253,15 @@ hit_hashes=()
 for path in "${small[@]}"; do hit_hashes+=("$(hash_of "$path")"); done
 for way in b a; do
     log "narinfo miss latency, $miss_count hashes, $([ "$way" = b ] && echo through B || echo from A)"
-    read -r p50 p99 < <(latencies miss "$way" 404 "${miss_hashes[@]}")
+    latencies miss "$way" 404 "${miss_hashes[@]}"
+    read -r p50 p99 <"$work/pct"
     record "narinfo miss p50 ms" "$way" "$p50"
     record "narinfo miss p99 ms" "$way" "$p99"
 done
 for way in b a; do
     log "narinfo hit latency, ${#hit_hashes[@]} hashes, $([ "$way" = b ] && echo through B || echo from A)"
-    read -r p50 p99 < <(latencies hit "$way" 200 "${hit_hashes[@]}")
+    latencies hit "$way" 200 "${hit_hashes[@]}"
+    read -r p50 p99 <"$work/pct"
     record "narinfo hit p50 ms" "$way" "$p50"
     record "narinfo hit p99 ms" "$way" "$p99"
 done
@@ -269,7 +276,7 @@ realise_seconds() { # realise_seconds SUBSTITUTER RUN: prints seconds or nan
     local dest=$work/realise-$2
     local start end ok=1
     start=$(date +%s.%N)
-    if ! in_b env XDG_CACHE_HOME="$dest-cache" nix-store --store "$dest" -r "$top" \
+    if ! interruptible ip netns exec "$ns_b" env XDG_CACHE_HOME="$dest-cache" nix-store --store "$dest" -r "$top" \
         --option substituters "$1" --option trusted-public-keys "$pk" >/dev/null 2>"$dest.err"; then
         note "warning: nix-store -r ($2) from $1 failed: $(tail -1 "$dest.err")"
         ok=
