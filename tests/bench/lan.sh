@@ -50,7 +50,6 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get install -y -q --no-install-recommends nix-bin curl busybox-static python3 iproute2 coreutils
 fi
 
-in_a() { ip netns exec "$ns_a" "$@"; }
 in_b() { ip netns exec "$ns_b" "$@"; }
 # Runs a command of many seconds in the background and waits for it: bash
 # runs a trap only once its foreground command is done, but interrupts a
