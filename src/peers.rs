@@ -102,6 +102,13 @@ impl PeerTable {
         record.shunned_until = Some(record.shunned_until.map_or(until, |old| old.max(until)));
     }
 
+    /// Whether a peer has served us and has not failed since.
+    pub fn is_proven(&self, peer: &SocketAddr, now: Instant) -> bool {
+        self.lock().get(peer).is_some_and(|r| {
+            r.successes > 0 && r.consecutive_failures == 0 && r.lies == 0 && r.is_available(now)
+        })
+    }
+
     pub fn is_available(&self, peer: &SocketAddr, now: Instant) -> bool {
         self.lock().get(peer).is_none_or(|r| r.is_available(now))
     }
@@ -163,6 +170,25 @@ mod tests {
             table.record_failure(addr(1), Failure::Unavailable, t0);
         }
         assert!(table.is_available(&addr(1), t0 + MAX_BACKOFF));
+    }
+
+    #[test]
+    fn proven_means_served_and_not_failed_since() {
+        let table = PeerTable::new();
+        let t0 = Instant::now();
+        assert!(!table.is_proven(&addr(1), t0));
+        table.record_success(addr(1), 10, Duration::from_millis(5));
+        assert!(table.is_proven(&addr(1), t0));
+        table.record_failure(addr(1), Failure::Unavailable, t0);
+        assert!(!table.is_proven(&addr(1), t0 + MAX_BACKOFF));
+        table.record_success(addr(1), 10, Duration::from_millis(5));
+        assert!(table.is_proven(&addr(1), t0 + MAX_BACKOFF));
+        table.record_failure(addr(1), Failure::Lied, t0);
+        table.record_success(addr(1), 10, Duration::from_millis(5));
+        assert!(
+            !table.is_proven(&addr(1), t0),
+            "a liar is never proven again"
+        );
     }
 
     #[test]

@@ -9,7 +9,8 @@ use crate::nix::nar::NarValidator;
 
 pub struct NarCheck {
     validator: NarValidator,
-    hasher: Sha256,
+    /// `None` when the caller hashes the bytes elsewhere (on another thread).
+    hasher: Option<Sha256>,
     received: u64,
     expected_hash: NarHash,
     expected_size: u64,
@@ -18,8 +19,16 @@ pub struct NarCheck {
 impl NarCheck {
     pub fn new(expected_hash: NarHash, expected_size: u64) -> NarCheck {
         NarCheck {
+            hasher: Some(Sha256::new()),
+            ..NarCheck::hashed_elsewhere(expected_hash, expected_size)
+        }
+    }
+
+    /// A check that leaves hashing to the caller: see [`NarCheck::finish_with_digest`].
+    pub fn hashed_elsewhere(expected_hash: NarHash, expected_size: u64) -> NarCheck {
+        NarCheck {
             validator: NarValidator::new(),
-            hasher: Sha256::new(),
+            hasher: None,
             received: 0,
             expected_hash,
             expected_size,
@@ -47,13 +56,26 @@ impl NarCheck {
         self.validator
             .feed(bytes)
             .map_err(|e| format!("malformed NAR: {e}"))?;
-        self.hasher.update(bytes);
+        if let Some(hasher) = &mut self.hasher {
+            hasher.update(bytes);
+        }
         self.received += len;
         Ok(())
     }
 
     /// After the last byte: the NAR must be complete and hash to NarHash.
-    pub fn finish(self) -> Result<(), String> {
+    pub fn finish(mut self) -> Result<(), String> {
+        let digest = self
+            .hasher
+            .take()
+            .ok_or("NAR was not hashed")?
+            .finalize()
+            .into();
+        self.finish_with_digest(digest)
+    }
+
+    /// [`NarCheck::finish`], with the SHA-256 of the bytes computed elsewhere.
+    pub fn finish_with_digest(self, digest: [u8; 32]) -> Result<(), String> {
         if self.received != self.expected_size {
             return Err(format!(
                 "NAR has {} bytes, NarSize says {}",
@@ -63,7 +85,7 @@ impl NarCheck {
         self.validator
             .finish()
             .map_err(|e| format!("malformed NAR: {e}"))?;
-        let got = NarHash(self.hasher.finalize().into());
+        let got = NarHash(digest);
         if got != self.expected_hash {
             return Err(format!(
                 "NAR hashes to {got}, the narinfo says {}",
@@ -96,6 +118,11 @@ mod tests {
             assert!(check.is_complete());
             check.finish().unwrap();
         }
+        let mut check = NarCheck::hashed_elsewhere(hash, nar.len() as u64);
+        check.feed(nar).unwrap();
+        check
+            .finish_with_digest(Sha256::digest(nar).into())
+            .unwrap();
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::client::{PeerClient, PeerError, is_safe_nar_url};
-use super::transfer::Holder;
+use super::transfer::{BufferPool, Holder};
 use crate::lan::Lan;
 use crate::nix::hash::NarHash;
 use crate::nix::keys::{PublicKey, any_valid_signature};
@@ -54,6 +54,7 @@ pub struct Resolver {
     trusted_keys: Vec<PublicKey>,
     timeout: Duration,
     answers: Mutex<HashMap<HashPart, Answer>>,
+    buffers: BufferPool,
 }
 
 impl Resolver {
@@ -67,6 +68,7 @@ impl Resolver {
             trusted_keys,
             timeout,
             answers: Mutex::new(HashMap::new()),
+            buffers: BufferPool::default(),
         }
     }
 
@@ -80,6 +82,11 @@ impl Resolver {
 
     pub fn client(&self) -> &PeerClient {
         &self.client
+    }
+
+    /// Read buffers for NAR transfers.
+    pub fn buffers(&self) -> &BufferPool {
+        &self.buffers
     }
 
     /// A peer's offer of `hash`, from the cache or asked for now.
@@ -121,7 +128,13 @@ impl Resolver {
 
     fn find(&self, hash: &HashPart) -> Option<Offer> {
         let lan = self.lan.as_ref()?;
-        let answered = lan.ask(hash);
+        // A peer that has served us well is answer enough: no need to wait
+        // for others (they are asked again if it fails).
+        let answered = lan.ask(hash, &|so_far| {
+            so_far
+                .iter()
+                .any(|peer| self.peers.is_proven(peer, Instant::now()))
+        });
         let started = Instant::now();
         let ranked = self.peers.rank(&answered, Instant::now());
         log::debug!(

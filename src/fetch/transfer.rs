@@ -4,15 +4,20 @@
 //! the first chunk has parsed, so garbage never reaches nix and the next
 //! holder can be tried. A NAR up to the verify-before-send bound is held
 //! whole and sent only once its hash checks out, so a bad holder is replaced
-//! without nix noticing. A larger one streams, with its newest chunk held
-//! back: when the end shows a wrong hash or size, the last bytes are never
-//! sent and the caller aborts the connection, so nix sees a failed download,
-//! never a wrong success. A holder that dies mid-stream is replaced by the
-//! next, which is asked for the rest with a Range request.
+//! without nix noticing. A larger one streams, hashed on a second thread,
+//! with its last chunk held back: when the end shows a wrong hash or size,
+//! the last bytes are never sent and the caller aborts the connection, so
+//! nix sees a failed download, never a wrong success. A holder that dies
+//! mid-stream is replaced by the next, which is asked for the rest with a
+//! Range request.
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender, bounded};
+use sha2::{Digest, Sha256};
 
 use super::check::NarCheck;
 use super::client::{PeerClient, PeerError};
@@ -66,124 +71,315 @@ pub fn copy(
     next_holder: &mut dyn FnMut() -> Option<Holder>,
     client: &PeerClient,
     peers: &PeerTable,
+    buffers: &BufferPool,
     sink: &mut dyn Sink,
 ) -> Outcome {
-    copy_in_chunks(plan, CHUNK, next_holder, client, peers, sink)
+    if plan.verify_whole {
+        return Copier::new(plan, buffers, None).run(next_holder, client, peers, sink);
+    }
+    // A streamed NAR is hashed on a second thread while this one moves the
+    // bytes: on a small board hashing alone would otherwise halve the rate.
+    std::thread::scope(|scope| {
+        let (jobs, queue) = bounded(HASH_QUEUE);
+        let (digest_out, digests) = bounded(1);
+        let hasher = std::thread::Builder::new()
+            .name("nar-hash".into())
+            .spawn_scoped(scope, move || hash_jobs(&queue, &digest_out));
+        let parallel = match hasher {
+            Ok(_) => Some(ParallelHasher { jobs, digests }),
+            Err(e) => {
+                log::warn!("cannot start a hashing thread ({e}); hashing inline");
+                None
+            }
+        };
+        Copier::new(plan, buffers, parallel).run(next_holder, client, peers, sink)
+    })
 }
 
-fn copy_in_chunks(
-    plan: &Plan,
-    chunk: usize,
-    next_holder: &mut dyn FnMut() -> Option<Holder>,
-    client: &PeerClient,
-    peers: &PeerTable,
-    sink: &mut dyn Sink,
-) -> Outcome {
-    let mut check = NarCheck::new(plan.nar_hash, plan.nar_size);
-    // Bytes of nix's window that are checked but not yet sent.
-    let mut held: Vec<u8> = Vec::new();
-    if plan.verify_whole {
-        // One allocation of the final size, not a doubling series.
-        held.reserve_exact((plan.end - plan.start) as usize);
+/// Read buffers for transfers, kept for the next transfer. Allocated and
+/// freed per transfer, they would be kept anyway by the C allocator, once
+/// in every worker thread's arena: 10.6 MB peak RSS after nine 200 MB
+/// transfers instead of 5.1 MB with one arena.
+pub struct BufferPool {
+    size: usize,
+    keep: usize,
+    free: Mutex<Vec<Vec<u8>>>,
+}
+
+impl BufferPool {
+    /// Buffers of `size` bytes; at most `keep` are kept when not in use.
+    pub fn new(size: usize, keep: usize) -> BufferPool {
+        BufferPool {
+            size: size.max(1),
+            keep,
+            free: Mutex::new(Vec::new()),
+        }
     }
-    let mut begun = false;
-    // Holders whose bytes are in `check`: all share the blame for a bad hash.
-    let mut sources: Vec<SocketAddr> = Vec::new();
-    let mut buf = vec![0u8; chunk.min(plan.nar_size as usize).max(1)];
 
-    while let Some(holder) = next_holder() {
-        let asked = Instant::now();
-        let mut body = match client.nar(holder.peer, &holder.url, check.received()) {
-            Ok(body) => body,
-            Err(e) => {
-                note(peers, holder.peer, &e);
-                continue;
-            }
-        };
-        let mut first_byte = None;
-        // Read until the NAR is complete, or this holder fails.
-        let failure = loop {
-            if check.is_complete() {
-                break None;
-            }
-            let want = buf.len().min((plan.nar_size - check.received()) as usize);
-            let n = match body.read(&mut buf[..want]) {
-                Ok(0) => {
-                    break Some(PeerError::Unavailable(format!(
-                        "NAR from {} ended at byte {}",
-                        holder.peer,
-                        check.received()
-                    )));
-                }
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    break Some(PeerError::Unavailable(format!(
-                        "NAR from {} failed at byte {}: {e}",
-                        holder.peer,
-                        check.received()
-                    )));
-                }
-            };
-            first_byte.get_or_insert_with(|| asked.elapsed());
-            let chunk_start = check.received();
-            if sources.last() != Some(&holder.peer) {
-                sources.push(holder.peer);
-            }
-            if let Err(e) = check.feed(&buf[..n]) {
-                break Some(PeerError::Lied(format!("{}: {e}", holder.peer)));
-            }
-            if !plan.verify_whole && !check.is_complete() && !held.is_empty() {
-                // The previous chunk is now safe to send: this one is held back.
-                if let Err(outcome) = send(sink, &mut begun, &held) {
-                    return outcome;
-                }
-                held.clear();
-            }
-            held.extend_from_slice(window(plan, chunk_start, &buf[..n]));
-        };
+    /// The buffers a transfer takes: one it reads into, one the hashing
+    /// thread works on, and those queued for it.
+    pub fn per_transfer() -> usize {
+        HASH_QUEUE + 2
+    }
 
-        let failure = match failure {
-            None => std::mem::replace(&mut check, NarCheck::new(plan.nar_hash, plan.nar_size))
-                .finish()
-                .err()
-                .map(|e| PeerError::Lied(format!("{}: {e}", holder.peer))),
-            Some(failure) => Some(failure),
-        };
-        match failure {
-            None => {
-                if let Err(outcome) = send(sink, &mut begun, &held) {
-                    return outcome;
-                }
-                let latency = first_byte.unwrap_or_default();
-                peers.record_success(holder.peer, plan.nar_size, latency);
-                return Outcome::Done;
-            }
-            Some(e @ PeerError::Lied(_)) => {
-                log::warn!("banned peer(s) {sources:?} for NAR {}: {e}", plan.nar_hash);
-                for peer in sources.drain(..) {
-                    peers.record_failure(peer, Failure::Lied, Instant::now());
-                }
-                if begun {
-                    return Outcome::Broken(e.to_string());
-                }
-                // Nothing went out: start over from the next holder.
-                check = NarCheck::new(plan.nar_hash, plan.nar_size);
-                held.clear();
-            }
-            Some(e) => {
-                // Resume from the next holder where this one stopped.
-                note(peers, holder.peer, &e);
+    fn take(&self) -> Vec<u8> {
+        let reused = self.free.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        reused.unwrap_or_else(|| vec![0u8; self.size])
+    }
+
+    fn give_back(&self, buf: Vec<u8>) {
+        let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+        if free.len() < self.keep {
+            free.push(buf);
+        }
+    }
+}
+
+impl Default for BufferPool {
+    fn default() -> BufferPool {
+        BufferPool::new(CHUNK, BufferPool::per_transfer() * 2)
+    }
+}
+
+impl Drop for Copier<'_> {
+    fn drop(&mut self) {
+        // The hashing thread may still hold a buffer until it sees the
+        // queue close; that one goes back to the allocator.
+        self.parallel = None;
+        for buf in self.buffers.drain(..) {
+            if let Ok(buf) = Arc::try_unwrap(buf) {
+                self.pool.give_back(buf);
             }
         }
     }
-    if begun {
-        Outcome::Broken(format!(
-            "no holder could supply the rest of NAR {}",
-            plan.nar_hash
-        ))
-    } else {
-        Outcome::NoHolder
+}
+
+/// Chunks queued for the hashing thread at most; buffers in use are this
+/// plus the one being hashed and the one being read.
+const HASH_QUEUE: usize = 2;
+
+enum HashJob {
+    Bytes(Arc<Vec<u8>>, usize),
+    /// Start over: the bytes so far were a liar's.
+    Reset,
+    /// Send the digest of everything since the last reset.
+    Finish,
+}
+
+struct ParallelHasher {
+    jobs: Sender<HashJob>,
+    digests: Receiver<[u8; 32]>,
+}
+
+fn hash_jobs(queue: &Receiver<HashJob>, digests: &Sender<[u8; 32]>) {
+    let mut hasher = Sha256::new();
+    for job in queue {
+        match job {
+            HashJob::Bytes(buf, len) => hasher.update(&buf[..len]),
+            HashJob::Reset => hasher = Sha256::new(),
+            HashJob::Finish => {
+                if digests.send(hasher.finalize_reset().into()).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The state of one copy.
+struct Copier<'p> {
+    plan: &'p Plan,
+    check: NarCheck,
+    parallel: Option<ParallelHasher>,
+    pool: &'p BufferPool,
+    /// Read buffers, shared with the hashing thread while it hashes them.
+    buffers: Vec<Arc<Vec<u8>>>,
+    /// Bytes of nix's window that are checked but not yet sent: the whole
+    /// NAR when it is verified before sending, else only its last chunk.
+    held: Vec<u8>,
+    begun: bool,
+    /// Holders whose bytes are in `check`: all share the blame for a bad hash.
+    sources: Vec<SocketAddr>,
+}
+
+impl<'p> Copier<'p> {
+    fn new(plan: &'p Plan, pool: &'p BufferPool, parallel: Option<ParallelHasher>) -> Copier<'p> {
+        let mut held = Vec::new();
+        if plan.verify_whole {
+            // One allocation of the final size, not a doubling series.
+            held.reserve_exact((plan.end - plan.start) as usize);
+        }
+        Copier {
+            plan,
+            check: Copier::fresh_check(plan, parallel.is_some()),
+            parallel,
+            pool,
+            buffers: Vec::new(),
+            held,
+            begun: false,
+            sources: Vec::new(),
+        }
+    }
+
+    fn fresh_check(plan: &Plan, hashed_elsewhere: bool) -> NarCheck {
+        if hashed_elsewhere {
+            NarCheck::hashed_elsewhere(plan.nar_hash, plan.nar_size)
+        } else {
+            NarCheck::new(plan.nar_hash, plan.nar_size)
+        }
+    }
+
+    /// A buffer the hashing thread is done with, or a new one.
+    fn free_buffer(&mut self) -> usize {
+        match self
+            .buffers
+            .iter_mut()
+            .position(|b| Arc::get_mut(b).is_some())
+        {
+            Some(i) => i,
+            None => {
+                self.buffers.push(Arc::new(self.pool.take()));
+                self.buffers.len() - 1
+            }
+        }
+    }
+
+    fn run(
+        mut self,
+        next_holder: &mut dyn FnMut() -> Option<Holder>,
+        client: &PeerClient,
+        peers: &PeerTable,
+        sink: &mut dyn Sink,
+    ) -> Outcome {
+        let plan = self.plan;
+        while let Some(holder) = next_holder() {
+            let asked = Instant::now();
+            let mut body = match client.nar(holder.peer, &holder.url, self.check.received()) {
+                Ok(body) => body,
+                Err(e) => {
+                    note(peers, holder.peer, &e);
+                    continue;
+                }
+            };
+            let mut first_byte = None;
+            // Read until the NAR is complete, or this holder fails.
+            let failure = loop {
+                if self.check.is_complete() {
+                    break None;
+                }
+                let chunk_start = self.check.received();
+                let i = self.free_buffer();
+                let want = self.pool.size.min((plan.nar_size - chunk_start) as usize);
+                let buf = Arc::get_mut(&mut self.buffers[i]).expect("a free buffer");
+                let n = match body.read(&mut buf[..want]) {
+                    Ok(0) => {
+                        break Some(PeerError::Unavailable(format!(
+                            "NAR from {} ended at byte {chunk_start}",
+                            holder.peer
+                        )));
+                    }
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        break Some(PeerError::Unavailable(format!(
+                            "NAR from {} failed at byte {chunk_start}: {e}",
+                            holder.peer
+                        )));
+                    }
+                };
+                first_byte.get_or_insert_with(|| asked.elapsed());
+                if self.sources.last() != Some(&holder.peer) {
+                    self.sources.push(holder.peer);
+                }
+                let buf = &self.buffers[i];
+                if let Err(e) = self.check.feed(&buf[..n]) {
+                    break Some(PeerError::Lied(format!("{}: {e}", holder.peer)));
+                }
+                if let Some(parallel) = &self.parallel {
+                    // The thread only ends with this copy, so a send cannot fail.
+                    let _ = parallel.jobs.send(HashJob::Bytes(Arc::clone(buf), n));
+                }
+                let part = window(plan, chunk_start, &buf[..n]);
+                if plan.verify_whole || self.check.is_complete() {
+                    // Held until the hash is known.
+                    self.held.extend_from_slice(part);
+                } else if !part.is_empty()
+                    && let Err(outcome) = send(sink, &mut self.begun, part)
+                {
+                    return outcome;
+                }
+            };
+
+            let failure = failure.or_else(|| {
+                self.verify()
+                    .err()
+                    .map(|e| PeerError::Lied(format!("{}: {e}", holder.peer)))
+            });
+            match failure {
+                None => {
+                    if let Err(outcome) = send(sink, &mut self.begun, &self.held) {
+                        return outcome;
+                    }
+                    let latency = first_byte.unwrap_or_default();
+                    peers.record_success(holder.peer, plan.nar_size, latency);
+                    return Outcome::Done;
+                }
+                Some(e @ PeerError::Lied(_)) => {
+                    log::warn!(
+                        "banned peer(s) {:?} for NAR {}: {e}",
+                        self.sources,
+                        plan.nar_hash
+                    );
+                    for peer in self.sources.drain(..) {
+                        peers.record_failure(peer, Failure::Lied, Instant::now());
+                    }
+                    if self.begun {
+                        return Outcome::Broken(e.to_string());
+                    }
+                    // Nothing went out: start over from the next holder.
+                    self.restart();
+                }
+                Some(e) => {
+                    // Resume from the next holder where this one stopped.
+                    note(peers, holder.peer, &e);
+                }
+            }
+        }
+        if self.begun {
+            Outcome::Broken(format!(
+                "no holder could supply the rest of NAR {}",
+                plan.nar_hash
+            ))
+        } else {
+            Outcome::NoHolder
+        }
+    }
+
+    /// After the last byte: structure, size and hash.
+    fn verify(&mut self) -> Result<(), String> {
+        let check = std::mem::replace(
+            &mut self.check,
+            Copier::fresh_check(self.plan, self.parallel.is_some()),
+        );
+        match &self.parallel {
+            None => check.finish(),
+            Some(parallel) => {
+                let _ = parallel.jobs.send(HashJob::Finish);
+                let digest = parallel
+                    .digests
+                    .recv()
+                    .map_err(|_| "the hashing thread stopped".to_string())?;
+                check.finish_with_digest(digest)
+            }
+        }
+    }
+
+    fn restart(&mut self) {
+        self.check = Copier::fresh_check(self.plan, self.parallel.is_some());
+        if let Some(parallel) = &self.parallel {
+            let _ = parallel.jobs.send(HashJob::Reset);
+        }
+        self.held.clear();
     }
 }
 
@@ -382,12 +578,13 @@ mod tests {
         let client = PeerClient::new(Duration::from_secs(10));
         let peers = PeerTable::new();
         let mut sink = VecSink::default();
-        let outcome = copy_in_chunks(
+        let buffers = BufferPool::new(chunk, 4);
+        let outcome = copy(
             &plan,
-            chunk,
             &mut || queue.pop_front(),
             &client,
             &peers,
+            &buffers,
             &mut sink,
         );
         (outcome, sink, peers)

@@ -81,6 +81,7 @@ pub fn serve_peer_nar(
         &mut || source.next_holder(),
         resolver.client(),
         resolver.peers(),
+        resolver.buffers(),
         &mut sink,
     );
     match outcome {

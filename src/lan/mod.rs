@@ -129,9 +129,11 @@ impl Lan {
 
     /// Asks the LAN who has `hash` and returns the HTTP addresses of the
     /// peers that say so, in the order they answered. Waits up to the LAN
-    /// timeout; once a first peer has answered, only a fifth of it more, so
-    /// a hit does not cost the whole timeout but slower peers still count.
-    pub fn ask(&self, hash: &HashPart) -> Vec<SocketAddr> {
+    /// timeout; once a first peer has answered, only a tenth of it more (all
+    /// peers hear a broadcast at the same moment, even one Wi-Fi delayed,
+    /// so their replies arrive close together), and not at all once
+    /// `enough` says the peers so far will do.
+    pub fn ask(&self, hash: &HashPart, enough: &dyn Fn(&[SocketAddr]) -> bool) -> Vec<SocketAddr> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (sender, replies) = bounded(MAX_CANDIDATES * 2);
         self.lock_waiting().insert(
@@ -156,7 +158,7 @@ impl Lan {
             return Vec::new();
         }
         let deadline = Instant::now() + self.config.timeout;
-        let grace = self.config.timeout / 5;
+        let grace = self.config.timeout / 10;
         let mut peers = Vec::new();
         let mut until = deadline;
         while peers.len() < MAX_CANDIDATES {
@@ -167,6 +169,9 @@ impl Lan {
                     }
                     if !peers.contains(&peer) {
                         peers.push(peer);
+                        if enough(&peers) {
+                            break;
+                        }
                     }
                 }
                 Err(_) => break,
@@ -395,7 +400,7 @@ mod tests {
     fn a_peer_answers_for_what_it_shares_and_only_that() {
         let holder = start(&[], 4321);
         let asker = start(&[holder.port()], 1);
-        let found = asker.ask(&HashPart::parse(HAVE).unwrap());
+        let found = asker.ask(&HashPart::parse(HAVE).unwrap(), &|_| false);
         assert_eq!(found, [SocketAddr::from(([127, 0, 0, 1], 4321))]);
         assert_eq!(holder.stats.replies_sent.load(Ordering::Relaxed), 1);
         assert_eq!(asker.stats.replies_received.load(Ordering::Relaxed), 1);
@@ -403,7 +408,11 @@ mod tests {
         let mut quick = unicast_config(&[holder.port()]);
         quick.timeout = Duration::from_millis(50);
         let asker = Lan::start(&quick, 0, 1, Box::new(|_| false)).unwrap();
-        assert!(asker.ask(&HashPart::parse(LACK).unwrap()).is_empty());
+        assert!(
+            asker
+                .ask(&HashPart::parse(LACK).unwrap(), &|_| true)
+                .is_empty()
+        );
         assert_eq!(holder.stats.replies_sent.load(Ordering::Relaxed), 1);
         assert!(asker.lock_waiting().is_empty(), "the waiter is removed");
     }
