@@ -23,6 +23,7 @@
 #![allow(dead_code)]
 
 pub mod http;
+pub mod lan;
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
@@ -149,6 +150,8 @@ pub struct NixEnv {
     pub conf_dir: PathBuf,
     pub user_conf: PathBuf,
     pub cache_dir: PathBuf,
+    /// Run the programs inside this network namespace (`ip netns exec`).
+    pub netns: Option<String>,
 }
 
 impl NixEnv {
@@ -164,6 +167,7 @@ impl NixEnv {
             conf_dir,
             user_conf,
             cache_dir,
+            netns: None,
         }
     }
 
@@ -179,7 +183,14 @@ impl NixEnv {
     }
 
     pub fn command(&self, program: &str) -> Command {
-        let mut cmd = Command::new(program);
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", ns, program]);
+                cmd
+            }
+            None => Command::new(program),
+        };
         self.apply(&mut cmd);
         cmd
     }
@@ -776,9 +787,11 @@ pub enum Readiness {
 /// the test dir and is printed when the test fails.
 pub struct Peerix {
     pub port: u16,
-    /// Where clients on this machine reach it (always loopback).
+    /// Where clients reach it: loopback, in its network namespace.
     pub addr: SocketAddr,
     pub stderr_path: PathBuf,
+    /// The network namespace it runs in; `None` is this machine's own.
+    pub netns: Option<String>,
     child: Child,
 }
 
@@ -790,8 +803,10 @@ impl Peerix {
     }
 
     /// Spawn peerix with `--bind bind --port <free> --daemon-socket
-    /// <host socket> --store-root <host root> --state-dir <fresh>` plus
-    /// `extra`, then wait as `readiness` says.
+    /// <host socket> --store-root <host root> --state-dir <fresh> --no-lan`
+    /// plus `extra`, then wait as `readiness` says. In this machine's own
+    /// network namespace LAN mode would broadcast on its real interfaces, so
+    /// it is always off here; LAN tests use [`Peerix::spawn_in_netns`].
     pub fn spawn(
         dir: &TestDir,
         host: &Host,
@@ -799,12 +814,43 @@ impl Peerix {
         extra: &[&str],
         readiness: Readiness,
     ) -> Peerix {
+        Peerix::launch(dir, host, None, bind, free_port(), extra, readiness)
+    }
+
+    /// Spawn peerix inside network namespace `netns` (`ip netns exec`) on
+    /// `0.0.0.0:port` there, with LAN mode as `extra` says.
+    pub fn spawn_in_netns(
+        dir: &TestDir,
+        host: &Host,
+        netns: &str,
+        port: u16,
+        extra: &[&str],
+        readiness: Readiness,
+    ) -> Peerix {
+        Peerix::launch(dir, host, Some(netns), "0.0.0.0", port, extra, readiness)
+    }
+
+    fn launch(
+        dir: &TestDir,
+        host: &Host,
+        netns: Option<&str>,
+        bind: &str,
+        port: u16,
+        extra: &[&str],
+        readiness: Readiness,
+    ) -> Peerix {
         let n = unique_number();
-        let port = free_port();
         let state_dir = dir.subdir(&format!("peerix-state-{n}"));
         let stderr_path = dir.join(&format!("peerix-{n}.stderr"));
         let stderr = fs::File::create(&stderr_path).expect("creating peerix stderr file");
-        let mut cmd = Command::new(peerix_binary());
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", ns]).arg(peerix_binary());
+                cmd
+            }
+            None => Command::new(peerix_binary()),
+        };
         host.nix.apply(&mut cmd);
         cmd.arg("--bind")
             .arg(bind)
@@ -817,6 +863,7 @@ impl Peerix {
             .arg("--state-dir")
             .arg(&state_dir)
             .arg("--verbose")
+            .args(netns.is_none().then_some("--no-lan"))
             .args(extra)
             .env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null())
@@ -827,6 +874,7 @@ impl Peerix {
             port,
             addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
             stderr_path,
+            netns: netns.map(str::to_string),
             child,
         };
         match readiness {
@@ -844,7 +892,13 @@ impl Peerix {
 
     /// `/health` as JSON, or why not.
     pub fn health(&self) -> Result<serde_json::Value, String> {
-        let response = http::get(self.addr, "/health").map_err(|e| format!("GET /health: {e}"))?;
+        let addr = self.addr;
+        let get = move || http::get(addr, "/health");
+        let response = match &self.netns {
+            Some(ns) => lan::in_netns(ns, get),
+            None => get(),
+        }
+        .map_err(|e| format!("GET /health: {e}"))?;
         serde_json::from_slice(&response.body).map_err(|e| {
             format!(
                 "/health answered {} with non-JSON body ({e}): {}",
