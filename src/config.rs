@@ -20,6 +20,16 @@ pub const DEFAULT_TRUSTED_KEY: &str =
 pub const DEFAULT_PORT: u16 = 12304;
 pub const DEFAULT_DAEMON_SOCKET: &str = "/nix/var/nix/daemon-socket/socket";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/peerix";
+/// How long a LAN query collects replies. Long enough for a peer on Wi-Fi
+/// to hear a broadcast held back to the next DTIM beacon (102 ms apart, and
+/// often every second or third beacon), short enough that the miss nix waits
+/// for once per path (it then caches the 404 for an hour) is not felt.
+pub const DEFAULT_LAN_TIMEOUT: Duration = Duration::from_millis(250);
+/// Connect and read timeout towards peers: a dead peer costs at most this.
+pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(5);
+/// NARs up to this size are fetched and verified whole before nix sees a
+/// byte, so a bad peer is replaced without nix noticing. Most paths are small.
+pub const DEFAULT_VERIFY_BEFORE_SEND: u64 = 4 * 1024 * 1024;
 
 /// Which of this host's paths may be given to anyone other than its own nix.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -67,6 +77,77 @@ pub struct Config {
     pub filter_patterns: Vec<String>,
     pub scan_interval: Option<Duration>,
     pub verbose: bool,
+    pub lan: LanConfig,
+    /// Connect and read timeout for HTTP requests to peers.
+    pub peer_timeout: Duration,
+    pub verify_before_send: u64,
+}
+
+/// LAN discovery settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LanConfig {
+    pub enabled: bool,
+    /// How long a query collects replies.
+    pub timeout: Duration,
+    pub broadcast: bool,
+    /// Peers asked by unicast, for networks broadcast does not cross.
+    pub extra_peers: Vec<PeerSpec>,
+}
+
+/// `HOST[:PORT]` of a peer; resolved when used, so a name that does not
+/// resolve at boot is tried again later.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerSpec {
+    pub host: String,
+    pub port: u16,
+}
+
+impl PeerSpec {
+    pub fn parse(text: &str) -> Result<PeerSpec, String> {
+        let (host, port) = if let Some(rest) = text.strip_prefix('[') {
+            // [v6]:port or [v6]
+            let (host, after) = rest
+                .split_once(']')
+                .ok_or_else(|| format!("`{text}`: missing `]`"))?;
+            match after {
+                "" => (host, None),
+                _ => match after.strip_prefix(':') {
+                    Some(port) => (host, Some(port)),
+                    None => return Err(format!("`{text}`: expected `:PORT` after `]`")),
+                },
+            }
+        } else if text.matches(':').count() == 1 {
+            let (host, port) = text.split_once(':').unwrap_or((text, ""));
+            (host, Some(port))
+        } else {
+            (text, None)
+        };
+        if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == '/') {
+            return Err(format!("`{text}`: expected HOST[:PORT]"));
+        }
+        let port = match port {
+            None => DEFAULT_PORT,
+            Some(port) => port
+                .parse::<u16>()
+                .ok()
+                .filter(|&p| p != 0)
+                .ok_or_else(|| format!("`{text}`: port must be 1 to 65535"))?,
+        };
+        Ok(PeerSpec {
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+impl fmt::Display for PeerSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
 }
 
 /// What `peerix` was asked to do.
@@ -126,6 +207,19 @@ Options:
   --no-filter            share everything (same as --filter-mode none)
   --scan-interval SECS   rescan the store every SECS seconds, 0 = never;
                          SIGHUP rescans at once [default: 3600]
+
+LAN mode (on unless --no-lan; peers are asked by UDP on the HTTP port number):
+  --lan-discovery        ask peers on the LAN for paths this host lacks
+                         [default: on, as no tracker is configured]
+  --no-lan               no LAN discovery: neither ask nor answer peers
+  --lan-timeout MS       how long a query collects replies [default: 250]
+  --extra-peer HOST[:PORT]  also ask this peer by unicast (VPN, Tailscale);
+                         repeatable [default port: 12304]
+  --no-broadcast         do not broadcast; ask only the extra peers
+  --timeout SECS         connect and read timeout towards peers [default: 5]
+  --verify-before-send BYTES  NARs from peers up to this size are verified
+                         whole before nix gets a byte; larger ones stream
+                         and are cut off if they turn out wrong [default: 4194304]
   --config FILE          TOML config file [default: ~/.config/peerix/config.toml
                          if it exists]
   --verbose              debug logging (RUST_LOG overrides)
@@ -133,7 +227,9 @@ Options:
   -V, --version          print the version
 
 Config file keys (flags win over the file):
-  [server]   bind, port, workers, priority, state_dir, verbose
+  [server]   bind, port, workers, priority, state_dir, verbose, timeout,
+             verify_before_send
+  [lan]      discovery, timeout_ms, broadcast, extra_peers
   [store]    daemon_socket, store_root, scan_interval, filter_mode,
              filter_patterns, no_filter, trusted_keys
   [signing]  private_key
@@ -157,6 +253,12 @@ struct Flags {
     scan_interval: Option<u64>,
     config: Option<PathBuf>,
     verbose: bool,
+    lan: Option<bool>,
+    lan_timeout_ms: Option<u64>,
+    extra_peers: Vec<PeerSpec>,
+    no_broadcast: bool,
+    timeout_secs: Option<f64>,
+    verify_before_send: Option<u64>,
 }
 
 /// The TOML file. `deny_unknown_fields` makes a typo an error naming the key.
@@ -169,6 +271,8 @@ struct FileConfig {
     store: StoreSection,
     #[serde(default)]
     signing: SigningSection,
+    #[serde(default)]
+    lan: LanSection,
     tracker: Option<toml::Table>,
     security: Option<toml::Table>,
 }
@@ -182,7 +286,17 @@ struct ServerSection {
     priority: Option<u32>,
     state_dir: Option<PathBuf>,
     verbose: Option<bool>,
-    timeout: Option<toml::Value>,
+    timeout: Option<f64>,
+    verify_before_send: Option<u64>,
+}
+
+#[derive(Default, Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+struct LanSection {
+    discovery: Option<bool>,
+    timeout_ms: Option<u64>,
+    broadcast: Option<bool>,
+    extra_peers: Option<Vec<String>>,
 }
 
 #[derive(Default, Deserialize, Debug)]
@@ -221,7 +335,6 @@ impl FileConfig {
         let unbuilt = [
             ("tracker", self.tracker.is_some()),
             ("security", self.security.is_some()),
-            ("server.timeout", self.server.timeout.is_some()),
             (
                 "store.filter_concurrency",
                 self.store.filter_concurrency.is_some(),
@@ -232,7 +345,7 @@ impl FileConfig {
         match unbuilt.iter().find(|(_, present)| *present) {
             Some((key, _)) => err(format!(
                 "config file {}: key `{key}` belongs to a feature this version of peerix \
-                 does not have yet (peer fetching and the tracker); remove it",
+                 does not have yet (the tracker, the upstream filter); remove it",
                 path.display()
             )),
             None => Ok(()),
@@ -317,6 +430,20 @@ where
             }
             Long("config") => flags.config = Some(path_value(parser.value())?),
             Long("verbose") | Short('v') => flags.verbose = true,
+            Long("lan-discovery") => flags.lan = Some(true),
+            Long("no-lan") => flags.lan = Some(false),
+            Long("lan-timeout") => flags.lan_timeout_ms = Some(parse_value(&flag, parser.value())?),
+            Long("extra-peer") => {
+                let text: String = parse_value(&flag, parser.value())?;
+                flags
+                    .extra_peers
+                    .push(PeerSpec::parse(&text).map_err(|e| ConfigError(format!("{flag}: {e}")))?);
+            }
+            Long("no-broadcast") => flags.no_broadcast = true,
+            Long("timeout") => flags.timeout_secs = Some(parse_value(&flag, parser.value())?),
+            Long("verify-before-send") => {
+                flags.verify_before_send = Some(parse_value(&flag, parser.value())?)
+            }
             _ => return err(format!("unknown option {flag}; see --help")),
         }
     }
@@ -383,6 +510,49 @@ fn merge(
         .unwrap_or(3600);
     let env_path = |name: &str| env(name).filter(|v| !v.is_empty()).map(PathBuf::from);
 
+    let lan_timeout_ms = flags
+        .lan_timeout_ms
+        .or(file.lan.timeout_ms)
+        .unwrap_or(DEFAULT_LAN_TIMEOUT.as_millis() as u64);
+    if !(1..=10_000).contains(&lan_timeout_ms) {
+        return err(format!(
+            "lan timeout: {lan_timeout_ms} ms is out of range (1 to 10000)"
+        ));
+    }
+    let mut extra_peers = file
+        .lan
+        .extra_peers
+        .unwrap_or_default()
+        .iter()
+        .map(|text| PeerSpec::parse(text).map_err(|e| ConfigError(format!("lan.extra_peers: {e}"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    extra_peers.extend(flags.extra_peers);
+    let lan = LanConfig {
+        enabled: flags.lan.or(file.lan.discovery).unwrap_or(true),
+        timeout: Duration::from_millis(lan_timeout_ms),
+        broadcast: !flags.no_broadcast && file.lan.broadcast.unwrap_or(true),
+        extra_peers,
+    };
+    let timeout_secs = flags
+        .timeout_secs
+        .or(file.server.timeout)
+        .unwrap_or(DEFAULT_PEER_TIMEOUT.as_secs_f64());
+    if !(0.05..=600.0).contains(&timeout_secs) {
+        return err(format!(
+            "timeout: {timeout_secs} seconds is out of range (0.05 to 600)"
+        ));
+    }
+    let verify_before_send = flags
+        .verify_before_send
+        .or(file.server.verify_before_send)
+        .unwrap_or(DEFAULT_VERIFY_BEFORE_SEND);
+    if verify_before_send > 256 * 1024 * 1024 {
+        return err(format!(
+            "verify_before_send: {verify_before_send} bytes is more than 256 MiB, \
+             which would hold that much memory per download"
+        ));
+    }
+
     Ok(Config {
         bind: flags
             .bind
@@ -413,6 +583,9 @@ fn merge(
         filter_patterns,
         scan_interval: (scan_secs > 0).then(|| Duration::from_secs(scan_secs)),
         verbose: flags.verbose || file.server.verbose.unwrap_or(false),
+        lan,
+        peer_timeout: Duration::from_secs_f64(timeout_secs),
+        verify_before_send,
     })
 }
 
@@ -461,6 +634,68 @@ mod tests {
         assert_eq!(config.store_root, PathBuf::from("/"));
         assert_eq!(config.scan_interval, Some(Duration::from_secs(3600)));
         assert_eq!(config.private_key_file, None);
+        assert!(config.lan.enabled, "LAN mode is on without a tracker");
+        assert!(config.lan.broadcast);
+        assert_eq!(config.lan.timeout, DEFAULT_LAN_TIMEOUT);
+        assert_eq!(config.peer_timeout, DEFAULT_PEER_TIMEOUT);
+        assert_eq!(config.verify_before_send, DEFAULT_VERIFY_BEFORE_SEND);
+    }
+
+    #[test]
+    fn lan_settings_from_flags_and_file() {
+        let (path, _guard) = write_config(
+            "[server]\ntimeout = 2.5\n[lan]\ntimeout_ms = 400\nbroadcast = false\nextra_peers = [\"pi.lan\"]\n",
+        );
+        let config = run(&[
+            "--config",
+            path.to_str().unwrap(),
+            "--extra-peer",
+            "10.0.0.7:4000",
+            "--extra-peer",
+            "[fd00::1]:5",
+            "--lan-timeout",
+            "100",
+        ])
+        .unwrap();
+        assert_eq!(config.lan.timeout, Duration::from_millis(100), "flag wins");
+        assert!(!config.lan.broadcast);
+        assert_eq!(config.peer_timeout, Duration::from_millis(2500));
+        let peers: Vec<String> = config
+            .lan
+            .extra_peers
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        assert_eq!(peers, ["pi.lan:12304", "10.0.0.7:4000", "[fd00::1]:5"]);
+        let (path, _guard) = write_config("[server]\ntimeout = 10\n[lan]\ndiscovery = false\n");
+        let config = run(&["--config", path.to_str().unwrap()]).unwrap();
+        assert_eq!(
+            config.peer_timeout,
+            Duration::from_secs(10),
+            "an integer is taken"
+        );
+        assert!(!config.lan.enabled);
+        assert!(!run(&["--no-lan"]).unwrap().lan.enabled);
+        assert!(!run(&["--no-broadcast"]).unwrap().lan.broadcast);
+        for bad in [
+            "", ":80", "host:0", "host:x", "a b", "[::1", "[::1]x", "h/p",
+        ] {
+            let e = run(&["--extra-peer", bad]).unwrap_err();
+            assert!(e.0.contains("--extra-peer"), "{bad:?}: {e}");
+        }
+        assert!(
+            run(&["--lan-timeout", "0"])
+                .unwrap_err()
+                .0
+                .contains("lan timeout")
+        );
+        assert!(run(&["--timeout", "-1"]).unwrap_err().0.contains("timeout"));
+        assert!(
+            run(&["--timeout", "NaN"])
+                .unwrap_err()
+                .0
+                .contains("timeout")
+        );
     }
 
     #[test]
@@ -580,6 +815,13 @@ mod tests {
             "--filter-pattern",
             "--no-filter",
             "--scan-interval",
+            "--lan-discovery",
+            "--no-lan",
+            "--lan-timeout",
+            "--extra-peer",
+            "--no-broadcast",
+            "--timeout",
+            "--verify-before-send",
             "--config",
             "--verbose",
         ] {

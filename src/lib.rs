@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod fetch;
 pub mod http;
 pub mod lan;
 pub mod nix;

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use peerix::config::{self, Command, Config};
+use peerix::fetch::resolver::Resolver;
 use peerix::http::{Server, ServerContext};
+use peerix::lan::Lan;
 use peerix::nix::keys::{PublicKey, SecretKey};
 use peerix::store::daemon::DaemonPool;
 use peerix::store::policy::SharePolicy;
@@ -44,6 +46,37 @@ fn main() -> ExitCode {
     }
 }
 
+/// Starts LAN discovery if it is on. Failing to start it is not fatal: this
+/// host's own cache still works, which is what its nix needs most.
+fn start_lan(config: &Config, store: &Arc<LocalStore>) -> Option<Arc<Lan>> {
+    if !config.lan.enabled {
+        log::info!("LAN discovery is off");
+        return None;
+    }
+    if config.port == 0 {
+        log::warn!("LAN discovery needs a fixed --port (peers ask on that UDP port); it is off");
+        return None;
+    }
+    let index_store = Arc::clone(store);
+    let shares = Box::new(move |hash: &_| index_store.index().get_shared(hash).is_some());
+    match Lan::start(&config.lan, config.port, config.port, shares) {
+        Ok(lan) => {
+            log::info!(
+                "LAN discovery on UDP port {} (broadcast {}, {} extra peer(s), timeout {:?})",
+                lan.port(),
+                if config.lan.broadcast { "on" } else { "off" },
+                config.lan.extra_peers.len(),
+                config.lan.timeout
+            );
+            Some(lan)
+        }
+        Err(e) => {
+            log::error!("LAN discovery could not start: {e}; serving this host's store only");
+            None
+        }
+    }
+}
+
 fn init_logging(verbose: bool) {
     let default = if verbose { "debug" } else { "info" };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default))
@@ -68,7 +101,11 @@ fn run(config: &Config) -> Result<(), String> {
         }
         None => None,
     };
-    let policy = SharePolicy::new(config.filter_mode, trusted_keys, &config.filter_patterns);
+    let policy = SharePolicy::new(
+        config.filter_mode,
+        trusted_keys.clone(),
+        &config.filter_patterns,
+    );
     let daemon = DaemonPool::new(
         config.daemon_socket.clone(),
         config.workers * DAEMON_CONNECTIONS_PER_WORKER + 1,
@@ -93,10 +130,14 @@ fn run(config: &Config) -> Result<(), String> {
         .spawn(move || scanner::run(scan_store, interval, wakeup))
         .map_err(|e| format!("cannot start the scanner thread: {e}"))?;
 
+    let resolver = start_lan(config, &store)
+        .map(|lan| Arc::new(Resolver::new(Some(lan), trusted_keys, config.peer_timeout)));
     let context = ServerContext {
         store,
         priority: config.priority,
         started: Instant::now(),
+        resolver,
+        verify_before_send: config.verify_before_send,
     };
     let server = Server::start(
         SocketAddr::new(config.bind, config.port),

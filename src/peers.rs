@@ -131,6 +131,13 @@ impl PeerTable {
     pub fn record(&self, peer: &SocketAddr) -> Option<PeerRecord> {
         self.lock().get(peer).cloned()
     }
+
+    /// Every peer seen, in address order.
+    pub fn snapshot(&self) -> Vec<(SocketAddr, PeerRecord)> {
+        let mut all: Vec<_> = self.lock().iter().map(|(a, r)| (*a, r.clone())).collect();
+        all.sort_by_key(|(addr, _)| *addr);
+        all
+    }
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! the check uses the socket's peer address, never a header. `/local/...`
 //! serves peers and LAN hosts, under the share policy.
 
+mod proxy;
 pub mod range;
 pub mod route;
 mod serve;
@@ -18,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Socket, Type};
 
+use crate::fetch::resolver::Resolver;
 use crate::store::LocalStore;
 
 pub use serve::is_loopback;
@@ -27,6 +29,10 @@ pub struct ServerContext {
     pub store: Arc<LocalStore>,
     pub priority: u32,
     pub started: Instant,
+    /// Finds paths this host lacks on peers; `None` when no peer mode is on.
+    pub resolver: Option<Arc<Resolver>>,
+    /// Peer NARs up to this size are verified whole before nix gets a byte.
+    pub verify_before_send: u64,
 }
 
 /// A running server: its address and its worker threads.

@@ -4,6 +4,8 @@
 //! characters and a NAR name must be `<hash part>-<52-char nix32 NarHash>.nar`.
 //! Anything else under a known prefix is a 400; an unknown path is a 404.
 
+use std::net::SocketAddr;
+
 use crate::nix::hash::NarHash;
 use crate::nix::store_path::HashPart;
 
@@ -21,6 +23,9 @@ pub enum Route {
     CacheInfo(Scope),
     NarInfo(Scope, HashPart),
     Nar(Scope, HashPart, NarHash),
+    /// A NAR fetched through this host from a peer (root only):
+    /// `/lan/<peer ip:port>/nar/<hash part>-<NarHash>.nar`.
+    PeerNar(SocketAddr, HashPart, NarHash),
     Health,
     /// A known prefix with a malformed name: 400.
     BadRequest(&'static str),
@@ -51,6 +56,17 @@ impl Route {
                 Err(_) => Route::BadRequest("malformed hash part in narinfo request"),
             };
         }
+        if scope == Scope::Root
+            && let Some(rest) = rest.strip_prefix("lan/")
+        {
+            let parsed = rest.split_once("/nar/").and_then(|(peer, file)| {
+                Some((peer.parse::<SocketAddr>().ok()?, parse_nar_file(file)?))
+            });
+            return match parsed {
+                Some((peer, (hash, nar_hash))) => Route::PeerNar(peer, hash, nar_hash),
+                None => Route::BadRequest("malformed peer NAR route"),
+            };
+        }
         if let Some(file) = rest.strip_prefix("nar/") {
             return parse_nar_file(file).map_or(
                 Route::BadRequest("malformed NAR name"),
@@ -64,6 +80,12 @@ impl Route {
 /// The NAR file name this daemon hands out: `<hash part>-<NarHash nix32>.nar`.
 pub fn nar_file_name(hash: &HashPart, nar_hash: &NarHash) -> String {
     format!("{}-{}.nar", hash.as_str(), nar_hash.to_nix32())
+}
+
+/// The URL (relative to the cache root) under which this host passes a
+/// peer's NAR through to nix; it names the peer and the NarHash.
+pub fn peer_nar_url(peer: SocketAddr, hash: &HashPart, nar_hash: &NarHash) -> String {
+    format!("lan/{peer}/nar/{}", nar_file_name(hash, nar_hash))
 }
 
 fn parse_nar_file(file: &str) -> Option<(HashPart, NarHash)> {
@@ -111,6 +133,18 @@ mod tests {
             Route::Nar(Scope::Local, hash, nar_hash)
         );
         assert_eq!(nar_file_name(&hash, &nar_hash), format!("{HASH}-{NAR}.nar"));
+        let peer: SocketAddr = "10.77.0.2:12304".parse().unwrap();
+        let url = peer_nar_url(peer, &hash, &nar_hash);
+        assert_eq!(url, format!("lan/10.77.0.2:12304/nar/{HASH}-{NAR}.nar"));
+        assert_eq!(
+            Route::parse(&format!("/{url}")),
+            Route::PeerNar(peer, hash, nar_hash)
+        );
+        let v6: SocketAddr = "[fd00::2]:80".parse().unwrap();
+        assert_eq!(
+            Route::parse(&format!("/{}", peer_nar_url(v6, &hash, &nar_hash))),
+            Route::PeerNar(v6, hash, nar_hash)
+        );
     }
 
     #[test]
@@ -127,6 +161,11 @@ mod tests {
             &format!("/nar/{HASH}-{NAR}"),
             &format!("/nar/{HASH}-{}.nar", &NAR[1..]),
             &format!("/nar/{HASH}-{NAR}.nar.xz"),
+            &format!("/lan/10.77.0.2/nar/{HASH}-{NAR}.nar"),
+            &format!("/lan/10.77.0.2:99999/nar/{HASH}-{NAR}.nar"),
+            &format!("/lan/evil.example:80/nar/{HASH}-{NAR}.nar"),
+            &format!("/lan/10.77.0.2:80/nar/{HASH}.nar"),
+            &format!("/lan/10.77.0.2:80/x/{HASH}-{NAR}.nar"),
             "no-slash",
         ] {
             assert!(
@@ -147,6 +186,7 @@ mod tests {
             "/local/health",
             "/etc/passwd",
             "/local/../nix-cache-info",
+            &format!("/local/lan/10.77.0.2:80/nar/{HASH}-{NAR}.nar"),
         ] {
             assert_eq!(Route::parse(target), Route::NotFound, "{target}");
         }

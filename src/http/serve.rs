@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tiny_http::{Header, Method, Request, Response, StatusCode};
 
 use super::ServerContext;
+use super::proxy;
 use super::range::{self, RangeAnswer};
 use super::route::{Route, Scope};
 use super::socket;
@@ -48,6 +49,7 @@ pub fn handle(context: &ServerContext, local_port: u16, request: Request) {
     let route = Route::parse(request.url());
     let scope = match &route {
         Route::CacheInfo(scope) | Route::NarInfo(scope, _) | Route::Nar(scope, _, _) => *scope,
+        Route::PeerNar(..) => Scope::Root,
         _ => Scope::Local,
     };
     if scope == Scope::Root && !request.remote_addr().is_some_and(is_loopback) {
@@ -60,10 +62,14 @@ pub fn handle(context: &ServerContext, local_port: u16, request: Request) {
         Route::Health => respond(request, health(context)),
         Route::CacheInfo(_) => respond(request, cache_info(context.priority)),
         Route::NarInfo(scope, hash) => match find(context, scope, &hash) {
-            Ok(path) => respond(
-                request,
-                body(200, path.narinfo.clone().into_bytes(), "text/x-nix-narinfo"),
-            ),
+            Ok(path) => respond(request, narinfo(path.narinfo.clone())),
+            // A path this host lacks is looked for on the peers, for this host only.
+            Err(_) if scope == Scope::Root && context.resolver.is_some() => {
+                match proxy::peer_narinfo(context, &hash) {
+                    Some(text) => respond(request, narinfo(text)),
+                    None => respond(request, text(404, "not found here or on any peer\n")),
+                }
+            }
             Err(response) => respond(request, response),
         },
         Route::Nar(scope, hash, nar_hash) => match find(context, scope, &hash) {
@@ -73,6 +79,9 @@ pub fn handle(context: &ServerContext, local_port: u16, request: Request) {
             Ok(_) => respond(request, text(404, "no such NAR (stale NarHash)\n")),
             Err(response) => respond(request, response),
         },
+        Route::PeerNar(peer, hash, nar_hash) => {
+            proxy::serve_peer_nar(context, local_port, request, peer, &hash, &nar_hash, head)
+        }
         Route::BadRequest(why) => respond(request, text(400, &format!("bad request: {why}\n"))),
         Route::NotFound => respond(request, text(404, "not found\n")),
     }
@@ -136,36 +145,10 @@ fn serve_nar(
             return respond(request, text(404, "NAR is gone\n"));
         }
     }
-    let range_header = request
-        .headers()
-        .iter()
-        .find(|h| h.field.equiv("Range"))
-        .map(|h| h.value.as_str().to_string());
-    let (status, start, end) = match range::answer(range_header.as_deref(), size) {
-        RangeAnswer::Full => (200, 0, size),
-        RangeAnswer::Partial { start, end } => (206, start, end),
-        RangeAnswer::Unsatisfiable => {
-            let response = text(416, "range not satisfiable\n")
-                .with_header(header("Content-Range", &format!("bytes */{size}")));
-            return respond(request, response);
-        }
+    let Some((status, start, end)) = nar_range(&request, size) else {
+        return respond(request, unsatisfiable(size));
     };
-    let mut head_lines = format!(
-        "HTTP/1.1 {status} {}\r\nContent-Type: application/x-nix-nar\r\nContent-Length: {}\r\nAccept-Ranges: bytes\r\n",
-        if status == 200 {
-            "OK"
-        } else {
-            "Partial Content"
-        },
-        end - start
-    );
-    if status == 206 {
-        head_lines.push_str(&format!(
-            "Content-Range: bytes {start}-{}/{size}\r\n",
-            end - 1
-        ));
-    }
-    head_lines.push_str("\r\n");
+    let head_lines = nar_head(status, start, end, size);
 
     let dump = if head {
         None
@@ -226,6 +209,48 @@ fn serve_nar(
     }
 }
 
+/// The status and byte window (`start..end`) to answer a NAR request of a
+/// NAR of `size` bytes with; `None` for a range outside it (416).
+pub(super) fn nar_range(request: &Request, size: u64) -> Option<(u16, u64, u64)> {
+    let range_header = request
+        .headers()
+        .iter()
+        .find(|h| h.field.equiv("Range"))
+        .map(|h| h.value.as_str());
+    match range::answer(range_header, size) {
+        RangeAnswer::Full => Some((200, 0, size)),
+        RangeAnswer::Partial { start, end } => Some((206, start, end)),
+        RangeAnswer::Unsatisfiable => None,
+    }
+}
+
+pub(super) fn unsatisfiable(size: u64) -> Response<Cursor<Vec<u8>>> {
+    text(416, "range not satisfiable\n")
+        .with_header(header("Content-Range", &format!("bytes */{size}")))
+}
+
+/// The status line and headers of a NAR response, written by hand because
+/// the body is written straight to the socket.
+pub(super) fn nar_head(status: u16, start: u64, end: u64, size: u64) -> String {
+    let reason = if status == 200 {
+        "OK"
+    } else {
+        "Partial Content"
+    };
+    let mut head = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/x-nix-nar\r\nContent-Length: {}\r\nAccept-Ranges: bytes\r\n",
+        end - start
+    );
+    if status == 206 {
+        head.push_str(&format!(
+            "Content-Range: bytes {start}-{}/{size}\r\n",
+            end - 1
+        ));
+    }
+    head.push_str("\r\n");
+    head
+}
+
 fn open_at(physical: &std::path::Path, start: u64) -> io::Result<NarDump> {
     let mut dump = NarDump::open(physical)?;
     if start > 0 {
@@ -263,13 +288,17 @@ fn copy_exact(mut source: impl Read, sink: &mut impl Write, len: u64) -> io::Res
     Ok(())
 }
 
-fn is_client_gone(e: &io::Error) -> bool {
+pub(super) fn is_client_gone(e: &io::Error) -> bool {
     matches!(
         e.kind(),
         io::ErrorKind::BrokenPipe
             | io::ErrorKind::ConnectionReset
             | io::ErrorKind::ConnectionAborted
     )
+}
+
+fn narinfo(text: String) -> Response<Cursor<Vec<u8>>> {
+    body(200, text.into_bytes(), "text/x-nix-narinfo")
 }
 
 fn cache_info(priority: u32) -> Response<Cursor<Vec<u8>>> {
@@ -288,11 +317,13 @@ fn health(context: &ServerContext) -> Response<Cursor<Vec<u8>>> {
         "scans": store.completed_scans(),
         "indexed_paths": index.len(),
         "shared_paths": index.shared_len(),
+        "lan": proxy::lan_health(context),
+        "peers": proxy::peers_health(context),
     });
     body(200, format!("{json}\n").into_bytes(), "application/json")
 }
 
-fn respond(request: Request, response: Response<Cursor<Vec<u8>>>) {
+pub(super) fn respond(request: Request, response: Response<Cursor<Vec<u8>>>) {
     if let Err(e) = request.respond(response) {
         log::debug!("response not delivered: {e}");
     }
@@ -314,7 +345,7 @@ fn body(status: u16, bytes: Vec<u8>, content_type: &str) -> Response<Cursor<Vec<
     )
 }
 
-fn text(status: u16, message: &str) -> Response<Cursor<Vec<u8>>> {
+pub(super) fn text(status: u16, message: &str) -> Response<Cursor<Vec<u8>>> {
     body(status, message.as_bytes().to_vec(), "text/plain")
 }
 

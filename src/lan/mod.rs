@@ -1,6 +1,446 @@
-//! LAN discovery: the UDP packet format shared with the original peerix.
+//! LAN discovery: ask the local network who has a store path, and answer
+//! the same question for peers.
 //!
-//! The UDP thread that answers and asks over broadcast comes with the LAN
-//! mode; for now this holds the wire codec.
+//! One thread owns the UDP socket's receiving side. It answers queries for
+//! paths this host shares (rate-limited, under the share policy), and routes
+//! replies to the request threads waiting for them by request id, over
+//! crossbeam channels. Request threads send their queries through a clone of
+//! the socket: a datagram send needs no coordination.
+//!
+//! The packets are those of the original peerix ([`packet`]), so existing
+//! nodes interoperate. Queries go to the broadcast address of every up,
+//! private IPv4 interface, and by unicast to the configured extra peers.
 
+pub mod interfaces;
+mod limit;
 pub mod packet;
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs, UdpSocket};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Sender, bounded};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::config::{LanConfig, PeerSpec};
+use crate::nix::store_path::HashPart;
+use limit::ReplyLimiter;
+use packet::{MAX_PACKET, Packet, narinfo_hash, narinfo_url_path};
+
+/// At most this many peers are taken from one query's replies.
+const MAX_CANDIDATES: usize = 8;
+/// Replies per second this host sends in all, and to any one source.
+const REPLY_RATE_TOTAL: f64 = 200.0;
+const REPLY_RATE_PER_SOURCE: f64 = 50.0;
+/// How often the list of this host's own addresses is refreshed.
+const OWN_ADDRESSES_TTL: Duration = Duration::from_secs(5);
+/// How long a resolved `--extra-peer` name is used before resolving again.
+const EXTRA_PEERS_TTL: Duration = Duration::from_secs(60);
+
+/// Counters shown on `/health`.
+#[derive(Default, Debug)]
+pub struct LanStats {
+    pub queries: AtomicU64,
+    pub replies_received: AtomicU64,
+    pub replies_sent: AtomicU64,
+    pub replies_rate_limited: AtomicU64,
+    pub packets_dropped: AtomicU64,
+}
+
+/// Whether this host shares the path with this hash part (the share policy,
+/// as the index has it).
+pub type Shares = Box<dyn Fn(&HashPart) -> bool + Send>;
+
+struct Waiter {
+    hash: HashPart,
+    replies: Sender<SocketAddr>,
+}
+
+struct ResolvedPeers {
+    addrs: Vec<SocketAddr>,
+    resolved: Option<Instant>,
+}
+
+/// The LAN side of this host: query peers with [`Lan::ask`].
+pub struct Lan {
+    socket: UdpSocket,
+    /// The UDP port peers listen on: the same number as ours.
+    port: u16,
+    config: LanConfig,
+    waiting: Mutex<HashMap<u32, Waiter>>,
+    next_id: AtomicU32,
+    extra_peers: Mutex<ResolvedPeers>,
+    pub stats: LanStats,
+}
+
+impl Lan {
+    /// Binds UDP `0.0.0.0:port` and starts the thread that answers peers on
+    /// behalf of the HTTP server on `http_port`.
+    pub fn start(
+        config: &LanConfig,
+        port: u16,
+        http_port: u16,
+        shares: Shares,
+    ) -> io::Result<Arc<Lan>> {
+        let socket = bind(port)?;
+        let receiver = socket.try_clone()?;
+        let port = socket.local_addr()?.port();
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos())
+            ^ std::process::id().rotate_left(16);
+        let lan = Arc::new(Lan {
+            socket,
+            port,
+            config: config.clone(),
+            waiting: Mutex::new(HashMap::new()),
+            next_id: AtomicU32::new(seed),
+            extra_peers: Mutex::new(ResolvedPeers {
+                addrs: Vec::new(),
+                resolved: None,
+            }),
+            stats: LanStats::default(),
+        });
+        let responder = Responder {
+            lan: Arc::clone(&lan),
+            socket: receiver,
+            http_port,
+            shares,
+            limiter: ReplyLimiter::new(REPLY_RATE_TOTAL, REPLY_RATE_PER_SOURCE, Instant::now()),
+            own: HashSet::new(),
+            own_refreshed: None,
+        };
+        std::thread::Builder::new()
+            .name("lan".into())
+            .spawn(move || responder.run())?;
+        Ok(lan)
+    }
+
+    /// The UDP port this host listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Asks the LAN who has `hash` and returns the HTTP addresses of the
+    /// peers that say so, in the order they answered. Waits up to the LAN
+    /// timeout; once a first peer has answered, only a fifth of it more, so
+    /// a hit does not cost the whole timeout but slower peers still count.
+    pub fn ask(&self, hash: &HashPart) -> Vec<SocketAddr> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (sender, replies) = bounded(MAX_CANDIDATES * 2);
+        self.lock_waiting().insert(
+            id,
+            Waiter {
+                hash: *hash,
+                replies: sender,
+            },
+        );
+        let _unregister = Unregister { lan: self, id };
+
+        let packet = Packet::Request { id, hash: *hash }.encode();
+        let mut sent = 0;
+        for target in self.targets() {
+            match self.socket.send_to(&packet, target) {
+                Ok(_) => sent += 1,
+                Err(e) => log::debug!("LAN query for {hash} to {target}: {e}"),
+            }
+        }
+        self.stats.queries.fetch_add(1, Ordering::Relaxed);
+        if sent == 0 {
+            return Vec::new();
+        }
+        let deadline = Instant::now() + self.config.timeout;
+        let grace = self.config.timeout / 5;
+        let mut peers = Vec::new();
+        let mut until = deadline;
+        while peers.len() < MAX_CANDIDATES {
+            match replies.recv_deadline(until) {
+                Ok(peer) => {
+                    if peers.is_empty() {
+                        until = deadline.min(Instant::now() + grace);
+                    }
+                    if !peers.contains(&peer) {
+                        peers.push(peer);
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        peers
+    }
+
+    /// Where a query goes: every broadcast address (unless broadcast is
+    /// off) and every extra peer.
+    fn targets(&self) -> Vec<SocketAddr> {
+        let mut targets = Vec::new();
+        if self.config.broadcast {
+            match interfaces::ipv4_interfaces() {
+                Ok(ifaces) => targets.extend(
+                    interfaces::broadcast_addresses(&ifaces)
+                        .into_iter()
+                        .map(|b| SocketAddr::from((b, self.port))),
+                ),
+                Err(e) => log::warn!("cannot list network interfaces: {e}"),
+            }
+        }
+        targets.extend(self.extra_peer_addrs());
+        targets
+    }
+
+    fn extra_peer_addrs(&self) -> Vec<SocketAddr> {
+        if self.config.extra_peers.is_empty() {
+            return Vec::new();
+        }
+        let mut cached = self.extra_peers.lock().unwrap_or_else(|e| e.into_inner());
+        if cached
+            .resolved
+            .is_none_or(|at| at.elapsed() >= EXTRA_PEERS_TTL)
+        {
+            cached.addrs = self
+                .config
+                .extra_peers
+                .iter()
+                .flat_map(resolve_peer)
+                .collect();
+            cached.resolved = Some(Instant::now());
+        }
+        cached.addrs.clone()
+    }
+
+    fn lock_waiting(&self) -> MutexGuard<'_, HashMap<u32, Waiter>> {
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The IPv4 addresses of an extra peer; a name that does not resolve now is
+/// logged and tried again later.
+fn resolve_peer(peer: &PeerSpec) -> Vec<SocketAddr> {
+    match (peer.host.as_str(), peer.port).to_socket_addrs() {
+        Ok(addrs) => addrs.filter(SocketAddr::is_ipv4).collect(),
+        Err(e) => {
+            log::warn!("extra peer {peer}: {e}");
+            Vec::new()
+        }
+    }
+}
+
+struct Unregister<'a> {
+    lan: &'a Lan,
+    id: u32,
+}
+
+impl Drop for Unregister<'_> {
+    fn drop(&mut self) {
+        self.lan.lock_waiting().remove(&self.id);
+    }
+}
+
+fn bind(port: u16) -> io::Result<UdpSocket> {
+    let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_broadcast(true)?;
+    let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
+    socket
+        .bind(&addr.into())
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot bind UDP {addr}: {e}")))?;
+    Ok(socket.into())
+}
+
+/// The receiving thread's state.
+struct Responder {
+    lan: Arc<Lan>,
+    socket: UdpSocket,
+    http_port: u16,
+    shares: Shares,
+    limiter: ReplyLimiter,
+    own: HashSet<IpAddr>,
+    own_refreshed: Option<Instant>,
+}
+
+impl Responder {
+    fn run(mut self) {
+        // One byte more than any valid packet, so an oversized one shows.
+        let mut buf = [0u8; MAX_PACKET + 1];
+        loop {
+            let (len, from) = match self.socket.recv_from(&mut buf) {
+                Ok(received) => received,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::error!("LAN socket: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+            };
+            self.handle(&buf[..len], from);
+        }
+    }
+
+    fn handle(&mut self, bytes: &[u8], from: SocketAddr) {
+        if self.is_own_socket(from) {
+            // Our own broadcast, looped back.
+            return;
+        }
+        let stats = &self.lan.stats;
+        let packet = match Packet::decode(bytes) {
+            Ok(packet) => packet,
+            Err(e) => {
+                stats.packets_dropped.fetch_add(1, Ordering::Relaxed);
+                log::debug!("dropped a LAN packet from {from}: {e}");
+                return;
+            }
+        };
+        match packet {
+            Packet::Request { id, hash } => {
+                if !(self.shares)(&hash) {
+                    return;
+                }
+                if !self.limiter.allow(from.ip(), Instant::now()) {
+                    stats.replies_rate_limited.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                let reply = Packet::Response {
+                    id,
+                    port: self.http_port,
+                    url_path: narinfo_url_path(&hash),
+                };
+                match self.socket.send_to(&reply.encode(), from) {
+                    Ok(_) => {
+                        stats.replies_sent.fetch_add(1, Ordering::Relaxed);
+                        log::debug!("told {from} we have {hash}");
+                    }
+                    Err(e) => log::debug!("LAN reply to {from}: {e}"),
+                }
+            }
+            Packet::Response { id, port, url_path } => {
+                let peer = SocketAddr::new(from.ip(), port);
+                let delivered = narinfo_hash(&url_path).is_some_and(|hash| {
+                    self.lan
+                        .lock_waiting()
+                        .get(&id)
+                        .filter(|waiter| waiter.hash == hash)
+                        .is_some_and(|waiter| waiter.replies.try_send(peer).is_ok())
+                });
+                if delivered {
+                    stats.replies_received.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    // Late, unasked for, or for another hash.
+                    stats.packets_dropped.fetch_add(1, Ordering::Relaxed);
+                    log::debug!("dropped a LAN reply from {from} that nobody waits for");
+                }
+            }
+        }
+    }
+
+    /// Whether a packet came from this host's own socket: one of its
+    /// addresses, and our port. (Another program on this host, on another
+    /// port, is a peer like any other.)
+    fn is_own_socket(&mut self, from: SocketAddr) -> bool {
+        if from.port() != self.lan.port {
+            return false;
+        }
+        if self
+            .own_refreshed
+            .is_none_or(|at| at.elapsed() >= OWN_ADDRESSES_TTL)
+        {
+            match interfaces::own_addresses() {
+                Ok(own) => self.own = own,
+                Err(e) => log::warn!("cannot list this host's addresses: {e}"),
+            }
+            self.own_refreshed = Some(Instant::now());
+        }
+        self.own.contains(&from.ip())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HAVE: &str = "0c4kzwq7qxdkaz2zd6ibpcrl5dl8bm1d";
+    const LACK: &str = "1b8m03r63zqhnjf7l5wnldhh7c134ap5";
+
+    fn unicast_config(peers: &[u16]) -> LanConfig {
+        LanConfig {
+            enabled: true,
+            timeout: Duration::from_millis(2000),
+            broadcast: false,
+            extra_peers: peers
+                .iter()
+                .map(|&port| PeerSpec {
+                    host: "127.0.0.1".into(),
+                    port,
+                })
+                .collect(),
+        }
+    }
+
+    fn start(peers: &[u16], http_port: u16) -> Arc<Lan> {
+        let have = HashPart::parse(HAVE).unwrap();
+        Lan::start(
+            &unicast_config(peers),
+            0,
+            http_port,
+            Box::new(move |hash| *hash == have),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_peer_answers_for_what_it_shares_and_only_that() {
+        let holder = start(&[], 4321);
+        let asker = start(&[holder.port()], 1);
+        let found = asker.ask(&HashPart::parse(HAVE).unwrap());
+        assert_eq!(found, [SocketAddr::from(([127, 0, 0, 1], 4321))]);
+        assert_eq!(holder.stats.replies_sent.load(Ordering::Relaxed), 1);
+        assert_eq!(asker.stats.replies_received.load(Ordering::Relaxed), 1);
+
+        let mut quick = unicast_config(&[holder.port()]);
+        quick.timeout = Duration::from_millis(50);
+        let asker = Lan::start(&quick, 0, 1, Box::new(|_| false)).unwrap();
+        assert!(asker.ask(&HashPart::parse(LACK).unwrap()).is_empty());
+        assert_eq!(holder.stats.replies_sent.load(Ordering::Relaxed), 1);
+        assert!(asker.lock_waiting().is_empty(), "the waiter is removed");
+    }
+
+    #[test]
+    fn bad_and_unasked_packets_are_dropped_and_counted() {
+        let lan = start(&[], 4321);
+        let probe = UdpSocket::bind("127.0.0.1:0").unwrap();
+        probe
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let target = SocketAddr::from(([127, 0, 0, 1], lan.port()));
+        let unasked = Packet::Response {
+            id: 99,
+            port: 80,
+            url_path: narinfo_url_path(&HashPart::parse(HAVE).unwrap()),
+        }
+        .encode();
+        let bad: [&[u8]; 5] = [b"", b"\x00\x01", &[7; 40], &[0; 600], &unasked];
+        for packet in bad {
+            probe.send_to(packet, target).unwrap();
+        }
+        // A valid request after the garbage is still answered.
+        let request = Packet::Request {
+            id: 5,
+            hash: HashPart::parse(HAVE).unwrap(),
+        };
+        probe.send_to(&request.encode(), target).unwrap();
+        let mut buf = [0u8; 600];
+        let (len, _) = probe
+            .recv_from(&mut buf)
+            .expect("a reply to the valid request");
+        assert_eq!(
+            Packet::decode(&buf[..len]),
+            Ok(Packet::Response {
+                id: 5,
+                port: 4321,
+                url_path: format!("local/{HAVE}.narinfo")
+            })
+        );
+        assert_eq!(lan.stats.packets_dropped.load(Ordering::Relaxed), 5);
+    }
+}

@@ -11,4 +11,4 @@ pub mod nix32;
 pub mod store_path;
 
 #[cfg(test)]
-mod testdata;
+pub(crate) mod testdata;

@@ -1,0 +1,210 @@
+//! HTTP requests to a peer's `/local` cache, with connect and read
+//! timeouts, and what each kind of bad answer says about the peer.
+
+use std::fmt;
+use std::io::{self, Read};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::nix::narinfo::{MAX_NARINFO_LEN, NarInfo};
+use crate::nix::store_path::HashPart;
+use crate::peers::Failure;
+
+/// What went wrong with a request to a peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerError {
+    /// It no longer has the path: no fault of its own.
+    NotFound,
+    /// Its answer is honest but of no use here (compressed, say).
+    Unusable(String),
+    /// Unreachable, too slow, or an error status: maybe a passing problem.
+    Unavailable(String),
+    /// It sent something false or malformed.
+    Lied(String),
+}
+
+impl PeerError {
+    /// How the peer table should count this, if at all.
+    pub fn failure(&self) -> Option<Failure> {
+        match self {
+            PeerError::NotFound | PeerError::Unusable(_) => None,
+            PeerError::Unavailable(_) => Some(Failure::Unavailable),
+            PeerError::Lied(_) => Some(Failure::Lied),
+        }
+    }
+}
+
+impl fmt::Display for PeerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PeerError::NotFound => f.write_str("not found"),
+            PeerError::Unusable(why) => write!(f, "unusable: {why}"),
+            PeerError::Unavailable(why) => write!(f, "unavailable: {why}"),
+            PeerError::Lied(why) => write!(f, "bad answer: {why}"),
+        }
+    }
+}
+
+/// A NAR body as it comes from a peer.
+pub type NarBody = Box<dyn Read + Send>;
+
+pub struct PeerClient {
+    agent: ureq::Agent,
+}
+
+impl PeerClient {
+    /// `timeout` bounds connecting, and each wait for bytes.
+    pub fn new(timeout: Duration) -> PeerClient {
+        let config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            // Peers are on the LAN: an HTTP_PROXY from the environment must not apply.
+            .proxy(None)
+            .max_redirects(0)
+            .timeout_connect(Some(timeout))
+            .timeout_send_request(Some(timeout))
+            .timeout_recv_response(Some(timeout))
+            .timeout_per_read(Some(timeout))
+            .max_idle_connections_per_host(4)
+            .user_agent(concat!("peerix/", env!("CARGO_PKG_VERSION")))
+            .build();
+        PeerClient {
+            agent: config.into(),
+        }
+    }
+
+    /// `GET http://<peer>/local/<hash>.narinfo`, parsed; a narinfo for
+    /// another path is a lie.
+    pub fn narinfo(&self, peer: SocketAddr, hash: &HashPart) -> Result<NarInfo, PeerError> {
+        let url = format!("http://{peer}/local/{hash}.narinfo");
+        let response = self.get(&url, 0)?;
+        if response.status() != 200 {
+            return Err(status_error(&url, response.status().as_u16()));
+        }
+        let body = response
+            .into_body()
+            .into_with_config()
+            .limit(MAX_NARINFO_LEN as u64)
+            .read_to_vec()
+            .map_err(|e| match e {
+                ureq::Error::BodyExceedsLimit(_) => {
+                    PeerError::Lied(format!("{url}: narinfo over {MAX_NARINFO_LEN} bytes"))
+                }
+                e => PeerError::Unavailable(format!("{url}: {e}")),
+            })?;
+        let text = String::from_utf8(body)
+            .map_err(|_| PeerError::Lied(format!("{url}: narinfo is not UTF-8")))?;
+        let info = NarInfo::parse(&text).map_err(|e| PeerError::Lied(format!("{url}: {e}")))?;
+        if info.store_path.hash_part() != *hash {
+            return Err(PeerError::Lied(format!(
+                "{url}: answered with {}",
+                info.store_path
+            )));
+        }
+        Ok(info)
+    }
+
+    /// The NAR at `url` (relative to the peer's `/local/`), from byte
+    /// `offset` on.
+    pub fn nar(&self, peer: SocketAddr, url: &str, offset: u64) -> Result<NarBody, PeerError> {
+        let url = format!("http://{peer}/local/{url}");
+        let response = self.get(&url, offset)?;
+        let status = response.status().as_u16();
+        let content_range = response
+            .headers()
+            .get("content-range")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let mut body: NarBody = Box::new(response.into_body().into_reader());
+        match status {
+            200 if offset > 0 => {
+                // It ignored the Range: skip to the offset.
+                let skipped = io::copy(&mut (&mut body).take(offset), &mut io::sink())
+                    .map_err(|e| PeerError::Unavailable(format!("{url}: {e}")))?;
+                if skipped != offset {
+                    return Err(PeerError::Unavailable(format!("{url}: ended early")));
+                }
+                Ok(body)
+            }
+            200 => Ok(body),
+            206 if content_range_start(content_range.as_deref()) == Some(offset) => Ok(body),
+            206 => Err(PeerError::Unavailable(format!(
+                "{url}: asked for bytes from {offset}, got {content_range:?}"
+            ))),
+            other => Err(status_error(&url, other)),
+        }
+    }
+
+    fn get(&self, url: &str, offset: u64) -> Result<ureq::http::Response<ureq::Body>, PeerError> {
+        let mut request = self.agent.get(url);
+        if offset > 0 {
+            request = request.header("Range", format!("bytes={offset}-"));
+        }
+        request
+            .call()
+            .map_err(|e| PeerError::Unavailable(format!("{url}: {e}")))
+    }
+}
+
+fn status_error(url: &str, status: u16) -> PeerError {
+    match status {
+        404 | 410 => PeerError::NotFound,
+        other => PeerError::Unavailable(format!("{url}: HTTP {other}")),
+    }
+}
+
+/// `bytes START-END/SIZE` → START.
+fn content_range_start(value: Option<&str>) -> Option<u64> {
+    let range = value?.trim().strip_prefix("bytes ")?;
+    range.split_once('-')?.0.parse().ok()
+}
+
+/// Whether a peer's `URL:` may be fetched: a plain relative path under its
+/// `/local/`, such as `nar/<hash>-<narhash>.nar`. Anything else (another
+/// host, `..`, a query) could point this host's HTTP client elsewhere.
+pub fn is_safe_nar_url(url: &str) -> bool {
+    !url.is_empty()
+        && url.len() <= 256
+        && url.starts_with("nar/")
+        && url
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._+=/".contains(&b))
+        && url
+            .split('/')
+            .all(|seg| !seg.is_empty() && seg != "." && seg != "..")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_nar_paths_are_fetched() {
+        for good in [
+            "nar/0c4kzwq7qxdkaz2zd6ibpcrl5dl8bm1d-1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s.nar",
+            "nar/abc.nar",
+        ] {
+            assert!(is_safe_nar_url(good), "{good}");
+        }
+        for bad in [
+            "",
+            "/nar/x.nar",
+            "nar/../../etc/passwd",
+            "nar//x",
+            "http://evil/nar/x",
+            "nar/x.nar?y=1",
+            "nar/x y",
+            "local/x.narinfo",
+            "nar/./x",
+        ] {
+            assert!(!is_safe_nar_url(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn content_range_start_is_read_strictly() {
+        assert_eq!(content_range_start(Some("bytes 10-19/20")), Some(10));
+        assert_eq!(content_range_start(Some("bytes */20")), None);
+        assert_eq!(content_range_start(Some("10-19/20")), None);
+        assert_eq!(content_range_start(None), None);
+    }
+}

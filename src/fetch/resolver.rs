@@ -1,0 +1,273 @@
+//! Resolving a path this host lacks: ask the LAN who has it, and take the
+//! best-ranked answer whose narinfo a trusted key signed; not simply the
+//! first reply.
+//!
+//! Answers are cached briefly, found and missing alike, so the many queries
+//! of one `nix-store -r` (and nix's HEAD-then-GET) do not each broadcast.
+//! The peers that answered but were not needed are kept with the answer:
+//! they are the fallback holders when the chosen peer fails mid-NAR, and
+//! their narinfos are fetched only then.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::client::{PeerClient, PeerError, is_safe_nar_url};
+use super::transfer::Holder;
+use crate::lan::Lan;
+use crate::nix::hash::NarHash;
+use crate::nix::keys::{PublicKey, any_valid_signature};
+use crate::nix::narinfo::NarInfo;
+use crate::nix::store_path::HashPart;
+use crate::peers::PeerTable;
+
+/// How long a found path is remembered; after that the next request asks
+/// again, which is cheap.
+const FOUND_TTL: Duration = Duration::from_secs(60);
+/// How long a miss is remembered: short, so a peer that comes online is
+/// found soon (nix itself remembers a 404 for an hour).
+const MISSING_TTL: Duration = Duration::from_secs(10);
+/// Answers remembered at most.
+const MAX_ANSWERS: usize = 4096;
+
+/// A path a peer offers, with a narinfo that checked out.
+#[derive(Debug)]
+pub struct Offer {
+    /// The narinfo as the peer served it, signatures and all.
+    pub narinfo: NarInfo,
+    /// The peer that served it, and its NAR's URL.
+    pub source: Holder,
+    /// Other peers that said they have the path, best first.
+    pub others: Vec<SocketAddr>,
+}
+
+struct Answer {
+    offer: Option<Arc<Offer>>,
+    expires: Instant,
+}
+
+pub struct Resolver {
+    lan: Option<Arc<Lan>>,
+    client: PeerClient,
+    peers: PeerTable,
+    trusted_keys: Vec<PublicKey>,
+    answers: Mutex<HashMap<HashPart, Answer>>,
+}
+
+impl Resolver {
+    /// `trusted_keys`: a peer's narinfo must carry a signature by one of
+    /// these. `timeout`: connect and read timeout towards peers.
+    pub fn new(lan: Option<Arc<Lan>>, trusted_keys: Vec<PublicKey>, timeout: Duration) -> Resolver {
+        Resolver {
+            lan,
+            client: PeerClient::new(timeout),
+            peers: PeerTable::new(),
+            trusted_keys,
+            answers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn lan(&self) -> Option<&Lan> {
+        self.lan.as_deref()
+    }
+
+    pub fn peers(&self) -> &PeerTable {
+        &self.peers
+    }
+
+    pub fn client(&self) -> &PeerClient {
+        &self.client
+    }
+
+    /// A peer's offer of `hash`, from the cache or asked for now.
+    pub fn offer(&self, hash: &HashPart) -> Option<Arc<Offer>> {
+        let now = Instant::now();
+        if let Some(answer) = self.lock_answers().get(hash)
+            && answer.expires > now
+        {
+            return answer.offer.clone();
+        }
+        self.resolve(hash)
+    }
+
+    /// Asks the peers now, bypassing (and then refreshing) the cache.
+    fn resolve(&self, hash: &HashPart) -> Option<Arc<Offer>> {
+        let offer = self.find(hash).map(Arc::new);
+        let ttl = if offer.is_some() {
+            FOUND_TTL
+        } else {
+            MISSING_TTL
+        };
+        let mut answers = self.lock_answers();
+        if answers.len() >= MAX_ANSWERS {
+            let now = Instant::now();
+            answers.retain(|_, a| a.expires > now);
+            if answers.len() >= MAX_ANSWERS {
+                answers.clear();
+            }
+        }
+        answers.insert(
+            *hash,
+            Answer {
+                offer: offer.clone(),
+                expires: Instant::now() + ttl,
+            },
+        );
+        offer
+    }
+
+    fn find(&self, hash: &HashPart) -> Option<Offer> {
+        let lan = self.lan.as_ref()?;
+        let answered = lan.ask(hash);
+        let ranked = self.peers.rank(&answered, Instant::now());
+        log::debug!(
+            "{hash}: {} peer(s) answered, {} usable",
+            answered.len(),
+            ranked.len()
+        );
+        for (i, &peer) in ranked.iter().enumerate() {
+            match self.verified_narinfo(peer, hash) {
+                Ok(narinfo) => {
+                    let source = Holder {
+                        peer,
+                        url: narinfo.url.clone(),
+                    };
+                    return Some(Offer {
+                        narinfo,
+                        source,
+                        others: ranked[i + 1..].to_vec(),
+                    });
+                }
+                Err(e) => self.note(peer, hash, &e),
+            }
+        }
+        None
+    }
+
+    /// A peer's narinfo for `hash`, if a trusted key signed it and its NAR
+    /// can be fetched and checked here.
+    fn verified_narinfo(&self, peer: SocketAddr, hash: &HashPart) -> Result<NarInfo, PeerError> {
+        let narinfo = self.client.narinfo(peer, hash)?;
+        if !any_valid_signature(&self.trusted_keys, &narinfo.fingerprint(), &narinfo.sigs) {
+            return Err(PeerError::Lied(format!(
+                "narinfo of {} has no valid signature by a trusted key",
+                narinfo.store_path
+            )));
+        }
+        if narinfo.compression != "none" {
+            return Err(PeerError::Unusable(format!(
+                "NAR compressed with {}",
+                narinfo.compression
+            )));
+        }
+        if !is_safe_nar_url(&narinfo.url) {
+            return Err(PeerError::Unusable(format!(
+                "NAR URL {:?} is not a plain nar/ path",
+                narinfo.url
+            )));
+        }
+        Ok(narinfo)
+    }
+
+    fn note(&self, peer: SocketAddr, hash: &HashPart, error: &PeerError) {
+        match error {
+            PeerError::Lied(_) => log::warn!("peer {peer} lied about {hash}: {error}; banned"),
+            _ => log::info!("peer {peer} for {hash}: {error}"),
+        }
+        if let Some(failure) = error.failure() {
+            self.peers.record_failure(peer, failure, Instant::now());
+        }
+    }
+
+    /// The holders of NAR `nar_hash` of path `hash`, `named` first (the peer
+    /// nix's narinfo URL names), then the rest. `None` when no peer offers
+    /// that NAR.
+    pub fn nar_source(
+        &self,
+        hash: &HashPart,
+        nar_hash: &NarHash,
+        named: SocketAddr,
+    ) -> Option<NarSource<'_>> {
+        let offer = match self.offer(hash) {
+            Some(offer) if offer.narinfo.nar_hash == *nar_hash => offer,
+            // Gone from the cache's answer, or another build of the path:
+            // ask again once.
+            _ => self
+                .resolve(hash)
+                .filter(|offer| offer.narinfo.nar_hash == *nar_hash)?,
+        };
+        let mut queue = VecDeque::new();
+        if named != offer.source.peer {
+            queue.push_back(Pending::Candidate(named));
+        }
+        queue.push_back(Pending::Known(offer.source.clone()));
+        queue.extend(offer.others.iter().copied().map(Pending::Candidate));
+        Some(NarSource {
+            resolver: self,
+            hash: *hash,
+            nar_hash: *nar_hash,
+            nar_size: offer.narinfo.nar_size,
+            queue,
+            tried: Vec::new(),
+        })
+    }
+
+    fn lock_answers(&self) -> std::sync::MutexGuard<'_, HashMap<HashPart, Answer>> {
+        self.answers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+enum Pending {
+    Known(Holder),
+    /// Said it has the path; its narinfo is checked when it is needed.
+    Candidate(SocketAddr),
+}
+
+/// The holders of one NAR, yielded best first and each at most once;
+/// peers in backoff or banned are skipped, even if that happened during
+/// this very transfer.
+pub struct NarSource<'r> {
+    resolver: &'r Resolver,
+    hash: HashPart,
+    nar_hash: NarHash,
+    pub nar_size: u64,
+    queue: VecDeque<Pending>,
+    tried: Vec<SocketAddr>,
+}
+
+impl NarSource<'_> {
+    pub fn next_holder(&mut self) -> Option<Holder> {
+        while let Some(pending) = self.queue.pop_front() {
+            let peer = match &pending {
+                Pending::Known(holder) => holder.peer,
+                Pending::Candidate(peer) => *peer,
+            };
+            if self.tried.contains(&peer)
+                || !self.resolver.peers.is_available(&peer, Instant::now())
+            {
+                continue;
+            }
+            self.tried.push(peer);
+            match pending {
+                Pending::Known(holder) => return Some(holder),
+                Pending::Candidate(peer) => {
+                    match self.resolver.verified_narinfo(peer, &self.hash) {
+                        Ok(narinfo)
+                            if narinfo.nar_hash == self.nar_hash
+                                && narinfo.nar_size == self.nar_size =>
+                        {
+                            return Some(Holder {
+                                peer,
+                                url: narinfo.url,
+                            });
+                        }
+                        Ok(_) => log::info!("peer {peer} has another build of {}", self.hash),
+                        Err(e) => self.resolver.note(peer, &self.hash, &e),
+                    }
+                }
+            }
+        }
+        None
+    }
+}

@@ -1,0 +1,188 @@
+//! Paths from peers, for this host's nix: the narinfo of a path this host
+//! lacks, and its NAR passed through from the peers that hold it.
+//!
+//! The narinfo is the peer's own, with its signatures: this host never signs
+//! what came from a peer. Only its `URL:` is rewritten to the route that
+//! passes the NAR through this host, naming the peer and the NarHash.
+
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use tiny_http::Request;
+
+use super::ServerContext;
+use super::route::peer_nar_url;
+use super::serve::{is_client_gone, nar_head, nar_range, respond, text, unsatisfiable};
+use super::socket;
+use crate::fetch::transfer::{self, Outcome, Plan, Sink};
+use crate::nix::hash::NarHash;
+use crate::nix::store_path::HashPart;
+
+/// The narinfo to give nix for a path found on a peer, or `None`.
+pub fn peer_narinfo(context: &ServerContext, hash: &HashPart) -> Option<String> {
+    let offer = context.resolver.as_ref()?.offer(hash)?;
+    let mut narinfo = offer.narinfo.clone();
+    narinfo.url = peer_nar_url(offer.source.peer, hash, &narinfo.nar_hash);
+    Some(narinfo.render())
+}
+
+pub fn serve_peer_nar(
+    context: &ServerContext,
+    local_port: u16,
+    request: Request,
+    named: SocketAddr,
+    hash: &HashPart,
+    nar_hash: &NarHash,
+    head: bool,
+) {
+    let source = context
+        .resolver
+        .as_ref()
+        .and_then(|resolver| resolver.nar_source(hash, nar_hash, named));
+    let Some(mut source) = source else {
+        return respond(request, text(404, "no peer offers this NAR\n"));
+    };
+    let size = source.nar_size;
+    let Some((status, start, end)) = nar_range(&request, size) else {
+        return respond(request, unsatisfiable(size));
+    };
+    let head_lines = nar_head(status, start, end, size);
+    if head {
+        let mut writer = request.into_writer();
+        if let Err(e) = writer
+            .write_all(head_lines.as_bytes())
+            .and_then(|()| writer.flush())
+        {
+            log::debug!("response not delivered: {e}");
+        }
+        return;
+    }
+    let Some(resolver) = context.resolver.as_ref() else {
+        return;
+    };
+    let plan = Plan {
+        nar_hash: *nar_hash,
+        nar_size: size,
+        start,
+        end,
+        verify_whole: size <= context.verify_before_send,
+    };
+    let client = request.remote_addr().copied();
+    let mut sink = ResponseSink {
+        request: Some(request),
+        writer: None,
+        head_lines,
+    };
+    let began = Instant::now();
+    let outcome = transfer::copy(
+        &plan,
+        &mut || source.next_holder(),
+        resolver.client(),
+        resolver.peers(),
+        &mut sink,
+    );
+    match outcome {
+        Outcome::Done => {
+            if let Some(mut writer) = sink.writer.take()
+                && let Err(e) = writer.flush()
+                && !is_client_gone(&e)
+            {
+                log::debug!("flushing a peer NAR: {e}");
+            }
+            log::info!(
+                "passed {hash} ({} bytes) through from peers in {:.2?}",
+                end - start,
+                began.elapsed()
+            );
+        }
+        Outcome::NoHolder => {
+            log::warn!("no peer could supply NAR {nar_hash} of {hash}");
+            if let Some(request) = sink.request.take() {
+                respond(request, text(404, "no peer could supply this NAR\n"));
+            }
+        }
+        Outcome::Broken(why) => {
+            // Nix was promised bytes that cannot be delivered: cut it off so
+            // it sees a failed download, never a wrong or short success.
+            log::error!("NAR {nar_hash} of {hash}: {why}; aborting the response");
+            if let Some(client) = client
+                && let Err(e) = socket::abort_connection(local_port, client)
+            {
+                log::error!("could not abort the connection to {client}: {e}");
+            }
+        }
+        Outcome::ClientGone => log::debug!("client left during NAR {nar_hash}"),
+    }
+}
+
+/// Writes the head on the first byte, so nothing is promised before the
+/// first chunk from a peer has checked out.
+struct ResponseSink {
+    request: Option<Request>,
+    writer: Option<Box<dyn Write + Send>>,
+    head_lines: String,
+}
+
+impl Sink for ResponseSink {
+    fn begin(&mut self) -> io::Result<()> {
+        let request = self
+            .request
+            .take()
+            .ok_or_else(|| io::Error::other("response already begun"))?;
+        let mut writer = request.into_writer();
+        writer.write_all(self.head_lines.as_bytes())?;
+        self.writer = Some(writer);
+        Ok(())
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
+        match &mut self.writer {
+            Some(writer) => writer.write_all(bytes),
+            None => Err(io::Error::other("response not begun")),
+        }
+    }
+}
+
+/// The LAN counters for `/health`.
+pub fn lan_health(context: &ServerContext) -> serde_json::Value {
+    let Some(lan) = context.resolver.as_ref().and_then(|r| r.lan()) else {
+        return serde_json::json!({ "enabled": false });
+    };
+    let stats = &lan.stats;
+    let get = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
+    serde_json::json!({
+        "enabled": true,
+        "port": lan.port(),
+        "queries": get(&stats.queries),
+        "replies_received": get(&stats.replies_received),
+        "replies_sent": get(&stats.replies_sent),
+        "replies_rate_limited": get(&stats.replies_rate_limited),
+        "packets_dropped": get(&stats.packets_dropped),
+    })
+}
+
+/// The peer table for `/health`.
+pub fn peers_health(context: &ServerContext) -> serde_json::Value {
+    let Some(resolver) = context.resolver.as_ref() else {
+        return serde_json::json!([]);
+    };
+    let now = Instant::now();
+    resolver
+        .peers()
+        .snapshot()
+        .into_iter()
+        .map(|(addr, record)| {
+            serde_json::json!({
+                "addr": addr.to_string(),
+                "successes": record.successes,
+                "failures": record.failures,
+                "lies": record.lies,
+                "bytes": record.bytes,
+                "latency_ms": record.latency_ms,
+                "available": record.is_available(now),
+            })
+        })
+        .collect()
+}
