@@ -486,6 +486,11 @@ fn a_large_nar_with_one_wrong_byte_is_aborted_and_the_retry_gets_it_from_a() {
 
     earn_reputation(&b, &up, &fx.busybox, &c.peer_addr());
     let first = b.substitute(&[&up.public], &fx.big);
+    eprintln!(
+        "first nix attempt while C lies: {}\n{}",
+        first.status,
+        String::from_utf8_lossy(&first.stderr)
+    );
     if !first.status.success() {
         assert!(
             !b.host.is_valid(&fx.big),
@@ -499,57 +504,69 @@ fn a_large_nar_with_one_wrong_byte_is_aborted_and_the_retry_gets_it_from_a() {
     assert_banned(&b, &c.peer_addr());
 }
 
-/// When the only holder is a liar (one byte wrong in a small NAR at C1, in a
-/// large one at C2), the failure is clean: narinfos never get a 5xx, the NAR
-/// from B is never a complete 200 of wrong bytes, nix fails, nothing becomes
-/// valid in B, and the liars are banned (so the narinfo then gets 404).
+/// When the only holder is a liar (one byte wrong in a small NAR), the
+/// failure is clean: the narinfo never gets a 5xx, nix fails, nothing becomes
+/// valid in B, and the liar is banned. After the ban, B must answer the
+/// narinfo 404: a narinfo whose only holder is banned would make every nix
+/// fail on the NAR instead of moving on to its next substituter.
 #[test]
-fn when_the_only_holder_lies_the_fetch_fails_cleanly() {
-    let fx = realistic_fixture();
+fn when_the_only_holder_of_a_small_nar_lies_the_fetch_fails_cleanly() {
     let many = many_fixture();
-    let (dir, lan, up) = world("lan_liar_alone", 3);
+    let (dir, lan, up) = world("lan_alone_small", 2);
     let b = signed_host(&dir, &lan, 0, "b", &up, &[], &[]);
-    let small = Corruption {
+    let bad = Corruption {
         path: &many.first,
         file: "",
         offset: 0,
     };
-    let c1 = corrupt_host(&dir, &lan, 1, "c1", &up, &[&many.first], small);
-    let large = Corruption {
+    let c = corrupt_host(&dir, &lan, 1, "c", &up, &[&many.first], bad);
+
+    let narinfo = format!("/{}.narinfo", hash_part(&many.first));
+    status_not_5xx(&b, &narinfo);
+    let out = b.substitute(&[&up.public], &many.first);
+    assert_failure("nix-store -r in B when only C (a liar) has it", &out);
+    assert!(!b.host.is_valid(&many.first), "expected nothing valid in B");
+    assert_banned(&b, &c.peer_addr());
+    expect_status(&b, &narinfo, 404, "its only holder is banned");
+}
+
+/// The same with a large NAR (streamed): B's NAR response is never a
+/// complete 200 of wrong bytes, nix fails, nothing becomes valid in B, the
+/// liar is banned, and then the narinfo gets 404.
+#[test]
+fn when_the_only_holder_of_a_large_nar_lies_the_fetch_fails_cleanly() {
+    let fx = realistic_fixture();
+    let (dir, lan, up) = world("lan_alone_large", 2);
+    let b = signed_host(&dir, &lan, 0, "b", &up, &[], &[]);
+    let bad = Corruption {
         path: &fx.big,
         file: "blob.bin",
         offset: 25 * 1024 * 1024,
     };
-    let c2 = corrupt_host(&dir, &lan, 2, "c2", &up, &[&fx.big], large);
+    let c = corrupt_host(&dir, &lan, 1, "c", &up, &[&fx.big], bad);
 
-    // Small: nix fails; nothing valid; then 404.
-    let narinfo = format!("/{}.narinfo", hash_part(&many.first));
-    status_not_5xx(&b, &narinfo);
-    let out = b.substitute(&[&up.public], &many.first);
-    assert_failure("nix-store -r in B when only C1 (a liar) has it", &out);
-    assert!(!b.host.is_valid(&many.first), "expected nothing valid in B");
-    assert_banned(&b, &c1.peer_addr());
-    expect_status(&b, &narinfo, 404, "the only holder is banned");
-
-    // Large: ask B for the NAR directly; it must not be a complete 200.
     let narinfo = format!("/{}.narinfo", hash_part(&fx.big));
-    if status_not_5xx(&b, &narinfo) == 200 {
-        let served = NarInfoText::read(&b.must_get(&narinfo).text());
-        let url = format!("/{}", served.field("URL"));
-        match b.get(&url) {
-            Ok(response) => assert!(
-                response.status != 200,
-                "GET {url} on B: expected the stream of C2's wrong bytes to be aborted, got a complete {}",
-                response.describe()
-            ),
-            Err(e) => eprintln!("GET {url} on B failed as expected: {e}"),
-        }
+    let status = status_not_5xx(&b, &narinfo);
+    assert_eq!(
+        status, 200,
+        "expected B to offer C's honest narinfo before C is caught"
+    );
+    // Ask B for the NAR directly: the stream must be cut off, not completed.
+    let served = NarInfoText::read(&b.must_get(&narinfo).text());
+    let url = format!("/{}", served.field("URL"));
+    match b.get(&url) {
+        Ok(response) => assert!(
+            response.status != 200,
+            "GET {url} on B: expected the stream of C's wrong bytes to be aborted, got a complete {}",
+            response.describe()
+        ),
+        Err(e) => eprintln!("GET {url} on B was cut off, as it must be: {e}"),
     }
+    assert_banned(&b, &c.peer_addr());
     let out = b.substitute(&[&up.public], &fx.big);
-    assert_failure("nix-store -r in B when only C2 (a liar) has it", &out);
+    assert_failure("nix-store -r in B when only C (a liar) has it", &out);
     assert!(!b.host.is_valid(&fx.big), "expected nothing valid in B");
-    assert_banned(&b, &c2.peer_addr());
-    expect_status(&b, &narinfo, 404, "the only holder is banned");
+    expect_status(&b, &narinfo, 404, "its only holder is banned");
 }
 
 // ---------------------------------------------------------------------------
@@ -601,38 +618,49 @@ fn a_peer_that_dies_mid_stream_is_resumed_from_another() {
     );
 }
 
-/// E1 answers UDP but refuses TCP; E2 answers UDP, accepts, and never
-/// answers. With `--timeout 1`, narinfo requests for what only they claim get
-/// 404 (never a 5xx, never a hang); a path E2 claims but A really has is
-/// still served from A.
+/// E1 answers UDP but refuses TCP. E2 serves well (earning the better
+/// reputation), then hangs: it still answers UDP and accepts connections but
+/// never answers them. With `--timeout 1`, a path E2 claims and A really has
+/// is still served from A; paths only they claim get 404, never a 5xx.
 #[test]
 fn peers_that_answer_udp_then_vanish_cost_a_404_not_an_error() {
     let fx = realistic_fixture();
     let many = many_fixture();
     let (dir, lan, up) = world("lan_vanished", 4);
+    // A: lib and busybox. E1 claims only script; E2 has many.first (honest,
+    // for its reputation), and claims lib and big.
     let a = signed_host(&dir, &lan, 0, "a", &up, &[&fx.lib], &[]);
     let mut b = signed_host(&dir, &lan, 1, "b", &up, &[], &["--timeout", "1"]);
-    let src = source_store(&dir, &up, &[&many.first, &fx.big, &fx.lib]);
+    let src = source_store(&dir, &up, &[&many.first, &fx.big, &fx.script]);
     let e1 = FakePeer::start(
         &lan,
         2,
-        vec![FakeItem::from_store(&src, &many.first, NarMode::Honest)],
+        vec![FakeItem::from_store(&src, &fx.script, NarMode::Honest)],
         TcpMode::Refuse,
     );
     let e2 = FakePeer::start(
         &lan,
         3,
         vec![
-            FakeItem::from_store(&src, &fx.big, NarMode::Honest),
+            FakeItem::from_store(&src, &many.first, NarMode::Honest),
             FakeItem::from_store(&src, &fx.lib, NarMode::Honest),
+            FakeItem::from_store(&src, &fx.big, NarMode::Honest),
         ],
-        TcpMode::Hang,
+        TcpMode::Serve,
     );
 
-    // A real holder next to a hanging one: served from A.
+    earn_reputation(&b, &up, &many.first, &e2.addr());
+    e2.hang_from_now();
+    let connections = counter(&e2.stats.tcp_connections);
+    // B asks E2 first (better reputation), waits out --timeout, then asks A.
     assert_narinfo_from(&b, &fx.lib, &a);
+    assert!(
+        counter(&e2.stats.tcp_connections) > connections,
+        "expected B to have tried the hanging E2 (better reputation) before A: {:?}",
+        e2.stats
+    );
 
-    for (peer, path) in [(&e1, &many.first), (&e2, &fx.big)] {
+    for (peer, path) in [(&e1, &fx.script), (&e2, &fx.big)] {
         let narinfo = format!("/{}.narinfo", hash_part(path));
         expect_status(
             &b,
@@ -647,11 +675,6 @@ fn peers_that_answer_udp_then_vanish_cost_a_404_not_an_error() {
             peer.stats
         );
     }
-    assert!(
-        counter(&e2.stats.tcp_connections) >= 1,
-        "expected B to have connected to the hanging E2: {:?}",
-        e2.stats
-    );
     for peer in [&e1, &e2] {
         let entry = peer_entry(&b, &peer.addr());
         assert!(

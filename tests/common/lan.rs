@@ -39,6 +39,10 @@ use super::{
 
 /// The port of every peerix on the simulated LAN, for HTTP and UDP alike.
 pub const LAN_PORT: u16 = 12304;
+/// The longest a nix command of a LAN host may run: far more than any of
+/// them needs, and less than the 300 s after which nix retries a stalled
+/// download, so that a stall fails the test instead of hiding in a retry.
+pub const NIX_TIME_LIMIT: Duration = Duration::from_secs(90);
 /// The broadcast address of the simulated LAN.
 pub const BROADCAST: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 255);
 
@@ -201,6 +205,7 @@ impl LanHost {
     pub fn new(dir: &TestDir, lan: &Lan, i: usize, name: &str, paths: &[&str]) -> LanHost {
         let mut host = Host::new(dir, name);
         host.nix.netns = Some(lan.ns(i).to_string());
+        host.nix.time_limit = Some(NIX_TIME_LIMIT);
         if !paths.is_empty() {
             host.add_closure(paths);
         }
@@ -552,6 +557,9 @@ impl FakeStats {
 pub struct FakePeer {
     pub stats: Arc<FakeStats>,
     pub ip: Ipv4Addr,
+    tcp: TcpMode,
+    /// Whether connections are held without an answer (`TcpMode::Hang`).
+    hang: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     connections: Arc<Mutex<Vec<TcpStream>>>,
     threads: Vec<JoinHandle<()>>,
@@ -591,6 +599,8 @@ impl FakePeer {
         let mut peer = FakePeer {
             stats: Arc::new(FakeStats::default()),
             ip: lan_ip(i),
+            tcp,
+            hang: Arc::new(AtomicBool::new(tcp == TcpMode::Hang)),
             stop: Arc::new(AtomicBool::new(false)),
             connections: Arc::new(Mutex::new(Vec::new())),
             threads: Vec::new(),
@@ -606,13 +616,14 @@ impl FakePeer {
             listener
                 .set_nonblocking(true)
                 .expect("nonblocking fake listener");
-            let (stop, stats, conns) = (
+            let (stop, stats, conns, hang) = (
                 peer.stop.clone(),
                 peer.stats.clone(),
                 peer.connections.clone(),
+                peer.hang.clone(),
             );
             peer.threads.push(thread::spawn(move || {
-                fake_accept(&listener, tcp, &stop, &stats, &conns, &items)
+                fake_accept(&listener, &hang, &stop, &stats, &conns, &items)
             }));
         }
         peer
@@ -620,6 +631,16 @@ impl FakePeer {
 
     pub fn addr(&self) -> String {
         format!("{}:{LAN_PORT}", self.ip)
+    }
+
+    /// From now on, hold every new connection without an answer: a peer
+    /// that served well, then hung (UDP still answers).
+    pub fn hang_from_now(&self) {
+        assert!(
+            self.tcp != TcpMode::Refuse,
+            "a fake peer started with TcpMode::Refuse has no listener to hang"
+        );
+        self.hang.store(true, Ordering::SeqCst);
     }
 }
 
@@ -667,7 +688,7 @@ fn fake_udp(
 
 fn fake_accept(
     listener: &TcpListener,
-    tcp: TcpMode,
+    hang: &Arc<AtomicBool>,
     stop: &Arc<AtomicBool>,
     stats: &Arc<FakeStats>,
     connections: &Arc<Mutex<Vec<TcpStream>>>,
@@ -694,10 +715,11 @@ fn fake_accept(
                 .unwrap_or_else(|e| e.into_inner())
                 .push(clone);
         }
+        let hang = hang.load(Ordering::SeqCst);
         let (stop, stats, items) = (stop.clone(), stats.clone(), items.clone());
         handlers.push(thread::spawn(move || {
             let closer = stream.try_clone();
-            let _ = fake_connection(stream, tcp, &stop, &stats, &items);
+            let _ = fake_connection(stream, hang, &stop, &stats, &items);
             // The registry holds a clone of this socket: dropping ours would
             // not close it, so the client would wait for EOF until we stop.
             if let Ok(closer) = closer {
@@ -741,7 +763,7 @@ fn read_head(stream: &mut TcpStream, stop: &AtomicBool) -> Option<String> {
 
 fn fake_connection(
     mut stream: TcpStream,
-    tcp: TcpMode,
+    hang: bool,
     stop: &AtomicBool,
     stats: &FakeStats,
     items: &HashMap<String, FakeItem>,
@@ -749,7 +771,7 @@ fn fake_connection(
     let Some(head) = read_head(&mut stream, stop) else {
         return Ok(());
     };
-    if tcp == TcpMode::Hang {
+    if hang {
         // Never answer; hold the connection until stopped.
         while !stop.load(Ordering::SeqCst) {
             thread::sleep(FAKE_TICK);

@@ -152,6 +152,9 @@ pub struct NixEnv {
     pub cache_dir: PathBuf,
     /// Run the programs inside this network namespace (`ip netns exec`).
     pub netns: Option<String>,
+    /// If set, `try_run` kills a program that runs longer and panics, so a
+    /// stalled download fails the test (nix itself waits 300 s, then retries).
+    pub time_limit: Option<Duration>,
 }
 
 impl NixEnv {
@@ -168,6 +171,7 @@ impl NixEnv {
             user_conf,
             cache_dir,
             netns: None,
+            time_limit: None,
         }
     }
 
@@ -212,11 +216,15 @@ impl NixEnv {
 
     /// Run a nix program and return its output whatever the exit status.
     pub fn try_run<S: AsRef<OsStr>>(&self, program: &str, args: &[S]) -> Output {
-        self.command(program)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap_or_else(|e| panic!("could not run `{}`: {e}", describe(program, args)))
+        let mut cmd = self.command(program);
+        cmd.args(args).stdin(Stdio::null());
+        let what = describe(program, args);
+        match self.time_limit {
+            None => cmd
+                .output()
+                .unwrap_or_else(|e| panic!("could not run `{what}`: {e}")),
+            Some(limit) => output_within(cmd, limit, &what),
+        }
     }
 
     /// Run and return trimmed stdout.
@@ -362,6 +370,62 @@ impl NixEnv {
             secret_file,
             public,
         }
+    }
+}
+
+/// Run `cmd` to completion and collect its output, but kill it and panic if
+/// it runs longer than `limit`.
+fn output_within(mut cmd: Command, limit: Duration, what: &str) -> Output {
+    use std::io::Read;
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("could not run `{what}`: {e}"));
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    };
+    let stdout = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let steps = (limit.as_millis() / POLL_STEP.as_millis()).max(1);
+    let mut status = None;
+    for _ in 0..steps {
+        if let Some(done) = child.try_wait().expect("waiting for a child") {
+            status = Some(done);
+            break;
+        }
+        thread::sleep(POLL_STEP);
+    }
+    let Some(status) = status else {
+        let _ = child.kill();
+        let _ = child.wait();
+        let stderr = stderr.join().unwrap_or_default();
+        panic!(
+            "`{what}` did not finish within {} s and was killed (a stalled download?); its stderr:\n{}",
+            limit.as_secs(),
+            String::from_utf8_lossy(&stderr)
+        );
+    };
+    Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
     }
 }
 
