@@ -18,6 +18,10 @@ use serde::Deserialize;
 pub const DEFAULT_TRUSTED_KEY: &str =
     "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=";
 pub const DEFAULT_PORT: u16 = 12304;
+/// HTTP worker threads. A LAN lookup holds its worker while replies come
+/// in, and nix asks up to 25 narinfos at once, so a handful of workers
+/// would queue its misses; an idle worker costs about 10 KB.
+pub const DEFAULT_WORKERS: usize = 16;
 pub const DEFAULT_DAEMON_SOCKET: &str = "/nix/var/nix/daemon-socket/socket";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/peerix";
 /// How long a LAN query collects replies. Long enough for a peer on Wi-Fi
@@ -186,7 +190,8 @@ Usage: peerix [OPTIONS]
 Options:
   --bind ADDR            address to listen on [default: 0.0.0.0]
   --port N               HTTP port [default: 12304]
-  --workers N            HTTP worker threads [default: 4]
+  --workers N            HTTP worker threads; a LAN lookup holds one for up
+                         to --lan-timeout [default: 16]
   --priority N           Priority in /nix-cache-info, lower is preferred [default: 5]
   --daemon-socket PATH   nix-daemon socket [default: $NIX_DAEMON_SOCKET_PATH,
                          else /nix/var/nix/daemon-socket/socket]
@@ -490,7 +495,10 @@ fn merge(
         file_filter_mode.unwrap_or(FilterMode::Signed)
     };
 
-    let workers = flags.workers.or(file.server.workers).unwrap_or(4);
+    let workers = flags
+        .workers
+        .or(file.server.workers)
+        .unwrap_or(DEFAULT_WORKERS);
     if !(1..=256).contains(&workers) {
         return err(format!("workers: {workers} is out of range (1 to 256)"));
     }

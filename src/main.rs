@@ -16,8 +16,10 @@ use peerix::store::daemon::DaemonPool;
 use peerix::store::policy::SharePolicy;
 use peerix::store::{LocalStore, scanner};
 
-/// Idle daemon connections kept per worker, so each worker rarely reconnects.
-const DAEMON_CONNECTIONS_PER_WORKER: usize = 1;
+/// Idle nix-daemon connections kept at most. Each one is a forked
+/// nix-daemon process, so not one per worker: lookups are short, and most
+/// are answered from the path-info cache.
+const MAX_IDLE_DAEMON_CONNECTIONS: usize = 8;
 
 fn main() -> ExitCode {
     let command = config::parse_args(std::env::args_os().skip(1), &|name| std::env::var_os(name));
@@ -57,8 +59,18 @@ fn start_lan(config: &Config, store: &Arc<LocalStore>) -> Option<Arc<Lan>> {
         log::warn!("LAN discovery needs a fixed --port (peers ask on that UDP port); it is off");
         return None;
     }
+    // Peers fetch what we announce from /local/ over HTTP: with HTTP on
+    // loopback only, announcing would send them to a closed door.
+    let answer_peers = !config.bind.is_loopback();
+    if !answer_peers {
+        log::info!(
+            "HTTP is bound to {}: asking peers, not answering them",
+            config.bind
+        );
+    }
     let index_store = Arc::clone(store);
-    let shares = Box::new(move |hash: &_| index_store.index().get_shared(hash).is_some());
+    let shares =
+        Box::new(move |hash: &_| answer_peers && index_store.index().get_shared(hash).is_some());
     match Lan::start(&config.lan, config.port, config.port, shares) {
         Ok(lan) => {
             log::info!(
@@ -108,7 +120,7 @@ fn run(config: &Config) -> Result<(), String> {
     );
     let daemon = DaemonPool::new(
         config.daemon_socket.clone(),
-        config.workers * DAEMON_CONNECTIONS_PER_WORKER + 1,
+        config.workers.min(MAX_IDLE_DAEMON_CONNECTIONS),
     );
     let store = Arc::new(LocalStore::new(
         daemon,

@@ -85,24 +85,6 @@ mod tests {
         (testdata::DIR_NAR, NarHash::parse(dir.nar_hash).unwrap())
     }
 
-    /// The offset of the first byte of the first non-empty file's contents.
-    fn first_file_byte(nar: &[u8]) -> usize {
-        let mut from = 0;
-        loop {
-            let at = from
-                + nar[from..]
-                    .windows(8)
-                    .position(|w| w == b"contents")
-                    .expect("a file in the vector");
-            let len_at = at + 8;
-            let len = u64::from_le_bytes(nar[len_at..len_at + 8].try_into().unwrap());
-            if len > 0 {
-                return len_at + 8;
-            }
-            from = len_at;
-        }
-    }
-
     #[test]
     fn a_true_nar_passes_in_any_chunking() {
         let (nar, hash) = vector();
@@ -122,7 +104,7 @@ mod tests {
         let size = nar.len() as u64;
         // One byte changed inside the file contents: well-formed, wrong hash.
         let mut flipped = nar.to_vec();
-        flipped[first_file_byte(nar)] ^= 1;
+        flipped[testdata::first_file_byte(nar)] ^= 1;
         let mut check = NarCheck::new(hash, size);
         check.feed(&flipped).unwrap();
         assert!(check.finish().unwrap_err().contains("hashes to"));

@@ -52,6 +52,7 @@ pub struct Resolver {
     client: PeerClient,
     peers: PeerTable,
     trusted_keys: Vec<PublicKey>,
+    timeout: Duration,
     answers: Mutex<HashMap<HashPart, Answer>>,
 }
 
@@ -64,6 +65,7 @@ impl Resolver {
             client: PeerClient::new(timeout),
             peers: PeerTable::new(),
             trusted_keys,
+            timeout,
             answers: Mutex::new(HashMap::new()),
         }
     }
@@ -120,6 +122,7 @@ impl Resolver {
     fn find(&self, hash: &HashPart) -> Option<Offer> {
         let lan = self.lan.as_ref()?;
         let answered = lan.ask(hash);
+        let started = Instant::now();
         let ranked = self.peers.rank(&answered, Instant::now());
         log::debug!(
             "{hash}: {} peer(s) answered, {} usable",
@@ -127,6 +130,12 @@ impl Resolver {
             ranked.len()
         );
         for (i, &peer) in ranked.iter().enumerate() {
+            // Each peer is bounded by the timeout; all of them together by
+            // twice that, so a few hanging peers cannot stall nix for long.
+            if started.elapsed() > self.timeout * 2 {
+                log::warn!("{hash}: peers too slow to answer; giving up");
+                break;
+            }
             match self.verified_narinfo(peer, hash) {
                 Ok(narinfo) => {
                     let source = Holder {
@@ -197,8 +206,10 @@ impl Resolver {
                 .resolve(hash)
                 .filter(|offer| offer.narinfo.nar_hash == *nar_hash)?,
         };
+        // The peer nix's URL names goes first if it is still among those
+        // that offered the path; the URL is not trusted to name any other.
         let mut queue = VecDeque::new();
-        if named != offer.source.peer {
+        if named != offer.source.peer && offer.others.contains(&named) {
             queue.push_back(Pending::Candidate(named));
         }
         queue.push_back(Pending::Known(offer.source.clone()));
@@ -210,6 +221,7 @@ impl Resolver {
             nar_size: offer.narinfo.nar_size,
             queue,
             tried: Vec::new(),
+            refreshed: false,
         })
     }
 
@@ -234,10 +246,33 @@ pub struct NarSource<'r> {
     pub nar_size: u64,
     queue: VecDeque<Pending>,
     tried: Vec<SocketAddr>,
+    /// Whether the LAN was asked again during this transfer.
+    refreshed: bool,
 }
 
 impl NarSource<'_> {
     pub fn next_holder(&mut self) -> Option<Holder> {
+        if let Some(holder) = self.next_queued() {
+            return Some(holder);
+        }
+        // Every known holder failed: the answer may be stale, so ask the
+        // LAN once more before giving up (a failed NAR fails nix's build).
+        if !self.refreshed {
+            self.refreshed = true;
+            if let Some(offer) = self
+                .resolver
+                .resolve(&self.hash)
+                .filter(|offer| offer.narinfo.nar_hash == self.nar_hash)
+            {
+                self.queue.push_back(Pending::Known(offer.source.clone()));
+                self.queue
+                    .extend(offer.others.iter().copied().map(Pending::Candidate));
+            }
+        }
+        self.next_queued()
+    }
+
+    fn next_queued(&mut self) -> Option<Holder> {
         while let Some(pending) = self.queue.pop_front() {
             let peer = match &pending {
                 Pending::Known(holder) => holder.peer,

@@ -68,13 +68,28 @@ pub fn copy(
     peers: &PeerTable,
     sink: &mut dyn Sink,
 ) -> Outcome {
+    copy_in_chunks(plan, CHUNK, next_holder, client, peers, sink)
+}
+
+fn copy_in_chunks(
+    plan: &Plan,
+    chunk: usize,
+    next_holder: &mut dyn FnMut() -> Option<Holder>,
+    client: &PeerClient,
+    peers: &PeerTable,
+    sink: &mut dyn Sink,
+) -> Outcome {
     let mut check = NarCheck::new(plan.nar_hash, plan.nar_size);
     // Bytes of nix's window that are checked but not yet sent.
     let mut held: Vec<u8> = Vec::new();
+    if plan.verify_whole {
+        // One allocation of the final size, not a doubling series.
+        held.reserve_exact((plan.end - plan.start) as usize);
+    }
     let mut begun = false;
     // Holders whose bytes are in `check`: all share the blame for a bad hash.
     let mut sources: Vec<SocketAddr> = Vec::new();
-    let mut buf = vec![0u8; CHUNK.min(plan.nar_size as usize).max(1)];
+    let mut buf = vec![0u8; chunk.min(plan.nar_size as usize).max(1)];
 
     while let Some(holder) = next_holder() {
         let asked = Instant::now();
@@ -203,6 +218,268 @@ fn window<'a>(plan: &Plan, chunk_start: u64, chunk: &'a [u8]) -> &'a [u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nix::testdata;
+    use std::io::{BufRead, BufReader, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    /// How a test peer serves the NAR.
+    #[derive(Clone, Copy)]
+    enum Serves {
+        Honest,
+        /// One byte changed inside a file: well-formed, wrong hash.
+        Flipped,
+        /// Random bytes of the right length.
+        Garbage,
+        /// Promises the whole NAR, sends this many bytes, hangs up.
+        DiesAfter(usize),
+    }
+
+    /// A peer on loopback that serves `/local/nar/x.nar` with Range support,
+    /// one request per connection; stopped on drop.
+    struct TestPeer {
+        addr: SocketAddr,
+        stop: Arc<AtomicBool>,
+        thread: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl TestPeer {
+        fn start(serves: Serves) -> TestPeer {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            let stop = Arc::new(AtomicBool::new(false));
+            let stopping = Arc::clone(&stop);
+            let nar = served_bytes(serves);
+            let thread = std::thread::spawn(move || {
+                for stream in listener.incoming() {
+                    if stopping.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    if let Ok(stream) = stream {
+                        let _ = answer(stream, &nar, serves);
+                    }
+                }
+            });
+            TestPeer {
+                addr,
+                stop,
+                thread: Some(thread),
+            }
+        }
+
+        fn holder(&self) -> Holder {
+            Holder {
+                peer: self.addr,
+                url: "nar/x.nar".into(),
+            }
+        }
+    }
+
+    impl Drop for TestPeer {
+        fn drop(&mut self) {
+            self.stop.store(true, Ordering::Relaxed);
+            let _ = TcpStream::connect(self.addr);
+            if let Some(thread) = self.thread.take() {
+                let _ = thread.join();
+            }
+        }
+    }
+
+    fn true_nar() -> (&'static [u8], NarHash) {
+        let dir = &testdata::SIGNED_PATHS[2];
+        (testdata::DIR_NAR, NarHash::parse(dir.nar_hash).unwrap())
+    }
+
+    fn served_bytes(serves: Serves) -> Vec<u8> {
+        let mut nar = true_nar().0.to_vec();
+        match serves {
+            Serves::Flipped => {
+                let at = testdata::first_file_byte(&nar);
+                nar[at] ^= 0x20;
+            }
+            Serves::Garbage => {
+                for (i, b) in nar.iter_mut().enumerate() {
+                    *b = (i as u8).wrapping_mul(31).wrapping_add(7);
+                }
+            }
+            Serves::Honest | Serves::DiesAfter(_) => {}
+        }
+        nar
+    }
+
+    fn answer(stream: TcpStream, nar: &[u8], serves: Serves) -> io::Result<()> {
+        let mut reader = BufReader::new(stream.try_clone()?);
+        let mut start = 0usize;
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line)? == 0 || line == "\r\n" {
+                break;
+            }
+            if let Some(range) = line.strip_prefix("Range: bytes=") {
+                start = range.trim().trim_end_matches('-').parse().unwrap();
+            }
+        }
+        let mut stream = stream;
+        let body = &nar[start..];
+        let status = if start > 0 {
+            format!(
+                "206 Partial Content\r\nContent-Range: bytes {start}-{}/{}",
+                nar.len() - 1,
+                nar.len()
+            )
+        } else {
+            "200 OK".to_string()
+        };
+        write!(
+            stream,
+            "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        )?;
+        match serves {
+            Serves::DiesAfter(n) => stream.write_all(&body[..n.min(body.len())]),
+            _ => stream.write_all(body),
+        }
+    }
+
+    #[derive(Default)]
+    struct VecSink {
+        begun: bool,
+        bytes: Vec<u8>,
+    }
+
+    impl Sink for VecSink {
+        fn begin(&mut self) -> io::Result<()> {
+            assert!(!self.begun, "begun twice");
+            self.begun = true;
+            Ok(())
+        }
+        fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
+            assert!(self.begun, "written before begin");
+            self.bytes.extend_from_slice(bytes);
+            Ok(())
+        }
+    }
+
+    /// Copies the vector NAR from `holders` in that order.
+    fn run(
+        holders: &[&TestPeer],
+        verify_whole: bool,
+        chunk: usize,
+        window: (u64, u64),
+    ) -> (Outcome, VecSink, PeerTable) {
+        let (nar, nar_hash) = true_nar();
+        let plan = Plan {
+            nar_hash,
+            nar_size: nar.len() as u64,
+            start: window.0,
+            end: window.1,
+            verify_whole,
+        };
+        let mut queue: std::collections::VecDeque<Holder> =
+            holders.iter().map(|p| p.holder()).collect();
+        let client = PeerClient::new(Duration::from_secs(10));
+        let peers = PeerTable::new();
+        let mut sink = VecSink::default();
+        let outcome = copy_in_chunks(
+            &plan,
+            chunk,
+            &mut || queue.pop_front(),
+            &client,
+            &peers,
+            &mut sink,
+        );
+        (outcome, sink, peers)
+    }
+
+    fn whole() -> (u64, u64) {
+        (0, true_nar().0.len() as u64)
+    }
+
+    #[test]
+    fn the_flipped_byte_is_inside_a_file() {
+        // So `Flipped` is a well-formed NAR that only the hash can catch.
+        let (nar, hash) = true_nar();
+        let mut check = super::super::check::NarCheck::new(hash, nar.len() as u64);
+        check.feed(&served_bytes(Serves::Flipped)).unwrap();
+        assert!(check.finish().unwrap_err().contains("hashes to"));
+    }
+
+    #[test]
+    fn an_honest_peer_is_copied_whole_or_streamed() {
+        let honest = TestPeer::start(Serves::Honest);
+        for (verify_whole, chunk) in [(true, CHUNK), (false, CHUNK), (false, 64)] {
+            let (outcome, sink, peers) = run(&[&honest], verify_whole, chunk, whole());
+            assert_eq!(outcome, Outcome::Done);
+            assert!(sink.bytes == true_nar().0, "bytes differ");
+            assert_eq!(peers.record(&honest.addr).unwrap().successes, 1);
+        }
+    }
+
+    #[test]
+    fn a_range_gets_the_right_bytes() {
+        let honest = TestPeer::start(Serves::Honest);
+        let (nar, _) = true_nar();
+        let (outcome, sink, _) = run(&[&honest], false, 64, (100, 900));
+        assert_eq!(outcome, Outcome::Done);
+        assert!(sink.bytes == nar[100..900]);
+    }
+
+    #[test]
+    fn liars_are_banned_and_replaced_before_a_byte_is_sent() {
+        let honest = TestPeer::start(Serves::Honest);
+        for serves in [Serves::Flipped, Serves::Garbage] {
+            let liar = TestPeer::start(serves);
+            // Verified whole, and streamed in one chunk (held back at the end).
+            for (verify_whole, chunk) in [(true, 64), (false, CHUNK)] {
+                let (outcome, sink, peers) = run(&[&liar, &honest], verify_whole, chunk, whole());
+                assert_eq!(outcome, Outcome::Done);
+                assert!(sink.bytes == true_nar().0, "bytes differ");
+                let record = peers.record(&liar.addr).unwrap();
+                assert_eq!(record.lies, 1);
+                assert!(!peers.is_available(&liar.addr, std::time::Instant::now()));
+            }
+        }
+    }
+
+    #[test]
+    fn a_lie_found_after_bytes_went_out_breaks_the_response() {
+        let liar = TestPeer::start(Serves::Flipped);
+        let honest = TestPeer::start(Serves::Honest);
+        let (outcome, sink, peers) = run(&[&liar, &honest], false, 64, whole());
+        assert!(matches!(outcome, Outcome::Broken(_)), "{outcome:?}");
+        // What went out is the liar's, but never the whole NAR: the last
+        // chunk is held back, so the client cannot take it for complete.
+        let nar = true_nar().0;
+        assert!(sink.bytes.len() < nar.len(), "the last chunk went out");
+        assert!(sink.bytes == served_bytes(Serves::Flipped)[..sink.bytes.len()]);
+        assert_eq!(peers.record(&liar.addr).unwrap().lies, 1);
+    }
+
+    #[test]
+    fn garbage_is_refused_before_anything_is_sent() {
+        let liar = TestPeer::start(Serves::Garbage);
+        let (outcome, sink, _) = run(&[&liar], false, 64, whole());
+        assert_eq!(outcome, Outcome::NoHolder);
+        assert!(!sink.begun);
+    }
+
+    #[test]
+    fn a_holder_that_dies_is_replaced_from_where_it_stopped() {
+        let dying = TestPeer::start(Serves::DiesAfter(500));
+        let honest = TestPeer::start(Serves::Honest);
+        for (verify_whole, chunk) in [(false, 64), (true, 64)] {
+            let (outcome, sink, peers) = run(&[&dying, &honest], verify_whole, chunk, whole());
+            assert_eq!(outcome, Outcome::Done);
+            assert!(sink.bytes == true_nar().0, "bytes differ");
+            let record = peers.record(&dying.addr).unwrap();
+            assert_eq!((record.failures, record.lies), (1, 0));
+        }
+        // Alone, it breaks the response once bytes went out.
+        let (outcome, _, _) = run(&[&dying], false, 64, whole());
+        assert!(matches!(outcome, Outcome::Broken(_)), "{outcome:?}");
+    }
 
     #[test]
     fn window_cuts_chunks_to_the_requested_range() {

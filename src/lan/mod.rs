@@ -32,9 +32,12 @@ use packet::{MAX_PACKET, Packet, narinfo_hash, narinfo_url_path};
 
 /// At most this many peers are taken from one query's replies.
 const MAX_CANDIDATES: usize = 8;
-/// Replies per second this host sends in all, and to any one source.
-const REPLY_RATE_TOTAL: f64 = 200.0;
-const REPLY_RATE_PER_SOURCE: f64 = 50.0;
+/// Replies per second this host sends in all, and to any one source. A
+/// `nix-store -r` of a large closure asks a few hundred paths a second, all
+/// of which must be answered; a reply is barely larger than its query, so
+/// these caps are about flooding a spoofed source, not amplification.
+const REPLY_RATE_TOTAL: f64 = 2000.0;
+const REPLY_RATE_PER_SOURCE: f64 = 1000.0;
 /// How often the list of this host's own addresses is refreshed.
 const OWN_ADDRESSES_TTL: Duration = Duration::from_secs(5);
 /// How long a resolved `--extra-peer` name is used before resolving again.

@@ -52,3 +52,21 @@ pub const NARINFOS: &[(&str, &str)] = &[
 /// a symlink and an empty file; and a one-file path.
 pub const DIR_NAR: &[u8] = include_bytes!("testdata/dir.nar");
 pub const FILE_NAR: &[u8] = include_bytes!("testdata/a-txt.nar");
+
+/// The offset of the first byte of the first non-empty file's contents.
+pub fn first_file_byte(nar: &[u8]) -> usize {
+    let mut from = 0;
+    loop {
+        let at = from
+            + nar[from..]
+                .windows(8)
+                .position(|w| w == b"contents")
+                .expect("a file in the vector");
+        let len_at = at + 8;
+        let len = u64::from_le_bytes(nar[len_at..len_at + 8].try_into().unwrap());
+        if len > 0 {
+            return len_at + 8;
+        }
+        from = len_at;
+    }
+}

@@ -9,6 +9,8 @@
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/../.." && pwd)
+# shellcheck source=tests/bench/lib.sh
+. "$repo/tests/bench/lib.sh"
 seconds=${BENCH_SECONDS:-5}
 work=$(mktemp -d /tmp/peerix-bench.XXXXXX)
 chmod 755 "$work" # nginx workers run as nobody
@@ -16,17 +18,11 @@ pids=()       # our direct children: nix-daemon, peerix, nginx (master)
 daemon_pid=
 
 cleanup() {
-    # nix-daemon forks one worker per client connection (peerix's pool). Stop
-    # peerix, nginx and those workers (by their parent's id) first, and give
-    # the daemon up to 5 s to reap them, so none is left a zombie.
+    # Peerix and nginx first, then the daemon and its workers.
     for pid in "${pids[@]}"; do
         [ "$pid" = "$daemon_pid" ] || kill "$pid" 2>/dev/null || true
     done
-    if [ -n "$daemon_pid" ]; then
-        pkill -TERM -P "$daemon_pid" 2>/dev/null || true
-        for _ in $(seq 50); do pgrep -P "$daemon_pid" >/dev/null || break; sleep 0.1; done
-        kill "$daemon_pid" 2>/dev/null || true
-    fi
+    [ -z "$daemon_pid" ] || stop_daemon "$daemon_pid"
     for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
     rm -rf "$work"
 }
@@ -44,24 +40,10 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_for() { # wait_for DESCRIPTION COMMAND...: up to 60 s
-    local what=$1; shift
-    for _ in $(seq 600); do "$@" >/dev/null 2>&1 && return 0; sleep 0.1; done
-    echo "timed out waiting for $what" >&2; return 1
-}
-log() { printf '# %s\n' "$*" >&2; }
 
-# An offline nix, as in the integration tests.
-mkdir -p "$work/conf" "$work/busybox/bin"
-printf 'experimental-features = nix-command\nsubstituters =\nbuild-users-group =\nsandbox = false\n' >"$work/conf/nix.conf"
-: >"$work/empty.conf"
-export NIX_CONF_DIR=$work/conf NIX_USER_CONF_FILES=$work/empty.conf XDG_CACHE_HOME=$work/cache
-cp /bin/busybox "$work/busybox/bin/busybox"
-ln -s busybox "$work/busybox/bin/sh"
-
+offline_nix "$work"
 log "building the store (cached after the first run)"
-big=$(nix-build "$repo/tests/bench/big.nix" --no-out-link --arg busyboxDir "$work/busybox")
-top=$(nix-build "$repo/tests/fixtures/many.nix" --no-out-link --max-jobs 8 --arg busyboxDir "$work/busybox" -A top)
+build_bench_paths "$repo" "$work"
 store=$work/a
 nix copy --no-check-sigs --to "$store" "$big" "$top"
 nix-store --generate-binary-cache-key bench-1 "$work/sk" "$work/pk"
@@ -119,11 +101,9 @@ nginx -c "$work/nginx.conf" &
 pids+=($!)
 wait_for "nginx" curl -sf "http://127.0.0.1:$nginx_port/nix-cache-info"
 
-rss() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
 sleep 1
 idle_rss=$(rss "$peerix_pid" VmRSS)
 
-hash_of() { basename "$1" | cut -c1-32; }
 big_hash=$(hash_of "$big")
 hit=$(hash_of "$top")
 miss=0000000000000000000000000000000a # valid nix32, in neither store
@@ -218,7 +198,6 @@ parallel_download() { # parallel_download URL N
     rm -f "$work/sizes"
     awk -v b="$bytes" -v s="$start" -v e="$end" 'BEGIN { printf "%.0f\n", b / (e - s) / 1048576 }'
 }
-median() { sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 # Single downloads alternate between the servers, so drift hits both alike.
 # Each takes well under a second here, so many rounds are cheap.
 rounds=9
