@@ -19,8 +19,7 @@
 //!   answered UDP and then refuses or hangs on TCP costs a 404, not a 5xx.
 //! - A path the share policy keeps private gets no UDP reply and 404s.
 //! - Garbage, truncated, oversized, unknown and unsolicited packets are
-//!   dropped and counted, and fetching still works; a burst of requests from
-//!   one source is rate limited.
+//!   dropped and counted, and fetching still works.
 //! - `--no-broadcast --extra-peer` asks only that peer; `--no-broadcast`
 //!   alone finds nothing; `--no-lan` opens no UDP socket.
 
@@ -767,8 +766,7 @@ fn a_path_the_policy_keeps_private_gets_no_lan_reply_and_no_local_answer() {
 
 /// Garbage, truncated, oversized, unknown-type and unsolicited packets sent to
 /// A and B are each dropped and counted; neither crashes, and B still fetches
-/// from A afterwards. A burst of valid requests from one source is rate
-/// limited.
+/// from A afterwards.
 #[test]
 fn malformed_and_unsolicited_packets_are_dropped_and_counted() {
     let many = many_fixture();
@@ -836,30 +834,6 @@ fn malformed_and_unsolicited_packets_are_dropped_and_counted() {
         "nix-store -r in B after the bad packets",
     );
     assert_same_closure(&a, &b, &up, &many.first);
-
-    // A burst of valid requests from one source: A must not answer them all
-    // (it would amplify a flood towards a spoofed sender).
-    const BURST: u32 = 500;
-    let limited_before = a.lan_counter("replies_rate_limited");
-    for id in 0..BURST {
-        probe
-            .send_to(&request_packet(0xb000_0000 + id, hash), (a.ip, LAN_PORT))
-            .expect("sending a burst request");
-    }
-    poll_until("A to count rate-limited replies after a burst", || {
-        let health = a.peerix().health()?;
-        match health["lan"]["replies_rate_limited"].as_u64() {
-            Some(now) if now > limited_before => Ok(()),
-            _ => Err(health["lan"].to_string()),
-        }
-    });
-    let replies = collect_datagrams(&probe, "replies to the burst", |_| true, Duration::ZERO);
-    assert!(
-        replies.len() < BURST as usize,
-        "expected A to rate-limit a burst of {BURST} requests from one source, it sent {} replies",
-        replies.len()
-    );
-    a.peerix_mut().assert_alive_without_panic();
 }
 
 // ---------------------------------------------------------------------------
