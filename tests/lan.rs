@@ -506,11 +506,13 @@ fn a_large_nar_with_one_wrong_byte_is_aborted_and_the_retry_gets_it_from_a() {
 
 /// When the only holder is a liar (one byte wrong in a small NAR), the
 /// failure is clean: the narinfo never gets a 5xx, nix fails, nothing becomes
-/// valid in B, and the liar is banned. After the ban, B must answer the
-/// narinfo 404: a narinfo whose only holder is banned would make every nix
-/// fail on the NAR instead of moving on to its next substituter.
+/// valid in B, and the liar is banned. After the ban, B must answer 404 for
+/// what only the liar offers, including an intact path whose narinfo B
+/// looked up before the ban: a narinfo whose only holder is banned would make
+/// nix fail on the NAR instead of moving on to its next substituter.
 #[test]
 fn when_the_only_holder_of_a_small_nar_lies_the_fetch_fails_cleanly() {
+    let fx = realistic_fixture();
     let many = many_fixture();
     let (dir, lan, up) = world("lan_alone_small", 2);
     let b = signed_host(&dir, &lan, 0, "b", &up, &[], &[]);
@@ -519,15 +521,23 @@ fn when_the_only_holder_of_a_small_nar_lies_the_fetch_fails_cleanly() {
         file: "",
         offset: 0,
     };
-    let c = corrupt_host(&dir, &lan, 1, "c", &up, &[&many.first], bad);
+    let c = corrupt_host(&dir, &lan, 1, "c", &up, &[&many.first, &fx.busybox], bad);
 
     let narinfo = format!("/{}.narinfo", hash_part(&many.first));
     status_not_5xx(&b, &narinfo);
+    let other = format!("/{}.narinfo", hash_part(&fx.busybox));
+    expect_status(&b, &other, 200, "C offers an intact path, not yet caught");
     let out = b.substitute(&[&up.public], &many.first);
     assert_failure("nix-store -r in B when only C (a liar) has it", &out);
     assert!(!b.host.is_valid(&many.first), "expected nothing valid in B");
     assert_banned(&b, &c.peer_addr());
     expect_status(&b, &narinfo, 404, "its only holder is banned");
+    expect_status(
+        &b,
+        &other,
+        404,
+        "its only holder was banned after B looked it up",
+    );
 }
 
 /// The same with a large NAR (streamed): B's NAR response is never a
@@ -620,8 +630,9 @@ fn a_peer_that_dies_mid_stream_is_resumed_from_another() {
 
 /// E1 answers UDP but refuses TCP. E2 serves well (earning the better
 /// reputation), then hangs: it still answers UDP and accepts connections but
-/// never answers them. With `--timeout 1`, a path E2 claims and A really has
-/// is still served from A; paths only they claim get 404, never a 5xx.
+/// never answers them. With `--timeout 1.5` (decimals are allowed), a path
+/// E2 claims and A really has is still served from A; paths only they claim
+/// get 404, never a 5xx.
 #[test]
 fn peers_that_answer_udp_then_vanish_cost_a_404_not_an_error() {
     let fx = realistic_fixture();
@@ -630,7 +641,7 @@ fn peers_that_answer_udp_then_vanish_cost_a_404_not_an_error() {
     // A: lib and busybox. E1 claims only script; E2 has many.first (honest,
     // for its reputation), and claims lib and big.
     let a = signed_host(&dir, &lan, 0, "a", &up, &[&fx.lib], &[]);
-    let mut b = signed_host(&dir, &lan, 1, "b", &up, &[], &["--timeout", "1"]);
+    let mut b = signed_host(&dir, &lan, 1, "b", &up, &[], &["--timeout", "1.5"]);
     let src = source_store(&dir, &up, &[&many.first, &fx.big, &fx.script]);
     let e1 = FakePeer::start(
         &lan,
