@@ -112,6 +112,16 @@ impl Lan {
         assert!((1..=250).contains(&n), "a LAN of {n} hosts");
         let tag = format!("{:x}x{:x}", std::process::id(), unique_number());
         let switch = format!("pxl{tag}s");
+        let names: Vec<String> = std::iter::once(switch.clone())
+            .chain((0..n).map(|i| format!("pxl{tag}h{i}")))
+            .collect();
+        // A namespace with our pid in its name can only be left over from a
+        // killed run of an earlier process that had the same pid.
+        for name in &names {
+            if Path::new("/run/netns").join(name).exists() {
+                let _ = ip(&["netns", "del", name]);
+            }
+        }
         ip_ok(&["netns", "add", &switch]);
         // From here on, Drop cleans up even if a later step fails.
         let mut lan = Lan {
@@ -121,8 +131,8 @@ impl Lan {
         let sw = lan.switch.clone();
         ip_ok(&["-n", &sw, "link", "add", "br0", "type", "bridge"]);
         ip_ok(&["-n", &sw, "link", "set", "br0", "up"]);
-        for i in 0..n {
-            let ns = format!("pxl{tag}h{i}");
+        for (i, ns) in names[1..].iter().enumerate() {
+            let ns = ns.clone();
             ip_ok(&["netns", "add", &ns]);
             lan.hosts.push(ns.clone());
             let port = format!("p{i}");
