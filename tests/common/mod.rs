@@ -187,14 +187,7 @@ impl NixEnv {
     }
 
     pub fn command(&self, program: &str) -> Command {
-        let mut cmd = match &self.netns {
-            Some(ns) => {
-                let mut cmd = Command::new("ip");
-                cmd.args(["netns", "exec", ns, program]);
-                cmd
-            }
-            None => Command::new(program),
-        };
+        let mut cmd = netns_command(self.netns.as_deref(), program);
         self.apply(&mut cmd);
         cmd
     }
@@ -373,36 +366,40 @@ impl NixEnv {
     }
 }
 
+/// A command for `program`, inside network namespace `netns` if given
+/// (`ip netns exec` execs the program, so the child's pid is the program's).
+pub fn netns_command(netns: Option<&str>, program: impl AsRef<OsStr>) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut cmd = Command::new("ip");
+            cmd.args(["netns", "exec", ns]).arg(program);
+            cmd
+        }
+        None => Command::new(program),
+    }
+}
+
+/// Read a child's pipe to the end on a thread of its own.
+fn drain<R: std::io::Read + Send + 'static>(pipe: Option<R>) -> thread::JoinHandle<Vec<u8>> {
+    thread::spawn(move || {
+        let mut bytes = Vec::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_end(&mut bytes);
+        }
+        bytes
+    })
+}
+
 /// Run `cmd` to completion and collect its output, but kill it and panic if
 /// it runs longer than `limit`.
 fn output_within(mut cmd: Command, limit: Duration, what: &str) -> Output {
-    use std::io::Read;
     let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("could not run `{what}`: {e}"));
-    let drain = |pipe: Option<Box<dyn Read + Send>>| {
-        thread::spawn(move || {
-            let mut bytes = Vec::new();
-            if let Some(mut pipe) = pipe {
-                let _ = pipe.read_to_end(&mut bytes);
-            }
-            bytes
-        })
-    };
-    let stdout = drain(
-        child
-            .stdout
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
-    let stderr = drain(
-        child
-            .stderr
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
+    let stdout = drain(child.stdout.take());
+    let stderr = drain(child.stderr.take());
     let steps = (limit.as_millis() / POLL_STEP.as_millis()).max(1);
     let mut status = None;
     for _ in 0..steps {
@@ -907,14 +904,7 @@ impl Peerix {
         let state_dir = dir.subdir(&format!("peerix-state-{n}"));
         let stderr_path = dir.join(&format!("peerix-{n}.stderr"));
         let stderr = fs::File::create(&stderr_path).expect("creating peerix stderr file");
-        let mut cmd = match netns {
-            Some(ns) => {
-                let mut cmd = Command::new("ip");
-                cmd.args(["netns", "exec", ns]).arg(peerix_binary());
-                cmd
-            }
-            None => Command::new(peerix_binary()),
-        };
+        let mut cmd = netns_command(netns, peerix_binary());
         host.nix.apply(&mut cmd);
         cmd.arg("--bind")
             .arg(bind)
