@@ -14,9 +14,14 @@
 //!   is skipped, a garbage NAR or a well-formed NAR with one byte changed
 //!   falls through to the honest A (small NARs before nix sees a byte; large
 //!   ones by aborting the stream, so at most one nix attempt fails), and the
-//!   liar is banned. Alone, a liar makes the fetch fail cleanly.
+//!   liar is banned. Alone, a liar makes the fetch fail cleanly, and after
+//!   the ban nothing it offered is handed to nix.
 //! - A peer that dies mid-stream is resumed from another by Range; one that
-//!   answered UDP and then refuses or hangs on TCP costs a 404, not a 5xx.
+//!   answered UDP and then refuses or hangs on TCP costs a 404, not a 5xx,
+//!   and does not keep B from an honest holder.
+//!
+//! Every nix command of a LAN host is bounded (90 s): a stalled download
+//! fails the test instead of waiting out nix's 300 s stall timeout.
 //! - A path the share policy keeps private gets no UDP reply and 404s.
 //! - Garbage, truncated, oversized, unknown and unsolicited packets are
 //!   dropped and counted, and fetching still works.
