@@ -23,6 +23,7 @@
 #![allow(dead_code)]
 
 pub mod http;
+pub mod lan;
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
@@ -149,6 +150,11 @@ pub struct NixEnv {
     pub conf_dir: PathBuf,
     pub user_conf: PathBuf,
     pub cache_dir: PathBuf,
+    /// Run the programs inside this network namespace (`ip netns exec`).
+    pub netns: Option<String>,
+    /// If set, `try_run` kills a program that runs longer and panics, so a
+    /// stalled download fails the test (nix itself waits 300 s, then retries).
+    pub time_limit: Option<Duration>,
 }
 
 impl NixEnv {
@@ -164,6 +170,8 @@ impl NixEnv {
             conf_dir,
             user_conf,
             cache_dir,
+            netns: None,
+            time_limit: None,
         }
     }
 
@@ -179,7 +187,7 @@ impl NixEnv {
     }
 
     pub fn command(&self, program: &str) -> Command {
-        let mut cmd = Command::new(program);
+        let mut cmd = netns_command(self.netns.as_deref(), program);
         self.apply(&mut cmd);
         cmd
     }
@@ -201,11 +209,15 @@ impl NixEnv {
 
     /// Run a nix program and return its output whatever the exit status.
     pub fn try_run<S: AsRef<OsStr>>(&self, program: &str, args: &[S]) -> Output {
-        self.command(program)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap_or_else(|e| panic!("could not run `{}`: {e}", describe(program, args)))
+        let mut cmd = self.command(program);
+        cmd.args(args).stdin(Stdio::null());
+        let what = describe(program, args);
+        match self.time_limit {
+            None => cmd
+                .output()
+                .unwrap_or_else(|e| panic!("could not run `{what}`: {e}")),
+            Some(limit) => output_within(cmd, limit, &what),
+        }
     }
 
     /// Run and return trimmed stdout.
@@ -351,6 +363,66 @@ impl NixEnv {
             secret_file,
             public,
         }
+    }
+}
+
+/// A command for `program`, inside network namespace `netns` if given
+/// (`ip netns exec` execs the program, so the child's pid is the program's).
+pub fn netns_command(netns: Option<&str>, program: impl AsRef<OsStr>) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut cmd = Command::new("ip");
+            cmd.args(["netns", "exec", ns]).arg(program);
+            cmd
+        }
+        None => Command::new(program),
+    }
+}
+
+/// Read a child's pipe to the end on a thread of its own.
+fn drain<R: std::io::Read + Send + 'static>(pipe: Option<R>) -> thread::JoinHandle<Vec<u8>> {
+    thread::spawn(move || {
+        let mut bytes = Vec::new();
+        if let Some(mut pipe) = pipe {
+            let _ = pipe.read_to_end(&mut bytes);
+        }
+        bytes
+    })
+}
+
+/// Run `cmd` to completion and collect its output, but kill it and panic if
+/// it runs longer than `limit`.
+fn output_within(mut cmd: Command, limit: Duration, what: &str) -> Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("could not run `{what}`: {e}"));
+    let stdout = drain(child.stdout.take());
+    let stderr = drain(child.stderr.take());
+    let steps = (limit.as_millis() / POLL_STEP.as_millis()).max(1);
+    let mut status = None;
+    for _ in 0..steps {
+        if let Some(done) = child.try_wait().expect("waiting for a child") {
+            status = Some(done);
+            break;
+        }
+        thread::sleep(POLL_STEP);
+    }
+    let Some(status) = status else {
+        let _ = child.kill();
+        let _ = child.wait();
+        let stderr = stderr.join().unwrap_or_default();
+        panic!(
+            "`{what}` did not finish within {} s and was killed (a stalled download?); its stderr:\n{}",
+            limit.as_secs(),
+            String::from_utf8_lossy(&stderr)
+        );
+    };
+    Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
     }
 }
 
@@ -776,9 +848,11 @@ pub enum Readiness {
 /// the test dir and is printed when the test fails.
 pub struct Peerix {
     pub port: u16,
-    /// Where clients on this machine reach it (always loopback).
+    /// Where clients reach it: loopback, in its network namespace.
     pub addr: SocketAddr,
     pub stderr_path: PathBuf,
+    /// The network namespace it runs in; `None` is this machine's own.
+    pub netns: Option<String>,
     child: Child,
 }
 
@@ -790,8 +864,10 @@ impl Peerix {
     }
 
     /// Spawn peerix with `--bind bind --port <free> --daemon-socket
-    /// <host socket> --store-root <host root> --state-dir <fresh>` plus
-    /// `extra`, then wait as `readiness` says.
+    /// <host socket> --store-root <host root> --state-dir <fresh> --no-lan`
+    /// plus `extra`, then wait as `readiness` says. In this machine's own
+    /// network namespace LAN mode would broadcast on its real interfaces, so
+    /// it is always off here; LAN tests use [`Peerix::spawn_in_netns`].
     pub fn spawn(
         dir: &TestDir,
         host: &Host,
@@ -799,12 +875,36 @@ impl Peerix {
         extra: &[&str],
         readiness: Readiness,
     ) -> Peerix {
+        Peerix::launch(dir, host, None, bind, free_port(), extra, readiness)
+    }
+
+    /// Spawn peerix inside network namespace `netns` (`ip netns exec`) on
+    /// `0.0.0.0:port` there, with LAN mode as `extra` says.
+    pub fn spawn_in_netns(
+        dir: &TestDir,
+        host: &Host,
+        netns: &str,
+        port: u16,
+        extra: &[&str],
+        readiness: Readiness,
+    ) -> Peerix {
+        Peerix::launch(dir, host, Some(netns), "0.0.0.0", port, extra, readiness)
+    }
+
+    fn launch(
+        dir: &TestDir,
+        host: &Host,
+        netns: Option<&str>,
+        bind: &str,
+        port: u16,
+        extra: &[&str],
+        readiness: Readiness,
+    ) -> Peerix {
         let n = unique_number();
-        let port = free_port();
         let state_dir = dir.subdir(&format!("peerix-state-{n}"));
         let stderr_path = dir.join(&format!("peerix-{n}.stderr"));
         let stderr = fs::File::create(&stderr_path).expect("creating peerix stderr file");
-        let mut cmd = Command::new(peerix_binary());
+        let mut cmd = netns_command(netns, peerix_binary());
         host.nix.apply(&mut cmd);
         cmd.arg("--bind")
             .arg(bind)
@@ -817,6 +917,7 @@ impl Peerix {
             .arg("--state-dir")
             .arg(&state_dir)
             .arg("--verbose")
+            .args(netns.is_none().then_some("--no-lan"))
             .args(extra)
             .env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null())
@@ -827,6 +928,7 @@ impl Peerix {
             port,
             addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
             stderr_path,
+            netns: netns.map(str::to_string),
             child,
         };
         match readiness {
@@ -844,7 +946,13 @@ impl Peerix {
 
     /// `/health` as JSON, or why not.
     pub fn health(&self) -> Result<serde_json::Value, String> {
-        let response = http::get(self.addr, "/health").map_err(|e| format!("GET /health: {e}"))?;
+        let addr = self.addr;
+        let get = move || http::get(addr, "/health");
+        let response = match &self.netns {
+            Some(ns) => lan::in_netns(ns, get),
+            None => get(),
+        }
+        .map_err(|e| format!("GET /health: {e}"))?;
         serde_json::from_slice(&response.body).map_err(|e| {
             format!(
                 "/health answered {} with non-JSON body ({e}): {}",

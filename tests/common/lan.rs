@@ -1,0 +1,916 @@
+//! A simulated LAN for peerix's LAN mode, on one machine.
+//!
+//! [`Lan`] builds a "switch" network namespace holding a Linux bridge and, per
+//! host, a namespace joined to the bridge by a veth pair, with address
+//! `10.77.0.<i+1>/24` and broadcast `10.77.0.255`. Each test's namespaces are
+//! its own, so the subnet repeats freely; only namespace names are global, and
+//! they carry the process id and a counter. The veth ends are created inside
+//! the namespaces (`p<i>` in the switch, `eth0` in the host), so no interface
+//! ever appears in this machine's own namespace and no traffic leaves the test.
+//!
+//! [`LanHost`] is a [`Host`] (chroot store + its own nix-daemon) living in one
+//! of those namespaces, with its own peerix on `0.0.0.0:12304` there; nix
+//! commands for it run inside the namespace against `http://127.0.0.1:12304`.
+//!
+//! [`FakePeer`] is an adversarial peer run by the test process itself: threads
+//! whose sockets live in a host's namespace, answering the LAN packets (encoded
+//! here by hand, so the test checks the wire format) and serving `/local/...`
+//! with a chosen misbehaviour.
+//!
+//! Everything is stopped and deleted by `Drop`, also when a test panics.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+use super::http::{self, Response};
+use super::{
+    Host, KeyPair, NixEnv, Peerix, Readiness, TestDir, hash_part, poll_until, unique_number,
+};
+
+/// The port of every peerix on the simulated LAN, for HTTP and UDP alike.
+pub const LAN_PORT: u16 = 12304;
+/// The longest a nix command of a LAN host may run: far more than any of
+/// them needs, and less than the 300 s after which nix retries a stalled
+/// download, so that a stall fails the test instead of hiding in a retry.
+pub const NIX_TIME_LIMIT: Duration = Duration::from_secs(90);
+/// The broadcast address of the simulated LAN.
+pub const BROADCAST: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 255);
+
+/// The address of host `i` on the simulated LAN.
+pub fn lan_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 77, 0, u8::try_from(i + 1).expect("at most 254 hosts"))
+}
+
+// ---------------------------------------------------------------------------
+// Entering a namespace
+// ---------------------------------------------------------------------------
+
+/// Run `f` on a fresh thread that has moved into network namespace `ns`, and
+/// return its result. Sockets created in `f` belong to `ns` for good, so they
+/// may be handed back and used from any thread.
+pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+    let path = format!("/run/netns/{ns}");
+    thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let file = std::fs::File::open(&path)
+                    .unwrap_or_else(|e| panic!("opening {path} to enter netns {ns}: {e}"));
+                rustix::thread::move_into_link_name_space(
+                    file.as_fd(),
+                    Some(rustix::thread::LinkNameSpaceType::Network),
+                )
+                .unwrap_or_else(|e| panic!("entering netns {ns}: {e}"));
+                f()
+            })
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+fn ip(args: &[&str]) -> Output {
+    Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running `ip` (install iproute2)")
+}
+
+fn ip_ok(args: &[&str]) {
+    let out = ip(args);
+    assert!(
+        out.status.success(),
+        "expected `ip {}` to succeed, it failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+// ---------------------------------------------------------------------------
+// The topology
+// ---------------------------------------------------------------------------
+
+/// A switch namespace with a bridge, and `n` host namespaces on it. The
+/// namespaces are deleted on drop (which deletes the bridge and the veths).
+pub struct Lan {
+    pub switch: String,
+    /// Namespace names of the hosts; host `i` has address [`lan_ip`]`(i)`.
+    pub hosts: Vec<String>,
+}
+
+impl Lan {
+    pub fn new(n: usize) -> Lan {
+        assert!((1..=250).contains(&n), "a LAN of {n} hosts");
+        let tag = format!("{:x}x{:x}", std::process::id(), unique_number());
+        let switch = format!("pxl{tag}s");
+        let names: Vec<String> = std::iter::once(switch.clone())
+            .chain((0..n).map(|i| format!("pxl{tag}h{i}")))
+            .collect();
+        // A namespace with our pid in its name can only be left over from a
+        // killed run of an earlier process that had the same pid.
+        for name in &names {
+            if Path::new("/run/netns").join(name).exists() {
+                let _ = ip(&["netns", "del", name]);
+            }
+        }
+        ip_ok(&["netns", "add", &switch]);
+        // From here on, Drop cleans up even if a later step fails.
+        let mut lan = Lan {
+            switch,
+            hosts: Vec::new(),
+        };
+        let sw = lan.switch.clone();
+        ip_ok(&["-n", &sw, "link", "add", "br0", "type", "bridge"]);
+        ip_ok(&["-n", &sw, "link", "set", "br0", "up"]);
+        for (i, ns) in names[1..].iter().enumerate() {
+            let ns = ns.clone();
+            ip_ok(&["netns", "add", &ns]);
+            lan.hosts.push(ns.clone());
+            let port = format!("p{i}");
+            ip_ok(&[
+                "-n", &sw, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
+                &ns,
+            ]);
+            ip_ok(&["-n", &sw, "link", "set", &port, "master", "br0"]);
+            ip_ok(&["-n", &sw, "link", "set", &port, "up"]);
+            let addr = format!("{}/24", lan_ip(i));
+            ip_ok(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &addr,
+                "brd",
+                &BROADCAST.to_string(),
+                "dev",
+                "eth0",
+            ]);
+            ip_ok(&["-n", &ns, "link", "set", "eth0", "up"]);
+            ip_ok(&["-n", &ns, "link", "set", "lo", "up"]);
+        }
+        // Without STP a bridge port forwards as soon as it is up; check it,
+        // so that a lost first broadcast never looks like a peerix bug.
+        for i in 0..n {
+            let port = format!("p{i}");
+            poll_until(&format!("bridge port {port} in {sw} to forward"), || {
+                let out = ip(&["-n", &sw, "-d", "link", "show", &port]);
+                let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                if text.contains("state forwarding") && text.contains("LOWER_UP") {
+                    Ok(())
+                } else {
+                    Err(text)
+                }
+            });
+        }
+        lan
+    }
+
+    /// Namespace name of host `i`.
+    pub fn ns(&self, i: usize) -> &str {
+        &self.hosts[i]
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        for ns in self.hosts.iter().chain(std::iter::once(&self.switch)) {
+            let out = ip(&["netns", "del", ns]);
+            if !out.status.success() {
+                eprintln!(
+                    "warning: could not delete netns {ns}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Hosts on the LAN
+// ---------------------------------------------------------------------------
+
+/// A host on the simulated LAN: a chroot store with its own nix-daemon, nix
+/// commands run in the host's namespace, and (once started) its own peerix.
+pub struct LanHost {
+    /// Declared first so that it stops before the daemon it talks to.
+    pub peerix: Option<Peerix>,
+    pub host: Host,
+    pub ns: String,
+    pub ip: Ipv4Addr,
+    dir: PathBuf,
+}
+
+impl LanHost {
+    /// Host `i` of `lan`, its store holding the closures of `paths` (unsigned,
+    /// like local builds), its nix-daemon running. No peerix yet.
+    pub fn new(dir: &TestDir, lan: &Lan, i: usize, name: &str, paths: &[&str]) -> LanHost {
+        let mut host = Host::new(dir, name);
+        host.nix.netns = Some(lan.ns(i).to_string());
+        host.nix.time_limit = Some(NIX_TIME_LIMIT);
+        if !paths.is_empty() {
+            host.add_closure(paths);
+        }
+        host.start_daemon();
+        LanHost {
+            peerix: None,
+            host,
+            ns: lan.ns(i).to_string(),
+            ip: lan_ip(i),
+            dir: dir.path.clone(),
+        }
+    }
+
+    /// Start peerix in this host's namespace on port 12304, trusting `key`
+    /// (for shared paths and peers' narinfos alike), plus `extra` flags; waits
+    /// for its first scan.
+    pub fn start_peerix(&mut self, dir: &TestDir, key: &KeyPair, extra: &[&str]) {
+        assert!(
+            self.peerix.is_none(),
+            "peerix of {} already runs",
+            self.name()
+        );
+        let mut args = vec!["--trusted-key", key.public.as_str()];
+        args.extend_from_slice(extra);
+        self.peerix = Some(Peerix::spawn_in_netns(
+            dir,
+            &self.host,
+            &self.ns,
+            LAN_PORT,
+            &args,
+            Readiness::Scanned,
+        ));
+    }
+
+    pub fn name(&self) -> &str {
+        &self.host.name
+    }
+
+    pub fn peerix(&self) -> &Peerix {
+        self.peerix
+            .as_ref()
+            .unwrap_or_else(|| panic!("peerix of host {} is not running", self.host.name))
+    }
+
+    pub fn peerix_mut(&mut self) -> &mut Peerix {
+        let name = self.host.name.clone();
+        self.peerix
+            .as_mut()
+            .unwrap_or_else(|| panic!("peerix of host {name} is not running"))
+    }
+
+    /// This host's peerix as peers see it: `<ip>:12304`.
+    pub fn peer_addr(&self) -> String {
+        format!("{}:{LAN_PORT}", self.ip)
+    }
+
+    /// The local substituter URL, valid inside this host's namespace.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{LAN_PORT}")
+    }
+
+    /// A nix environment in this host's namespace with a fresh
+    /// `XDG_CACHE_HOME`, so that no narinfo answer (positive or negative) of
+    /// an earlier command is reused.
+    pub fn nix(&self) -> NixEnv {
+        let mut env = self.host.nix.clone();
+        env.cache_dir = self
+            .dir
+            .join(format!("{}-xdg-{}", self.host.name, unique_number()));
+        std::fs::create_dir_all(&env.cache_dir).expect("creating a fresh XDG_CACHE_HOME");
+        env
+    }
+
+    /// `nix-store -r PATH` into this host's store with its own peerix as the
+    /// only substituter and `keys` as the only trusted keys.
+    pub fn substitute(&self, keys: &[&str], path: &str) -> Output {
+        self.nix()
+            .substitute(&self.host.store(), &self.url(), keys, path)
+    }
+
+    /// `nix store verify -r` in this host's store, trusting only `keys`.
+    pub fn verify(&self, keys: &[&str], paths: &[&str]) -> Output {
+        self.nix().verify(&self.host.store(), keys, paths)
+    }
+
+    /// GET `path` from this host's own peerix, from inside its namespace
+    /// (so the root endpoints answer).
+    pub fn get(&self, path: &str) -> io::Result<Response> {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, LAN_PORT));
+        let path = path.to_string();
+        in_netns(&self.ns, move || http::get(addr, &path))
+    }
+
+    /// GET that must answer; panics with the error otherwise.
+    pub fn must_get(&self, path: &str) -> Response {
+        self.get(path).unwrap_or_else(|e| {
+            panic!(
+                "GET {path} from peerix of {}: expected a response, got {e}",
+                self.name()
+            )
+        })
+    }
+
+    /// `/health` of this host's peerix.
+    pub fn health(&self) -> serde_json::Value {
+        self.peerix()
+            .health()
+            .unwrap_or_else(|e| panic!("/health of {}: {e}", self.name()))
+    }
+
+    /// A number under `/health`'s `lan` object (0 if absent).
+    pub fn lan_counter(&self, key: &str) -> u64 {
+        self.health()["lan"][key].as_u64().unwrap_or(0)
+    }
+
+    /// The `/health` `peers` entry for `addr` (`ip:port`), if any.
+    pub fn peer_entry(&self, addr: &str) -> Option<serde_json::Value> {
+        self.health()["peers"]
+            .as_array()?
+            .iter()
+            .find(|p| p["addr"] == addr)
+            .cloned()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Raw LAN packets, encoded by hand from the documented wire format
+// ---------------------------------------------------------------------------
+
+/// `[0x00][id u32 BE][32-char hash part]`
+pub fn request_packet(id: u32, hash: &str) -> Vec<u8> {
+    let mut packet = vec![0u8];
+    packet.extend_from_slice(&id.to_be_bytes());
+    packet.extend_from_slice(hash.as_bytes());
+    packet
+}
+
+/// `[0x01][id u32 BE][http port u32 BE]["local/<hash>.narinfo"]`
+pub fn response_packet(id: u32, port: u32, hash: &str) -> Vec<u8> {
+    let mut packet = vec![1u8];
+    packet.extend_from_slice(&id.to_be_bytes());
+    packet.extend_from_slice(&port.to_be_bytes());
+    packet.extend_from_slice(format!("local/{hash}.narinfo").as_bytes());
+    packet
+}
+
+/// A request packet, if `packet` is exactly one: `(id, hash part)`.
+fn parse_request(packet: &[u8]) -> Option<(u32, String)> {
+    if packet.len() != 37 || packet[0] != 0 {
+        return None;
+    }
+    let id = u32::from_be_bytes(packet[1..5].try_into().ok()?);
+    let hash = std::str::from_utf8(&packet[5..]).ok()?;
+    Some((id, hash.to_string()))
+}
+
+/// A UDP socket for probing the LAN by hand, bound to an ephemeral port in
+/// namespace `ns`, allowed to broadcast. Reads time out after 100 ms.
+pub fn probe_socket(ns: &str) -> UdpSocket {
+    let socket = in_netns(ns, || UdpSocket::bind("0.0.0.0:0"))
+        .unwrap_or_else(|e| panic!("binding a UDP probe socket in {ns}: {e}"));
+    socket.set_broadcast(true).expect("SO_BROADCAST on probe");
+    socket
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("read timeout on probe");
+    socket
+}
+
+/// Collect datagrams on `socket` until `done` says so (bounded by
+/// `poll_until`'s limit), then for `linger` more. Returns `(sender, bytes)`.
+pub fn collect_datagrams(
+    socket: &UdpSocket,
+    what: &str,
+    done: impl Fn(&[(SocketAddr, Vec<u8>)]) -> bool,
+    linger: Duration,
+) -> Vec<(SocketAddr, Vec<u8>)> {
+    let mut got: Vec<(SocketAddr, Vec<u8>)> = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    poll_until(what, || {
+        // Each poll step drains what has arrived; recv times out in 100 ms.
+        while let Ok((n, from)) = socket.recv_from(&mut buf) {
+            got.push((from, buf[..n].to_vec()));
+        }
+        if done(&got) {
+            Ok(())
+        } else {
+            Err(format!("{} datagrams so far: {:?}", got.len(), got))
+        }
+    });
+    let steps = linger.as_millis() / 100 + 1;
+    for _ in 0..steps {
+        if let Ok((n, from)) = socket.recv_from(&mut buf) {
+            got.push((from, buf[..n].to_vec()));
+        }
+    }
+    got
+}
+
+// ---------------------------------------------------------------------------
+// Fixtures for the LAN tests
+// ---------------------------------------------------------------------------
+
+/// The narinfo a peer serves under `/local` for `info`, written from the path
+/// info as nix prints it (not by peerix), with the NAR URL relative to /local.
+pub fn narinfo_for(info: &super::PathInfo) -> String {
+    let hash = hash_part(&info.path);
+    let nix32 = info.nar_hash.trim_start_matches("sha256:");
+    let refs: Vec<&str> = info
+        .references
+        .iter()
+        .map(|r| super::base_name(r))
+        .collect();
+    let mut text = format!(
+        "StorePath: {}\nURL: nar/{hash}-{nix32}.nar\nCompression: none\nNarHash: {}\nNarSize: {}\nReferences: {}\n",
+        info.path,
+        info.nar_hash,
+        info.nar_size,
+        refs.join(" ")
+    );
+    if let Some(deriver) = &info.deriver {
+        text.push_str(&format!("Deriver: {}\n", super::base_name(deriver)));
+    }
+    for sig in &info.signatures {
+        text.push_str(&format!("Sig: {sig}\n"));
+    }
+    if let Some(ca) = &info.ca {
+        text.push_str(&format!("CA: {ca}\n"));
+    }
+    text
+}
+
+/// The NAR file name under `nar/` for `info`.
+pub fn nar_file(info: &super::PathInfo) -> String {
+    format!(
+        "{}-{}.nar",
+        hash_part(&info.path),
+        info.nar_hash.trim_start_matches("sha256:")
+    )
+}
+
+/// XOR one byte of a file in place (same size): the NAR stays well-formed, but
+/// its hash no longer matches the store's NarHash.
+pub fn flip_byte(file: &Path, offset: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(file)
+        .unwrap_or_else(|e| panic!("opening {} to corrupt it: {e}", file.display()));
+    let mut byte = [0u8; 1];
+    f.read_exact_at(&mut byte, offset)
+        .unwrap_or_else(|e| panic!("reading byte {offset} of {}: {e}", file.display()));
+    byte[0] ^= 0x01;
+    f.write_all_at(&byte, offset)
+        .unwrap_or_else(|e| panic!("writing byte {offset} of {}: {e}", file.display()));
+}
+
+/// `len` bytes of deterministic garbage.
+pub fn garbage(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+// The fake peer
+// ---------------------------------------------------------------------------
+
+/// How a fake peer serves a NAR.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NarMode {
+    /// The real bytes (and `Range: bytes=N-` honoured).
+    Honest,
+    /// `200` with the right Content-Length, but bytes that are not the NAR.
+    Garbage,
+    /// `200` with the right Content-Length; send this many real bytes, then close.
+    CloseAfter(u64),
+}
+
+/// How a fake peer's TCP side behaves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcpMode {
+    /// Serve `/local/...` as its items say.
+    Serve,
+    /// No TCP listener at all: connections are refused.
+    Refuse,
+    /// Accept connections, read the request, never answer (until stopped).
+    Hang,
+}
+
+/// One path a fake peer claims to have.
+#[derive(Clone)]
+pub struct FakeItem {
+    pub hash: String,
+    pub narinfo: String,
+    /// The NAR file name under `/local/nar/`.
+    pub nar_file: String,
+    pub nar: Arc<Vec<u8>>,
+    pub mode: NarMode,
+}
+
+impl FakeItem {
+    /// `path` as it is in `source`'s store (narinfo from `nix path-info`, NAR
+    /// from `nix-store --dump`), served as `mode` says.
+    pub fn from_store(source: &Host, path: &str, mode: NarMode) -> FakeItem {
+        let info = source
+            .path_infos(&[path], false)
+            .pop()
+            .unwrap_or_else(|| panic!("path info of {path} in {}", source.name));
+        FakeItem {
+            hash: hash_part(path).to_string(),
+            narinfo: narinfo_for(&info),
+            nar_file: nar_file(&info),
+            nar: Arc::new(source.dump(path)),
+            mode,
+        }
+    }
+}
+
+/// What a fake peer has seen and done.
+#[derive(Default, Debug)]
+pub struct FakeStats {
+    pub udp_requests: AtomicU64,
+    pub udp_replies: AtomicU64,
+    pub tcp_connections: AtomicU64,
+    pub narinfo_requests: AtomicU64,
+    pub nar_requests: AtomicU64,
+    /// NAR responses cut short on purpose (`CloseAfter`).
+    pub nars_cut: AtomicU64,
+    /// NAR responses that sent garbage.
+    pub nars_garbage: AtomicU64,
+}
+
+impl FakeStats {
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::SeqCst)
+    }
+}
+
+/// An adversarial peer in a host's namespace: answers LAN requests for its
+/// items on UDP 12304 and serves `/local/...` on TCP 12304 as `TcpMode` says.
+/// Stopped (threads joined, connections shut) on drop.
+pub struct FakePeer {
+    pub stats: Arc<FakeStats>,
+    pub ip: Ipv4Addr,
+    tcp: TcpMode,
+    /// Whether connections are held without an answer (`TcpMode::Hang`).
+    hang: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    connections: Arc<Mutex<Vec<TcpStream>>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// Poll interval of the fake peer's loops: how fast it notices a stop.
+const FAKE_TICK: Duration = Duration::from_millis(50);
+/// Upper bound on anything a fake peer's connection waits for.
+const FAKE_IO_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl FakePeer {
+    /// Start a fake peer in host `i`'s namespace of `lan`.
+    pub fn start(lan: &Lan, i: usize, items: Vec<FakeItem>, tcp: TcpMode) -> FakePeer {
+        let ns = lan.ns(i).to_string();
+        let items: Arc<HashMap<String, FakeItem>> =
+            Arc::new(items.into_iter().map(|i| (i.hash.clone(), i)).collect());
+        let (udp, listener) = in_netns(&ns, || {
+            let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+            socket.set_reuse_address(true)?;
+            socket.set_broadcast(true)?;
+            let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, LAN_PORT));
+            socket.bind(&addr.into())?;
+            let udp: UdpSocket = socket.into();
+            let listener = match tcp {
+                TcpMode::Refuse => None,
+                TcpMode::Serve | TcpMode::Hang => {
+                    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+                    socket.set_reuse_address(true)?;
+                    socket.bind(&addr.into())?;
+                    socket.listen(64)?;
+                    Some(TcpListener::from(socket))
+                }
+            };
+            io::Result::Ok((udp, listener))
+        })
+        .unwrap_or_else(|e| panic!("binding the fake peer's sockets in {ns}: {e}"));
+        let mut peer = FakePeer {
+            stats: Arc::new(FakeStats::default()),
+            ip: lan_ip(i),
+            tcp,
+            hang: Arc::new(AtomicBool::new(tcp == TcpMode::Hang)),
+            stop: Arc::new(AtomicBool::new(false)),
+            connections: Arc::new(Mutex::new(Vec::new())),
+            threads: Vec::new(),
+        };
+        udp.set_read_timeout(Some(FAKE_TICK))
+            .expect("read timeout on fake UDP socket");
+        {
+            let (stop, stats, items) = (peer.stop.clone(), peer.stats.clone(), items.clone());
+            peer.threads
+                .push(thread::spawn(move || fake_udp(&udp, &stop, &stats, &items)));
+        }
+        if let Some(listener) = listener {
+            listener
+                .set_nonblocking(true)
+                .expect("nonblocking fake listener");
+            let (stop, stats, conns, hang) = (
+                peer.stop.clone(),
+                peer.stats.clone(),
+                peer.connections.clone(),
+                peer.hang.clone(),
+            );
+            peer.threads.push(thread::spawn(move || {
+                fake_accept(&listener, &hang, &stop, &stats, &conns, &items)
+            }));
+        }
+        peer
+    }
+
+    pub fn addr(&self) -> String {
+        format!("{}:{LAN_PORT}", self.ip)
+    }
+
+    /// From now on, hold every new connection without an answer: a peer
+    /// that served well, then hung (UDP still answers).
+    pub fn hang_from_now(&self) {
+        assert!(
+            self.tcp != TcpMode::Refuse,
+            "a fake peer started with TcpMode::Refuse has no listener to hang"
+        );
+        self.hang.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for FakePeer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for stream in self
+            .connections
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+        for handle in self.threads.drain(..) {
+            let _ = handle.join();
+        }
+    }
+}
+
+fn fake_udp(
+    socket: &UdpSocket,
+    stop: &AtomicBool,
+    stats: &FakeStats,
+    items: &HashMap<String, FakeItem>,
+) {
+    let mut buf = [0u8; 2048];
+    while !stop.load(Ordering::SeqCst) {
+        let (n, from) = match socket.recv_from(&mut buf) {
+            Ok(got) => got,
+            Err(_) => continue, // timeout: check the stop flag
+        };
+        let Some((id, hash)) = parse_request(&buf[..n]) else {
+            continue;
+        };
+        stats.udp_requests.fetch_add(1, Ordering::SeqCst);
+        if items.contains_key(&hash) {
+            let reply = response_packet(id, u32::from(LAN_PORT), &hash);
+            if socket.send_to(&reply, from).is_ok() {
+                stats.udp_replies.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+fn fake_accept(
+    listener: &TcpListener,
+    hang: &Arc<AtomicBool>,
+    stop: &Arc<AtomicBool>,
+    stats: &Arc<FakeStats>,
+    connections: &Arc<Mutex<Vec<TcpStream>>>,
+    items: &Arc<HashMap<String, FakeItem>>,
+) {
+    let mut handlers: Vec<JoinHandle<()>> = Vec::new();
+    while !stop.load(Ordering::SeqCst) {
+        let stream = match listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                thread::sleep(FAKE_TICK / 5);
+                continue;
+            }
+            Err(_) => continue,
+        };
+        stats.tcp_connections.fetch_add(1, Ordering::SeqCst);
+        let _ = stream.set_nonblocking(false);
+        let _ = stream.set_nodelay(true);
+        let _ = stream.set_read_timeout(Some(FAKE_TICK));
+        let _ = stream.set_write_timeout(Some(FAKE_IO_TIMEOUT));
+        if let Ok(clone) = stream.try_clone() {
+            connections
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(clone);
+        }
+        let hang = hang.load(Ordering::SeqCst);
+        let (stop, stats, items) = (stop.clone(), stats.clone(), items.clone());
+        handlers.push(thread::spawn(move || {
+            let closer = stream.try_clone();
+            let _ = fake_connection(stream, hang, &stop, &stats, &items);
+            // The registry holds a clone of this socket: dropping ours would
+            // not close it, so the client would wait for EOF until we stop.
+            if let Ok(closer) = closer {
+                let _ = closer.shutdown(Shutdown::Both);
+            }
+        }));
+    }
+    for handler in handlers {
+        let _ = handler.join();
+    }
+}
+
+/// Read one request head; `None` if the client left or we were stopped.
+fn read_head(stream: &mut TcpStream, stop: &AtomicBool) -> Option<String> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    let limit = FAKE_IO_TIMEOUT.as_millis() / FAKE_TICK.as_millis();
+    for _ in 0..limit {
+        if stop.load(Ordering::SeqCst) {
+            return None;
+        }
+        match stream.read(&mut buf) {
+            Ok(0) => return None,
+            Ok(n) => {
+                head.extend_from_slice(&buf[..n]);
+                if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                    return Some(String::from_utf8_lossy(&head[..end]).into_owned());
+                }
+                if head.len() > 64 * 1024 {
+                    return None;
+                }
+            }
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::TimedOut => {
+            }
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
+fn fake_connection(
+    mut stream: TcpStream,
+    hang: bool,
+    stop: &AtomicBool,
+    stats: &FakeStats,
+    items: &HashMap<String, FakeItem>,
+) -> io::Result<()> {
+    let Some(head) = read_head(&mut stream, stop) else {
+        return Ok(());
+    };
+    if hang {
+        // Never answer; hold the connection until stopped.
+        while !stop.load(Ordering::SeqCst) {
+            thread::sleep(FAKE_TICK);
+        }
+        return Ok(());
+    }
+    let mut lines = head.lines();
+    let request_line = lines.next().unwrap_or("");
+    let mut parts = request_line.split_whitespace();
+    let method = parts.next().unwrap_or("");
+    let target = parts.next().unwrap_or("");
+    let range_start: Option<u64> = lines
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("range"))
+        .and_then(|(_, v)| {
+            v.trim()
+                .strip_prefix("bytes=")?
+                .strip_suffix('-')?
+                .parse()
+                .ok()
+        });
+    let head_only = method == "HEAD";
+    let path = target.split('?').next().unwrap_or("");
+
+    let respond = |stream: &mut TcpStream, status: &str, headers: &str, body: &[u8]| {
+        let text = format!(
+            "HTTP/1.1 {status}\r\nConnection: close\r\n{headers}Content-Length: {}\r\n\r\n",
+            body.len()
+        );
+        stream.write_all(text.as_bytes())?;
+        if !head_only {
+            stream.write_all(body)?;
+        }
+        stream.flush()
+    };
+
+    if path == "/local/nix-cache-info" {
+        return respond(
+            &mut stream,
+            "200 OK",
+            "Content-Type: text/x-nix-cache-info\r\n",
+            b"StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 5\n",
+        );
+    }
+    if let Some(hash) = path
+        .strip_prefix("/local/")
+        .and_then(|p| p.strip_suffix(".narinfo"))
+    {
+        stats.narinfo_requests.fetch_add(1, Ordering::SeqCst);
+        return match items.get(hash) {
+            Some(item) => respond(
+                &mut stream,
+                "200 OK",
+                "Content-Type: text/x-nix-narinfo\r\n",
+                item.narinfo.as_bytes(),
+            ),
+            None => respond(&mut stream, "404 Not Found", "", b"not found\n"),
+        };
+    }
+    let item = path
+        .strip_prefix("/local/nar/")
+        .and_then(|file| items.values().find(|i| i.nar_file == file));
+    let Some(item) = item else {
+        return respond(&mut stream, "404 Not Found", "", b"not found\n");
+    };
+    stats.nar_requests.fetch_add(1, Ordering::SeqCst);
+    let size = item.nar.len() as u64;
+    match item.mode {
+        NarMode::Honest => match range_start {
+            Some(start) if start < size => {
+                let headers = format!(
+                    "Content-Type: application/x-nix-nar\r\nAccept-Ranges: bytes\r\nContent-Range: bytes {start}-{}/{size}\r\n",
+                    size - 1
+                );
+                respond(
+                    &mut stream,
+                    "206 Partial Content",
+                    &headers,
+                    &item.nar[start as usize..],
+                )
+            }
+            _ => respond(
+                &mut stream,
+                "200 OK",
+                "Content-Type: application/x-nix-nar\r\nAccept-Ranges: bytes\r\n",
+                &item.nar,
+            ),
+        },
+        NarMode::Garbage => {
+            stats.nars_garbage.fetch_add(1, Ordering::SeqCst);
+            respond(
+                &mut stream,
+                "200 OK",
+                "Content-Type: application/x-nix-nar\r\nAccept-Ranges: bytes\r\n",
+                &garbage(item.nar.len(), size),
+            )
+        }
+        NarMode::CloseAfter(n) => {
+            stats.nars_cut.fetch_add(1, Ordering::SeqCst);
+            let text = format!(
+                "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Type: application/x-nix-nar\r\nAccept-Ranges: bytes\r\nContent-Length: {size}\r\n\r\n"
+            );
+            stream.write_all(text.as_bytes())?;
+            if !head_only {
+                let n = n.min(size) as usize;
+                stream.write_all(&item.nar[..n])?;
+            }
+            stream.flush()?;
+            stream.shutdown(Shutdown::Both)
+        }
+    }
+}
+
+/// Wait until `host`'s `/health` shows the peer `addr` as `ready` says;
+/// returns that entry.
+pub fn wait_peer(
+    host: &LanHost,
+    addr: &str,
+    what: &str,
+    ready: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    poll_until(what, || {
+        let health = host.peerix().health()?;
+        let entry = health["peers"]
+            .as_array()
+            .and_then(|peers| peers.iter().find(|p| p["addr"] == addr).cloned());
+        match entry {
+            Some(entry) if ready(&entry) => Ok(entry),
+            _ => Err(format!("peers of {}: {}", host.name(), health["peers"])),
+        }
+    })
+}
