@@ -961,3 +961,43 @@ fn a_nar_whose_files_change_mid_transfer_aborts_the_connection() {
     );
     http::expect_status(peerix.addr, &nar_path, 404);
 }
+
+/// Nix opens many keep-alive connections at once and keeps them open. Every
+/// one of them must be answered while the others stay open: a connection
+/// queued behind another one's thread would wait until that one closes.
+#[test]
+fn a_burst_of_keep_alive_connections_is_answered_in_full() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::time::Duration;
+
+    let dir = TestDir::new("burst");
+    let a = Host::new(&dir, "a");
+    let peerix = Peerix::spawn(&dir, &a, "127.0.0.1", &[], Readiness::Listening);
+    const ROUNDS: usize = 20;
+    const CONNECTIONS: usize = 16;
+    for round in 0..ROUNDS {
+        let mut streams: Vec<TcpStream> = (0..CONNECTIONS)
+            .map(|_| TcpStream::connect(peerix.addr).expect("connecting to peerix"))
+            .collect();
+        for stream in &mut streams {
+            stream
+                .write_all(b"GET /nix-cache-info HTTP/1.1\r\nHost: peerix\r\n\r\n")
+                .expect("sending a request");
+        }
+        for (n, stream) in streams.iter_mut().enumerate() {
+            // Generous: an answered request takes well under a millisecond.
+            stream
+                .set_read_timeout(Some(Duration::from_secs(20)))
+                .unwrap();
+            let mut head = [0u8; 12];
+            let answered = stream.read_exact(&mut head);
+            assert!(
+                answered.is_ok() && &head == b"HTTP/1.1 200",
+                "round {round}: connection {n} of {CONNECTIONS}, all kept open, got no 200 \
+                 ({answered:?}, {:?})",
+                String::from_utf8_lossy(&head)
+            );
+        }
+    }
+}
