@@ -19,14 +19,14 @@
 //! - A peer that dies mid-stream is resumed from another by Range; one that
 //!   answered UDP and then refuses or hangs on TCP costs a 404, not a 5xx,
 //!   and does not keep B from an honest holder.
-//!
-//! Every nix command of a LAN host is bounded (90 s): a stalled download
-//! fails the test instead of waiting out nix's 300 s stall timeout.
 //! - A path the share policy keeps private gets no UDP reply and 404s.
 //! - Garbage, truncated, oversized, unknown and unsolicited packets are
 //!   dropped and counted, and fetching still works.
 //! - `--no-broadcast --extra-peer` asks only that peer; `--no-broadcast`
 //!   alone finds nothing; `--no-lan` opens no UDP socket.
+//!
+//! Every nix command of a LAN host is bounded (90 s): a stalled download
+//! fails the test instead of waiting out nix's 300 s stall timeout.
 
 mod common;
 

@@ -89,11 +89,16 @@ impl Resolver {
         &self.buffers
     }
 
-    /// A peer's offer of `hash`, from the cache or asked for now.
+    /// A peer's offer of `hash`, from the cache or asked for now. A cached
+    /// offer from a peer that has failed or lied since is asked for again.
     pub fn offer(&self, hash: &HashPart) -> Option<Arc<Offer>> {
         let now = Instant::now();
         if let Some(answer) = self.lock_answers().get(hash)
             && answer.expires > now
+            && answer
+                .offer
+                .as_ref()
+                .is_none_or(|offer| self.peers.is_available(&offer.source.peer, now))
         {
             return answer.offer.clone();
         }
@@ -129,14 +134,30 @@ impl Resolver {
     fn find(&self, hash: &HashPart) -> Option<Offer> {
         let lan = self.lan.as_ref()?;
         // A peer that has served us well is answer enough: no need to wait
-        // for others (they are asked again if it fails).
-        let answered = lan.ask(hash, &|so_far| {
+        // for the others. If it then fails, it is in backoff, and the LAN is
+        // asked again, this time waiting for everyone.
+        let proven = |so_far: &[SocketAddr]| {
             so_far
                 .iter()
                 .any(|peer| self.peers.is_proven(peer, Instant::now()))
-        });
+        };
+        let answered = lan.ask(hash, &proven);
+        let cut_short = proven(&answered);
+        if let Some(offer) = self.first_verified(hash, &answered) {
+            return Some(offer);
+        }
+        if cut_short {
+            let answered = lan.ask(hash, &|_| false);
+            return self.first_verified(hash, &answered);
+        }
+        None
+    }
+
+    /// The offer of the best-ranked peer among `answered` whose narinfo
+    /// checks out; the rest are kept as fallbacks.
+    fn first_verified(&self, hash: &HashPart, answered: &[SocketAddr]) -> Option<Offer> {
         let started = Instant::now();
-        let ranked = self.peers.rank(&answered, Instant::now());
+        let ranked = self.peers.rank(answered, Instant::now());
         log::debug!(
             "{hash}: {} peer(s) answered, {} usable",
             answered.len(),
