@@ -194,9 +194,12 @@ struct Copier<'p> {
     pool: &'p BufferPool,
     /// Read buffers, shared with the hashing thread while it hashes them.
     buffers: Vec<Arc<Vec<u8>>>,
-    /// Bytes of nix's window that are checked but not yet sent: the whole
-    /// NAR when it is verified before sending, else only its last chunk.
+    /// Bytes of nix's window that are checked but not yet sent, when the
+    /// whole NAR is verified before sending.
     held: Vec<u8>,
+    /// When streaming: the part of the last chunk that is held back until
+    /// the hash is known, as a buffer and a range of it.
+    held_last: Option<(usize, std::ops::Range<usize>)>,
     begun: bool,
     /// Holders whose bytes are in `check`: all share the blame for a bad hash.
     sources: Vec<SocketAddr>,
@@ -216,6 +219,7 @@ impl<'p> Copier<'p> {
             pool,
             buffers: Vec::new(),
             held,
+            held_last: None,
             begun: false,
             sources: Vec::new(),
         }
@@ -299,12 +303,14 @@ impl<'p> Copier<'p> {
                     // The thread only ends with this copy, so a send cannot fail.
                     let _ = parallel.jobs.send(HashJob::Bytes(Arc::clone(buf), n));
                 }
-                let part = window(plan, chunk_start, &buf[..n]);
-                if plan.verify_whole || self.check.is_complete() {
-                    // Held until the hash is known.
-                    self.held.extend_from_slice(part);
+                let part = window_range(plan, chunk_start, n);
+                if plan.verify_whole {
+                    self.held.extend_from_slice(&buf[part]);
+                } else if self.check.is_complete() {
+                    // Held until the hash is known, in place.
+                    self.held_last = Some((i, part));
                 } else if !part.is_empty()
-                    && let Err(outcome) = send(sink, &mut self.begun, part)
+                    && let Err(outcome) = send(sink, &mut self.begun, &buf[part])
                 {
                     return outcome;
                 }
@@ -317,7 +323,11 @@ impl<'p> Copier<'p> {
             });
             match failure {
                 None => {
-                    if let Err(outcome) = send(sink, &mut self.begun, &self.held) {
+                    let rest = match &self.held_last {
+                        Some((i, part)) => &self.buffers[*i][part.clone()],
+                        None => &self.held[..],
+                    };
+                    if let Err(outcome) = send(sink, &mut self.begun, rest) {
                         return outcome;
                     }
                     let latency = first_byte.unwrap_or_default();
@@ -380,6 +390,7 @@ impl<'p> Copier<'p> {
             let _ = parallel.jobs.send(HashJob::Reset);
         }
         self.held.clear();
+        self.held_last = None;
     }
 }
 
@@ -403,12 +414,13 @@ fn send(sink: &mut dyn Sink, begun: &mut bool, bytes: &[u8]) -> Result<(), Outco
     })
 }
 
-/// The part of a chunk at NAR offset `chunk_start` that lies in nix's window.
-fn window<'a>(plan: &Plan, chunk_start: u64, chunk: &'a [u8]) -> &'a [u8] {
-    let chunk_end = chunk_start + chunk.len() as u64;
+/// The part of a chunk at NAR offset `chunk_start` that lies in nix's
+/// window, as a range of the chunk.
+fn window_range(plan: &Plan, chunk_start: u64, len: usize) -> std::ops::Range<usize> {
+    let chunk_end = chunk_start + len as u64;
     let from = plan.start.clamp(chunk_start, chunk_end) - chunk_start;
     let to = plan.end.clamp(chunk_start, chunk_end) - chunk_start;
-    &chunk[from as usize..to as usize]
+    from as usize..to as usize
 }
 
 #[cfg(test)]
@@ -688,15 +700,18 @@ mod tests {
             verify_whole: false,
         };
         let chunk: Vec<u8> = (0..8).collect();
-        assert_eq!(window(&plan, 0, &chunk), b"");
-        assert_eq!(window(&plan, 8, &chunk), &[2, 3, 4, 5, 6, 7]);
-        assert_eq!(window(&plan, 16, &chunk), &[0, 1, 2, 3]);
-        assert_eq!(window(&plan, 24, &chunk), b"");
+        assert_eq!(&chunk[window_range(&plan, 0, chunk.len())], b"");
+        assert_eq!(
+            &chunk[window_range(&plan, 8, chunk.len())],
+            &[2, 3, 4, 5, 6, 7]
+        );
+        assert_eq!(&chunk[window_range(&plan, 16, chunk.len())], &[0, 1, 2, 3]);
+        assert_eq!(&chunk[window_range(&plan, 24, chunk.len())], b"");
         let all = Plan {
             start: 0,
             end: 100,
             ..plan
         };
-        assert_eq!(window(&all, 40, &chunk), &chunk[..]);
+        assert_eq!(&chunk[window_range(&all, 40, chunk.len())], &chunk[..]);
     }
 }
