@@ -108,19 +108,13 @@ pub struct PeerSpec {
 
 impl PeerSpec {
     pub fn parse(text: &str) -> Result<PeerSpec, String> {
-        let (host, port) = if let Some(rest) = text.strip_prefix('[') {
-            // [v6]:port or [v6]
-            let (host, after) = rest
-                .split_once(']')
-                .ok_or_else(|| format!("`{text}`: missing `]`"))?;
-            match after {
-                "" => (host, None),
-                _ => match after.strip_prefix(':') {
-                    Some(port) => (host, Some(port)),
-                    None => return Err(format!("`{text}`: expected `:PORT` after `]`")),
-                },
-            }
-        } else if text.matches(':').count() == 1 {
+        if text.starts_with('[') || text.matches(':').count() > 1 {
+            // The LAN socket is IPv4, as broadcast is.
+            return Err(format!(
+                "`{text}`: IPv6 peers are not supported; give an IPv4 address or a name"
+            ));
+        }
+        let (host, port) = if text.matches(':').count() == 1 {
             let (host, port) = text.split_once(':').unwrap_or((text, ""));
             (host, Some(port))
         } else {
@@ -146,11 +140,7 @@ impl PeerSpec {
 
 impl fmt::Display for PeerSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.host.contains(':') {
-            write!(f, "[{}]:{}", self.host, self.port)
-        } else {
-            write!(f, "{}:{}", self.host, self.port)
-        }
+        write!(f, "{}:{}", self.host, self.port)
     }
 }
 
@@ -659,8 +649,6 @@ mod tests {
             path.to_str().unwrap(),
             "--extra-peer",
             "10.0.0.7:4000",
-            "--extra-peer",
-            "[fd00::1]:5",
             "--lan-timeout",
             "100",
         ])
@@ -674,7 +662,7 @@ mod tests {
             .iter()
             .map(|p| p.to_string())
             .collect();
-        assert_eq!(peers, ["pi.lan:12304", "10.0.0.7:4000", "[fd00::1]:5"]);
+        assert_eq!(peers, ["pi.lan:12304", "10.0.0.7:4000"]);
         let (path, _guard) = write_config("[server]\ntimeout = 10\n[lan]\ndiscovery = false\n");
         let config = run(&["--config", path.to_str().unwrap()]).unwrap();
         assert_eq!(

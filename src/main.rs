@@ -16,10 +16,10 @@ use peerix::store::daemon::DaemonPool;
 use peerix::store::policy::SharePolicy;
 use peerix::store::{LocalStore, scanner};
 
-/// Idle nix-daemon connections kept at most. Each one is a forked
-/// nix-daemon process, so not one per worker: lookups are short, and most
-/// are answered from the path-info cache.
-const MAX_IDLE_DAEMON_CONNECTIONS: usize = 8;
+/// nix-daemon connections open at most. Each one is a forked nix-daemon
+/// process, so not one per worker: lookups take about 100 µs, and most are
+/// answered from the path-info cache.
+const MAX_DAEMON_CONNECTIONS: usize = 8;
 
 fn main() -> ExitCode {
     let command = config::parse_args(std::env::args_os().skip(1), &|name| std::env::var_os(name));
@@ -120,7 +120,7 @@ fn run(config: &Config) -> Result<(), String> {
     );
     let daemon = DaemonPool::new(
         config.daemon_socket.clone(),
-        config.workers.min(MAX_IDLE_DAEMON_CONNECTIONS),
+        config.workers.min(MAX_DAEMON_CONNECTIONS),
     );
     let store = Arc::new(LocalStore::new(
         daemon,

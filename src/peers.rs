@@ -17,6 +17,8 @@ pub const FIRST_BACKOFF: Duration = Duration::from_secs(2);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// How long a peer that served wrong data is shunned.
 pub const LIAR_BAN: Duration = Duration::from_secs(24 * 3600);
+/// Peers remembered at most.
+const MAX_PEERS: usize = 1024;
 
 /// What went wrong with a peer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,12 +38,16 @@ pub struct PeerRecord {
     /// Smoothed time to first byte, in milliseconds.
     pub latency_ms: Option<f64>,
     consecutive_failures: u32,
-    shunned_until: Option<Instant>,
+    /// In backoff after failing until then; a success ends it.
+    backoff_until: Option<Instant>,
+    /// Banned for lying until then; nothing ends it early.
+    banned_until: Option<Instant>,
 }
 
 impl PeerRecord {
     pub fn is_available(&self, now: Instant) -> bool {
-        self.shunned_until.is_none_or(|until| now >= until)
+        self.backoff_until.is_none_or(|until| now >= until)
+            && self.banned_until.is_none_or(|until| now >= until)
     }
 
     /// Higher is better: reliability first, then speed.
@@ -68,13 +74,26 @@ impl PeerTable {
         self.peers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The record of `peer`, made if new. The table is bounded: when full,
+    /// records of peers in good standing are forgotten first.
+    fn entry(peers: &mut HashMap<SocketAddr, PeerRecord>, peer: SocketAddr) -> &mut PeerRecord {
+        if peers.len() >= MAX_PEERS && !peers.contains_key(&peer) {
+            let now = Instant::now();
+            peers.retain(|_, r| !r.is_available(now));
+            if peers.len() >= MAX_PEERS {
+                peers.clear();
+            }
+        }
+        peers.entry(peer).or_default()
+    }
+
     pub fn record_success(&self, peer: SocketAddr, bytes: u64, latency: Duration) {
         let mut peers = self.lock();
-        let record = peers.entry(peer).or_default();
+        let record = Self::entry(&mut peers, peer);
         record.successes += 1;
         record.bytes += bytes;
         record.consecutive_failures = 0;
-        record.shunned_until = None;
+        record.backoff_until = None;
         let ms = latency.as_secs_f64() * 1000.0;
         record.latency_ms = Some(match record.latency_ms {
             Some(old) => old * 0.8 + ms * 0.2,
@@ -84,22 +103,22 @@ impl PeerTable {
 
     pub fn record_failure(&self, peer: SocketAddr, failure: Failure, now: Instant) {
         let mut peers = self.lock();
-        let record = peers.entry(peer).or_default();
-        let shun = match failure {
+        let record = Self::entry(&mut peers, peer);
+        let (slot, shun) = match failure {
             Failure::Unavailable => {
                 record.failures += 1;
                 record.consecutive_failures = record.consecutive_failures.saturating_add(1);
                 let doublings = record.consecutive_failures.saturating_sub(1).min(16);
-                (FIRST_BACKOFF * 2u32.pow(doublings)).min(MAX_BACKOFF)
+                let backoff = (FIRST_BACKOFF * 2u32.pow(doublings)).min(MAX_BACKOFF);
+                (&mut record.backoff_until, backoff)
             }
             Failure::Lied => {
                 record.lies += 1;
-                LIAR_BAN
+                (&mut record.banned_until, LIAR_BAN)
             }
         };
         let until = now + shun;
-        // A ban is never shortened by a later, milder failure.
-        record.shunned_until = Some(record.shunned_until.map_or(until, |old| old.max(until)));
+        *slot = Some(slot.map_or(until, |old| old.max(until)));
     }
 
     /// Whether a peer has served us and has not failed since.
@@ -211,6 +230,9 @@ mod tests {
         table.record_failure(addr(2), Failure::Unavailable, t0 + Duration::from_secs(1));
         assert!(!table.is_available(&addr(2), t0 + MAX_BACKOFF * 10));
         assert!(table.is_available(&addr(2), t0 + LIAR_BAN));
+        // Nor by a success (a transfer that was already under way).
+        table.record_success(addr(2), 1, Duration::from_millis(1));
+        assert!(!table.is_available(&addr(2), t0 + MAX_BACKOFF * 10));
     }
 
     #[test]

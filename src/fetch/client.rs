@@ -4,11 +4,11 @@
 use std::fmt;
 use std::io::{self, Read};
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::nix::narinfo::{MAX_NARINFO_LEN, NarInfo};
 use crate::nix::store_path::HashPart;
-use crate::peers::Failure;
+use crate::peers::{Failure, PeerTable};
 
 /// What went wrong with a request to a peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,6 +34,19 @@ impl PeerError {
     }
 }
 
+impl PeerError {
+    /// Logs what `peer` did while serving `what`, and counts it in `peers`.
+    pub fn record(&self, peers: &PeerTable, peer: SocketAddr, what: &str) {
+        match self {
+            PeerError::Lied(_) => log::warn!("peer {peer} lied about {what}: {self}; banned"),
+            _ => log::info!("peer {peer}, {what}: {self}"),
+        }
+        if let Some(failure) = self.failure() {
+            peers.record_failure(peer, failure, Instant::now());
+        }
+    }
+}
+
 impl fmt::Display for PeerError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -50,10 +63,12 @@ pub type NarBody = Box<dyn Read + Send>;
 
 pub struct PeerClient {
     agent: ureq::Agent,
+    timeout: Duration,
 }
 
 impl PeerClient {
-    /// `timeout` bounds connecting, and each wait for bytes.
+    /// `timeout` bounds connecting, each wait for bytes, and a whole narinfo
+    /// request.
     pub fn new(timeout: Duration) -> PeerClient {
         let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
@@ -69,6 +84,7 @@ impl PeerClient {
             .build();
         PeerClient {
             agent: config.into(),
+            timeout,
         }
     }
 
@@ -76,7 +92,16 @@ impl PeerClient {
     /// another path is a lie.
     pub fn narinfo(&self, peer: SocketAddr, hash: &HashPart) -> Result<NarInfo, PeerError> {
         let url = format!("http://{peer}/local/{hash}.narinfo");
-        let response = self.get(&url, 0)?;
+        // A narinfo is small: the whole exchange, not just each read, is
+        // bounded, so a peer trickling bytes cannot hold a worker.
+        let response = self
+            .agent
+            .get(&url)
+            .config()
+            .timeout_global(Some(self.timeout))
+            .build()
+            .call()
+            .map_err(|e| PeerError::Unavailable(format!("{url}: {e}")))?;
         if response.status() != 200 {
             return Err(status_error(&url, response.status().as_u16()));
         }

@@ -143,19 +143,19 @@ impl Resolver {
         };
         let answered = lan.ask(hash, &proven);
         let cut_short = proven(&answered);
-        if let Some(offer) = self.first_verified(hash, &answered) {
+        if let Some(offer) = self.best_verified(hash, &answered) {
             return Some(offer);
         }
         if cut_short {
             let answered = lan.ask(hash, &|_| false);
-            return self.first_verified(hash, &answered);
+            return self.best_verified(hash, &answered);
         }
         None
     }
 
     /// The offer of the best-ranked peer among `answered` whose narinfo
     /// checks out; the rest are kept as fallbacks.
-    fn first_verified(&self, hash: &HashPart, answered: &[SocketAddr]) -> Option<Offer> {
+    fn best_verified(&self, hash: &HashPart, answered: &[SocketAddr]) -> Option<Offer> {
         let started = Instant::now();
         let ranked = self.peers.rank(answered, Instant::now());
         log::debug!(
@@ -191,12 +191,27 @@ impl Resolver {
     /// A peer's narinfo for `hash`, if a trusted key signed it and its NAR
     /// can be fetched and checked here.
     fn verified_narinfo(&self, peer: SocketAddr, hash: &HashPart) -> Result<NarInfo, PeerError> {
+        let asked = Instant::now();
         let narinfo = self.client.narinfo(peer, hash)?;
         if !any_valid_signature(&self.trusted_keys, &narinfo.fingerprint(), &narinfo.sigs) {
-            return Err(PeerError::Lied(format!(
-                "narinfo of {} has no valid signature by a trusted key",
+            // A signature that claims a trusted key and fails is forged; a
+            // path that no trusted key signed is honest, just of no use here
+            // (the peer shares its own builds, or trusts other keys).
+            let claims_trusted_key = narinfo.sigs.iter().any(|sig| {
+                self.trusted_keys.iter().any(|key| {
+                    sig.split_once(':')
+                        .is_some_and(|(name, _)| name == key.name())
+                })
+            });
+            let why = format!(
+                "narinfo of {} is not signed by a trusted key",
                 narinfo.store_path
-            )));
+            );
+            return Err(if claims_trusted_key {
+                PeerError::Lied(format!("{why}: its signature does not verify"))
+            } else {
+                PeerError::Unusable(why)
+            });
         }
         if narinfo.compression != "none" {
             return Err(PeerError::Unusable(format!(
@@ -210,17 +225,15 @@ impl Resolver {
                 narinfo.url
             )));
         }
+        // A good narinfo proves the peer, so the next query need not wait
+        // for other replies (see `find`).
+        self.peers
+            .record_success(peer, narinfo.render().len() as u64, asked.elapsed());
         Ok(narinfo)
     }
 
     fn note(&self, peer: SocketAddr, hash: &HashPart, error: &PeerError) {
-        match error {
-            PeerError::Lied(_) => log::warn!("peer {peer} lied about {hash}: {error}; banned"),
-            _ => log::info!("peer {peer} for {hash}: {error}"),
-        }
-        if let Some(failure) = error.failure() {
-            self.peers.record_failure(peer, failure, Instant::now());
-        }
+        error.record(&self.peers, peer, &format!("narinfo of {hash}"));
     }
 
     /// The holders of NAR `nar_hash` of path `hash`, `named` first (the peer
@@ -236,23 +249,25 @@ impl Resolver {
             Some(offer) if offer.narinfo.nar_hash == *nar_hash => offer,
             // Gone from the cache's answer, or another build of the path:
             // ask again once.
-            _ => self
-                .resolve(hash)
-                .filter(|offer| offer.narinfo.nar_hash == *nar_hash)?,
+            _ => self.resolve(hash)?,
         };
+        // Without a narinfo for this very NAR, its size is unknown here.
+        if offer.narinfo.nar_hash != *nar_hash {
+            return None;
+        }
+        let nar_size = offer.narinfo.nar_size;
         // The peer nix's URL names goes first if it is still among those
         // that offered the path; the URL is not trusted to name any other.
         let mut queue = VecDeque::new();
         if named != offer.source.peer && offer.others.contains(&named) {
             queue.push_back(Pending::Candidate(named));
         }
-        queue.push_back(Pending::Known(offer.source.clone()));
-        queue.extend(offer.others.iter().copied().map(Pending::Candidate));
+        queue.extend(Pending::all(&offer, nar_hash));
         Some(NarSource {
             resolver: self,
             hash: *hash,
             nar_hash: *nar_hash,
-            nar_size: offer.narinfo.nar_size,
+            nar_size,
             queue,
             tried: Vec::new(),
             refreshed: false,
@@ -268,6 +283,19 @@ enum Pending {
     Known(Holder),
     /// Said it has the path; its narinfo is checked when it is needed.
     Candidate(SocketAddr),
+}
+
+impl Pending {
+    /// The holders an offer names: its source, if it serves `nar_hash`, and
+    /// every other peer that answered (they may hold that NAR either way).
+    fn all(offer: &Offer, nar_hash: &NarHash) -> Vec<Pending> {
+        let source =
+            (offer.narinfo.nar_hash == *nar_hash).then(|| Pending::Known(offer.source.clone()));
+        source
+            .into_iter()
+            .chain(offer.others.iter().copied().map(Pending::Candidate))
+            .collect()
+    }
 }
 
 /// The holders of one NAR, yielded best first and each at most once;
@@ -293,14 +321,8 @@ impl NarSource<'_> {
         // LAN once more before giving up (a failed NAR fails nix's build).
         if !self.refreshed {
             self.refreshed = true;
-            if let Some(offer) = self
-                .resolver
-                .resolve(&self.hash)
-                .filter(|offer| offer.narinfo.nar_hash == self.nar_hash)
-            {
-                self.queue.push_back(Pending::Known(offer.source.clone()));
-                self.queue
-                    .extend(offer.others.iter().copied().map(Pending::Candidate));
+            if let Some(offer) = self.resolver.resolve(&self.hash) {
+                self.queue.extend(Pending::all(&offer, &self.nar_hash));
             }
         }
         self.next_queued()

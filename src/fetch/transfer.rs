@@ -20,7 +20,7 @@ use crossbeam_channel::{Receiver, Sender, bounded};
 use sha2::{Digest, Sha256};
 
 use super::check::NarCheck;
-use super::client::{PeerClient, PeerError};
+use super::client::{NarBody, PeerClient, PeerError};
 use crate::nix::hash::NarHash;
 use crate::peers::{Failure, PeerTable};
 
@@ -60,7 +60,7 @@ pub enum Outcome {
     NoHolder,
     /// Bytes were sent but the rest cannot be: the response must be cut off.
     Broken(String),
-    /// Nix went away.
+    /// Nix closed the connection.
     ClientGone,
 }
 
@@ -233,12 +233,15 @@ impl<'p> Copier<'p> {
         }
     }
 
-    /// A buffer the hashing thread is done with, or a new one.
+    /// A buffer the hashing thread is done with and that holds nothing held
+    /// back, or a new one.
     fn free_buffer(&mut self) -> usize {
+        let held = self.held_last.as_ref().map(|(i, _)| *i);
         match self
             .buffers
             .iter_mut()
-            .position(|b| Arc::get_mut(b).is_some())
+            .enumerate()
+            .position(|(i, b)| Some(i) != held && Arc::get_mut(b).is_some())
         {
             Some(i) => i,
             None => {
@@ -256,12 +259,13 @@ impl<'p> Copier<'p> {
         sink: &mut dyn Sink,
     ) -> Outcome {
         let plan = self.plan;
+        let what = format!("NAR {}", plan.nar_hash);
         while let Some(holder) = next_holder() {
             let asked = Instant::now();
             let mut body = match client.nar(holder.peer, &holder.url, self.check.received()) {
                 Ok(body) => body,
                 Err(e) => {
-                    note(peers, holder.peer, &e);
+                    e.record(peers, holder.peer, &what);
                     continue;
                 }
             };
@@ -275,52 +279,67 @@ impl<'p> Copier<'p> {
                 let i = self.free_buffer();
                 let want = self.pool.size.min((plan.nar_size - chunk_start) as usize);
                 let buf = Arc::get_mut(&mut self.buffers[i]).expect("a free buffer");
-                let n = match body.read(&mut buf[..want]) {
-                    Ok(0) => {
+                // Whole chunks: the first one decides whether nix gets a
+                // response at all, so it must be more than a stray byte.
+                let (n, read_error) = read_full(&mut body, &mut buf[..want]);
+                if n > 0 {
+                    first_byte.get_or_insert_with(|| asked.elapsed());
+                    if self.sources.last() != Some(&holder.peer) {
+                        self.sources.push(holder.peer);
+                    }
+                    let buf = &self.buffers[i];
+                    if let Err(e) = self.check.feed(&buf[..n]) {
+                        break Some(PeerError::Lied(format!("{}: {e}", holder.peer)));
+                    }
+                    if let Some(parallel) = &self.parallel {
+                        // The thread only ends with this copy: a send cannot fail.
+                        let _ = parallel.jobs.send(HashJob::Bytes(Arc::clone(buf), n));
+                    }
+                    let part = window_range(plan, chunk_start, n);
+                    if plan.verify_whole {
+                        self.held.extend_from_slice(&buf[part]);
+                    } else if self.held_last.is_none() && self.check.received() >= plan.end {
+                        // The chunk with the last byte nix asked for waits,
+                        // in place, until the hash is known.
+                        self.held_last = Some((i, part));
+                    } else if !part.is_empty()
+                        && let Err(outcome) = send(sink, &mut self.begun, &buf[part])
+                    {
+                        return outcome;
+                    }
+                }
+                match read_error {
+                    None if n == want => {}
+                    None => {
                         break Some(PeerError::Unavailable(format!(
-                            "NAR from {} ended at byte {chunk_start}",
-                            holder.peer
+                            "NAR from {} ended at byte {}",
+                            holder.peer,
+                            self.check.received()
                         )));
                     }
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
+                    Some(e) => {
                         break Some(PeerError::Unavailable(format!(
-                            "NAR from {} failed at byte {chunk_start}: {e}",
-                            holder.peer
+                            "NAR from {} failed at byte {}: {e}",
+                            holder.peer,
+                            self.check.received()
                         )));
                     }
-                };
-                first_byte.get_or_insert_with(|| asked.elapsed());
-                if self.sources.last() != Some(&holder.peer) {
-                    self.sources.push(holder.peer);
-                }
-                let buf = &self.buffers[i];
-                if let Err(e) = self.check.feed(&buf[..n]) {
-                    break Some(PeerError::Lied(format!("{}: {e}", holder.peer)));
-                }
-                if let Some(parallel) = &self.parallel {
-                    // The thread only ends with this copy, so a send cannot fail.
-                    let _ = parallel.jobs.send(HashJob::Bytes(Arc::clone(buf), n));
-                }
-                let part = window_range(plan, chunk_start, n);
-                if plan.verify_whole {
-                    self.held.extend_from_slice(&buf[part]);
-                } else if self.check.is_complete() {
-                    // Held until the hash is known, in place.
-                    self.held_last = Some((i, part));
-                } else if !part.is_empty()
-                    && let Err(outcome) = send(sink, &mut self.begun, &buf[part])
-                {
-                    return outcome;
                 }
             };
 
-            let failure = failure.or_else(|| {
-                self.verify()
-                    .err()
-                    .map(|e| PeerError::Lied(format!("{}: {e}", holder.peer)))
-            });
+            let failure = match failure {
+                Some(failure) => Some(failure),
+                None => match self.verify() {
+                    Ok(()) => None,
+                    Err(Verdict::Wrong(e)) => {
+                        Some(PeerError::Lied(format!("{}: {e}", holder.peer)))
+                    }
+                    Err(Verdict::Internal(e)) => {
+                        log::error!("{what}: {e}");
+                        return self.give_up(e);
+                    }
+                },
+            };
             match failure {
                 None => {
                     let rest = match &self.held_last {
@@ -335,13 +354,16 @@ impl<'p> Copier<'p> {
                     return Outcome::Done;
                 }
                 Some(e @ PeerError::Lied(_)) => {
-                    log::warn!(
-                        "banned peer(s) {:?} for NAR {}: {e}",
-                        self.sources,
-                        plan.nar_hash
-                    );
-                    for peer in self.sources.drain(..) {
-                        peers.record_failure(peer, Failure::Lied, Instant::now());
+                    if let [liar] = self.sources[..] {
+                        e.record(peers, liar, &what);
+                    } else {
+                        // A bad prefix can make honest bytes after it look
+                        // wrong: when several peers fed this NAR, none is
+                        // banned, all back off.
+                        log::warn!("{what} from {:?} together is wrong: {e}", self.sources);
+                        for &peer in &self.sources {
+                            peers.record_failure(peer, Failure::Unavailable, Instant::now());
+                        }
                     }
                     if self.begun {
                         return Outcome::Broken(e.to_string());
@@ -351,35 +373,37 @@ impl<'p> Copier<'p> {
                 }
                 Some(e) => {
                     // Resume from the next holder where this one stopped.
-                    note(peers, holder.peer, &e);
+                    e.record(peers, holder.peer, &what);
                 }
             }
         }
+        self.give_up(format!("no holder could supply {what}"))
+    }
+
+    /// The end when no holder can finish the copy.
+    fn give_up(&self, why: String) -> Outcome {
         if self.begun {
-            Outcome::Broken(format!(
-                "no holder could supply the rest of NAR {}",
-                plan.nar_hash
-            ))
+            Outcome::Broken(why)
         } else {
             Outcome::NoHolder
         }
     }
 
     /// After the last byte: structure, size and hash.
-    fn verify(&mut self) -> Result<(), String> {
+    fn verify(&mut self) -> Result<(), Verdict> {
         let check = std::mem::replace(
             &mut self.check,
             Copier::fresh_check(self.plan, self.parallel.is_some()),
         );
         match &self.parallel {
-            None => check.finish(),
+            None => check.finish().map_err(Verdict::Wrong),
             Some(parallel) => {
                 let _ = parallel.jobs.send(HashJob::Finish);
                 let digest = parallel
                     .digests
                     .recv()
-                    .map_err(|_| "the hashing thread stopped".to_string())?;
-                check.finish_with_digest(digest)
+                    .map_err(|_| Verdict::Internal("the hashing thread stopped".into()))?;
+                check.finish_with_digest(digest).map_err(Verdict::Wrong)
             }
         }
     }
@@ -389,16 +413,33 @@ impl<'p> Copier<'p> {
         if let Some(parallel) = &self.parallel {
             let _ = parallel.jobs.send(HashJob::Reset);
         }
+        self.sources.clear();
         self.held.clear();
         self.held_last = None;
     }
 }
 
-fn note(peers: &PeerTable, peer: SocketAddr, error: &PeerError) {
-    log::info!("peer {peer}: {error}");
-    if let Some(failure) = error.failure() {
-        peers.record_failure(peer, failure, Instant::now());
+/// Why a complete NAR was not accepted.
+enum Verdict {
+    /// The bytes are wrong: someone lied.
+    Wrong(String),
+    /// This host failed; no peer is to blame.
+    Internal(String),
+}
+
+/// Reads until `buf` is full, the body ends, or an error; returns the bytes
+/// read and the error, if any.
+fn read_full(body: &mut NarBody, buf: &mut [u8]) -> (usize, Option<io::Error>) {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match body.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return (filled, Some(e)),
+        }
     }
+    (filled, None)
 }
 
 fn send(sink: &mut dyn Sink, begun: &mut bool, bytes: &[u8]) -> Result<(), Outcome> {
@@ -409,9 +450,25 @@ fn send(sink: &mut dyn Sink, begun: &mut bool, bytes: &[u8]) -> Result<(), Outco
         sink.begin()
     };
     result.and_then(|()| sink.write(bytes)).map_err(|e| {
-        log::debug!("client left during a peer NAR: {e}");
-        Outcome::ClientGone
+        if is_client_gone(&e) {
+            log::debug!("client left during a peer NAR: {e}");
+            Outcome::ClientGone
+        } else {
+            // A stalled client (send timeout) or a local failure: the
+            // response cannot be completed.
+            Outcome::Broken(format!("writing to the client: {e}"))
+        }
     })
+}
+
+/// Errors that mean the client closed its end.
+pub fn is_client_gone(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+    )
 }
 
 /// The part of a chunk at NAR offset `chunk_start` that lies in nix's
@@ -443,6 +500,8 @@ mod tests {
         Garbage,
         /// Promises the whole NAR, sends this many bytes, hangs up.
         DiesAfter(usize),
+        /// `Flipped`, but hangs up after this many bytes.
+        FlippedDiesAfter(usize),
     }
 
     /// A peer on loopback that serves `/local/nar/x.nar` with Range support,
@@ -503,7 +562,7 @@ mod tests {
     fn served_bytes(serves: Serves) -> Vec<u8> {
         let mut nar = true_nar().0.to_vec();
         match serves {
-            Serves::Flipped => {
+            Serves::Flipped | Serves::FlippedDiesAfter(_) => {
                 let at = testdata::first_file_byte(&nar);
                 nar[at] ^= 0x20;
             }
@@ -546,7 +605,9 @@ mod tests {
             body.len()
         )?;
         match serves {
-            Serves::DiesAfter(n) => stream.write_all(&body[..n.min(body.len())]),
+            Serves::DiesAfter(n) | Serves::FlippedDiesAfter(n) => {
+                stream.write_all(&body[..n.min(body.len())])
+            }
             _ => stream.write_all(body),
         }
     }
@@ -663,6 +724,36 @@ mod tests {
         let nar = true_nar().0;
         assert!(sink.bytes.len() < nar.len(), "the last chunk went out");
         assert!(sink.bytes == served_bytes(Serves::Flipped)[..sink.bytes.len()]);
+        assert_eq!(peers.record(&liar.addr).unwrap().lies, 1);
+    }
+
+    #[test]
+    fn a_wrong_nar_from_several_holders_bans_none_of_them() {
+        // The first holder's prefix has the changed byte; the second
+        // finishes it honestly: the NAR is wrong, but who lied is unknown.
+        let after_the_flip = testdata::first_file_byte(true_nar().0) + 8;
+        let flipped = TestPeer::start(Serves::FlippedDiesAfter(after_the_flip));
+        let resumer = TestPeer::start(Serves::Honest);
+        let honest = TestPeer::start(Serves::Honest);
+        let (outcome, sink, peers) = run(&[&flipped, &resumer, &honest], true, 64, whole());
+        assert_eq!(outcome, Outcome::Done, "started over with the third");
+        assert!(sink.bytes == true_nar().0, "bytes differ");
+        for peer in [&flipped, &resumer] {
+            let record = peers.record(&peer.addr).unwrap();
+            assert_eq!(record.lies, 0, "nobody is banned on shared blame");
+            assert!(record.failures >= 1);
+        }
+    }
+
+    #[test]
+    fn a_range_that_ends_early_is_held_until_the_hash_checks_out() {
+        let liar = TestPeer::start(Serves::Flipped);
+        let (outcome, sink, peers) = run(&[&liar], false, 64, (0, 100));
+        assert!(matches!(outcome, Outcome::Broken(_)), "{outcome:?}");
+        assert!(
+            sink.bytes.len() < 100,
+            "the chunk with the range's end went out"
+        );
         assert_eq!(peers.record(&liar.addr).unwrap().lies, 1);
     }
 

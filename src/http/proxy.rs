@@ -14,9 +14,9 @@ use tiny_http::Request;
 
 use super::ServerContext;
 use super::route::peer_nar_url;
-use super::serve::{is_client_gone, nar_head, nar_range, respond, text, unsatisfiable};
+use super::serve::{nar_head, nar_range, respond, text, unsatisfiable};
 use super::socket;
-use crate::fetch::transfer::{self, Outcome, Plan, Sink};
+use crate::fetch::transfer::{self, Outcome, Plan, Sink, is_client_gone};
 use crate::nix::hash::NarHash;
 use crate::nix::store_path::HashPart;
 
@@ -37,11 +37,10 @@ pub fn serve_peer_nar(
     nar_hash: &NarHash,
     head: bool,
 ) {
-    let source = context
-        .resolver
-        .as_ref()
-        .and_then(|resolver| resolver.nar_source(hash, nar_hash, named));
-    let Some(mut source) = source else {
+    let Some(resolver) = context.resolver.as_ref() else {
+        return respond(request, text(404, "not found\n"));
+    };
+    let Some(mut source) = resolver.nar_source(hash, nar_hash, named) else {
         return respond(request, text(404, "no peer offers this NAR\n"));
     };
     let size = source.nar_size;
@@ -59,9 +58,6 @@ pub fn serve_peer_nar(
         }
         return;
     }
-    let Some(resolver) = context.resolver.as_ref() else {
-        return;
-    };
     let plan = Plan {
         nar_hash: *nar_hash,
         nar_size: size,
@@ -88,9 +84,12 @@ pub fn serve_peer_nar(
         Outcome::Done => {
             if let Some(mut writer) = sink.writer.take()
                 && let Err(e) = writer.flush()
-                && !is_client_gone(&e)
             {
-                log::debug!("flushing a peer NAR: {e}");
+                if !is_client_gone(&e) {
+                    log::error!("flushing NAR {nar_hash}: {e}; aborting the response");
+                    socket::abort_response(local_port, client);
+                }
+                return;
             }
             log::info!(
                 "passed {hash} ({} bytes) through from peers in {:.2?}",
@@ -108,11 +107,7 @@ pub fn serve_peer_nar(
             // Nix was promised bytes that cannot be delivered: cut it off so
             // it sees a failed download, never a wrong or short success.
             log::error!("NAR {nar_hash} of {hash}: {why}; aborting the response");
-            if let Some(client) = client
-                && let Err(e) = socket::abort_connection(local_port, client)
-            {
-                log::error!("could not abort the connection to {client}: {e}");
-            }
+            socket::abort_response(local_port, client);
         }
         Outcome::ClientGone => log::debug!("client left during NAR {nar_hash}"),
     }

@@ -11,6 +11,7 @@ use super::proxy;
 use super::range::{self, RangeAnswer};
 use super::route::{Route, Scope};
 use super::socket;
+use crate::fetch::transfer::is_client_gone;
 use crate::nix::store_path::{HashPart, STORE_DIR};
 use crate::store::dump::{NarDump, nar_size};
 use crate::store::{LocalPath, StoreError};
@@ -59,7 +60,12 @@ pub fn handle(context: &ServerContext, local_port: u16, request: Request) {
         );
     }
     match route {
-        Route::Health => respond(request, health(context)),
+        Route::Health => {
+            // Which peers this host knows, and how they behaved, is for
+            // this host only.
+            let local = request.remote_addr().is_some_and(is_loopback);
+            respond(request, health(context, local))
+        }
         Route::CacheInfo(_) => respond(request, cache_info(context.priority)),
         Route::NarInfo(scope, hash) => match find(context, scope, &hash) {
             Ok(path) => respond(request, narinfo(path.narinfo.clone())),
@@ -199,11 +205,7 @@ fn serve_nar(
                 "serving {} failed after the headers were sent: {e}; aborting the connection",
                 path.info.path
             );
-            if let Some(peer) = peer
-                && let Err(e) = socket::abort_connection(local_port, peer)
-            {
-                log::error!("could not abort the connection to {peer}: {e}");
-            }
+            socket::abort_response(local_port, peer);
             drop(writer);
         }
     }
@@ -288,15 +290,6 @@ fn copy_exact(mut source: impl Read, sink: &mut impl Write, len: u64) -> io::Res
     Ok(())
 }
 
-pub(super) fn is_client_gone(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::BrokenPipe
-            | io::ErrorKind::ConnectionReset
-            | io::ErrorKind::ConnectionAborted
-    )
-}
-
 fn narinfo(text: String) -> Response<Cursor<Vec<u8>>> {
     body(200, text.into_bytes(), "text/x-nix-narinfo")
 }
@@ -306,11 +299,11 @@ fn cache_info(priority: u32) -> Response<Cursor<Vec<u8>>> {
     body(200, text.into_bytes(), "text/x-nix-cache-info")
 }
 
-fn health(context: &ServerContext) -> Response<Cursor<Vec<u8>>> {
+fn health(context: &ServerContext, with_peers: bool) -> Response<Cursor<Vec<u8>>> {
     let store = &context.store;
     let index = store.index();
     let daemon = store.daemon_reachable();
-    let json = serde_json::json!({
+    let mut json = serde_json::json!({
         "status": if daemon { "healthy" } else { "degraded" },
         "uptime_seconds": context.started.elapsed().as_secs(),
         "daemon": if daemon { "connected" } else { "unreachable" },
@@ -318,8 +311,10 @@ fn health(context: &ServerContext) -> Response<Cursor<Vec<u8>>> {
         "indexed_paths": index.len(),
         "shared_paths": index.shared_len(),
         "lan": proxy::lan_health(context),
-        "peers": proxy::peers_health(context),
     });
+    if with_peers {
+        json["peers"] = proxy::peers_health(context);
+    }
     body(200, format!("{json}\n").into_bytes(), "application/json")
 }
 

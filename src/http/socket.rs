@@ -35,6 +35,16 @@ pub fn abort_connection(local_port: u16, peer: SocketAddr) -> io::Result<()> {
     Ok(())
 }
 
+/// [`abort_connection`] for a response in progress; a failure is logged, as
+/// there is nothing more to do for that client.
+pub fn abort_response(local_port: u16, client: Option<SocketAddr>) {
+    if let Some(client) = client
+        && let Err(e) = abort_connection(local_port, client)
+    {
+        log::error!("could not abort the connection to {client}: {e}");
+    }
+}
+
 /// This process's socket whose peer is `peer` and whose local port is `local_port`.
 fn find_socket(local_port: u16, peer: SocketAddr) -> io::Result<Option<OwnedFd>> {
     let me = pidfd_open(getpid(), PidfdFlags::empty())?;

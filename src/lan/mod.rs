@@ -4,8 +4,8 @@
 //! One thread owns the UDP socket's receiving side. It answers queries for
 //! paths this host shares (rate-limited, under the share policy), and routes
 //! replies to the request threads waiting for them by request id, over
-//! crossbeam channels. Request threads send their queries through a clone of
-//! the socket: a datagram send needs no coordination.
+//! crossbeam channels. Request threads send their queries through another
+//! handle on the same socket: a datagram send needs no coordination.
 //!
 //! The packets are those of the original peerix ([`packet`]), so existing
 //! nodes interoperate. Queries go to the broadcast address of every up,
@@ -167,7 +167,9 @@ impl Lan {
                     if peers.is_empty() {
                         until = deadline.min(Instant::now() + grace);
                     }
-                    if !peers.contains(&peer) {
+                    // One candidate per host, whatever ports it claims, so
+                    // one host cannot crowd out the others.
+                    if !peers.iter().any(|p: &SocketAddr| p.ip() == peer.ip()) {
                         peers.push(peer);
                         if enough(&peers) {
                             break;

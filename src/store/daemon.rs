@@ -10,7 +10,7 @@ use std::fmt;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
 use crate::nix::hash::NarHash;
@@ -372,20 +372,44 @@ fn check_path(path: &str) -> Result<(), DaemonError> {
         .map_err(|e| DaemonError::InvalidArgument(e.to_string()))
 }
 
-/// A pool of daemon connections, shared by all threads.
+/// A pool of daemon connections, shared by all threads, with at most `max`
+/// open. Each connection is a forked nix-daemon process, so a burst of
+/// lookups waits a moment for a free connection rather than forking more.
 pub struct DaemonPool {
     socket: PathBuf,
-    max_idle: usize,
-    idle: Mutex<Vec<Connection>>,
+    max: usize,
+    state: Mutex<PoolState>,
+    returned: Condvar,
 }
+
+struct PoolState {
+    idle: Vec<Connection>,
+    /// Connections in use or idle.
+    open: usize,
+}
+
+/// What a thread gets from the pool: a connection, or the right to open one.
+enum Slot {
+    Idle(Connection),
+    New,
+}
+
+/// How long a lookup waits for a free connection before it opens one over
+/// the limit: a daemon that stalls (each read is bounded by `IO_TIMEOUT`)
+/// must not stall every lookup behind it.
+const POOL_WAIT: Duration = Duration::from_secs(2);
 
 impl DaemonPool {
     /// Does not connect; the first op does.
-    pub fn new(socket: PathBuf, max_idle: usize) -> DaemonPool {
+    pub fn new(socket: PathBuf, max: usize) -> DaemonPool {
         DaemonPool {
             socket,
-            max_idle: max_idle.max(1),
-            idle: Mutex::new(Vec::new()),
+            max: max.max(1),
+            state: Mutex::new(PoolState {
+                idle: Vec::new(),
+                open: 0,
+            }),
+            returned: Condvar::new(),
         }
     }
 
@@ -393,15 +417,44 @@ impl DaemonPool {
         &self.socket
     }
 
-    fn take(&self) -> Option<Connection> {
-        self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()
+    fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn put(&self, conn: Connection) {
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() < self.max_idle {
-            idle.push(conn);
+    fn acquire(&self) -> Slot {
+        let mut state = self.lock();
+        let deadline = std::time::Instant::now() + POOL_WAIT;
+        loop {
+            if let Some(conn) = state.idle.pop() {
+                return Slot::Idle(conn);
+            }
+            let now = std::time::Instant::now();
+            if state.open < self.max || now >= deadline {
+                state.open += 1;
+                return Slot::New;
+            }
+            state = self
+                .returned
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
+    }
+
+    /// Gives a slot back: with its connection if that is still good.
+    fn release(&self, conn: Option<Connection>) {
+        let mut state = self.lock();
+        match conn {
+            Some(conn) if state.open <= self.max => state.idle.push(conn),
+            _ => state.open -= 1,
+        }
+        drop(state);
+        self.returned.notify_one();
+    }
+
+    /// Opens a connection for a slot already counted in `open`.
+    fn open_in_slot(&self) -> Result<Connection, DaemonError> {
+        Connection::open(&self.socket).inspect_err(|_| self.release(None))
     }
 
     /// Runs one exchange. A connection that had sat idle may have been closed
@@ -411,49 +464,52 @@ impl DaemonPool {
         op: &'static str,
         mut exchange: impl FnMut(&mut Connection) -> FaultResult<T>,
     ) -> Result<T, DaemonError> {
-        if let Some(mut conn) = self.take() {
+        if let Slot::Idle(mut conn) = self.acquire() {
             match exchange(&mut conn) {
                 Ok(value) => {
-                    self.put(conn);
+                    self.release(Some(conn));
                     return Ok(value);
                 }
                 Err(Fault::Io(e)) => {
+                    // Keep the slot for the new connection below.
                     log::debug!("idle nix-daemon connection failed ({e}); reconnecting");
                 }
                 Err(Fault::Remote(message)) => {
                     // The op failed but the connection is in a clean state.
-                    self.put(conn);
+                    self.release(Some(conn));
                     return Err(DaemonError::Remote { op, message });
                 }
-                Err(fault) => return Err(attach(op, fault)),
+                Err(fault) => {
+                    self.release(None);
+                    return Err(attach(op, fault));
+                }
             }
         }
-        let mut conn = Connection::open(&self.socket)?;
+        let mut conn = self.open_in_slot()?;
         match exchange(&mut conn) {
             Ok(value) => {
-                self.put(conn);
+                self.release(Some(conn));
                 Ok(value)
             }
             Err(Fault::Remote(message)) => {
-                self.put(conn);
+                self.release(Some(conn));
                 Err(DaemonError::Remote { op, message })
             }
-            Err(fault) => Err(attach(op, fault)),
+            Err(fault) => {
+                self.release(None);
+                Err(attach(op, fault))
+            }
         }
     }
 
     /// Connects (or reuses a connection) to see whether the daemon answers.
     pub fn check(&self) -> Result<(), DaemonError> {
-        match self.take() {
-            Some(conn) => {
-                self.put(conn);
-                Ok(())
-            }
-            None => {
-                self.put(Connection::open(&self.socket)?);
-                Ok(())
-            }
-        }
+        let conn = match self.acquire() {
+            Slot::Idle(conn) => conn,
+            Slot::New => self.open_in_slot()?,
+        };
+        self.release(Some(conn));
+        Ok(())
     }
 
     pub fn is_valid_path(&self, path: &str) -> Result<bool, DaemonError> {
