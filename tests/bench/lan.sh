@@ -41,14 +41,7 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-missing=()
-for tool in nix curl busybox python3 ip sha256sum; do
-    command -v "$tool" >/dev/null || missing+=("$tool")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    apt-get update -q
-    apt-get install -y -q --no-install-recommends nix-bin curl busybox-static python3 iproute2 coreutils
-fi
+install_missing "nix curl busybox python3 ip sha256sum" nix-bin curl busybox-static python3 iproute2 coreutils
 
 in_b() { ip netns exec "$ns_b" "$@"; }
 # Runs a command of many seconds in the background and waits for it: bash

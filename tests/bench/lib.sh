@@ -47,3 +47,17 @@ stop_daemon() {
     for _ in $(seq 50); do pgrep -P "$1" >/dev/null || break; sleep 0.1; done
     kill "$1" 2>/dev/null || true
 }
+
+# install_missing "TOOL..." PACKAGE...: installs the Debian packages when any
+# of the tools is not on PATH.
+install_missing() {
+    local tool missing=0
+    for tool in $1; do
+        command -v "$tool" >/dev/null || missing=1
+    done
+    shift
+    if [ "$missing" = 1 ]; then
+        apt-get update -q
+        apt-get install -y -q --no-install-recommends "$@"
+    fi
+}

@@ -30,14 +30,7 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-missing=()
-for tool in nix wrk curl nginx busybox python3; do
-    command -v "$tool" >/dev/null || missing+=("$tool")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    apt-get update -q
-    apt-get install -y -q --no-install-recommends nix-bin wrk curl nginx-light busybox-static python3
-fi
+install_missing "nix wrk curl nginx busybox python3" nix-bin wrk curl nginx-light busybox-static python3
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 

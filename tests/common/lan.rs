@@ -24,7 +24,7 @@ use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
@@ -34,7 +34,8 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use super::http::{self, Response};
 use super::{
-    Host, KeyPair, NixEnv, Peerix, Readiness, TestDir, hash_part, poll_until, unique_number,
+    Host, KeyPair, NixEnv, Peerix, Readiness, TestDir, hash_part, ip, ip_ok, poll_until,
+    unique_number,
 };
 
 /// The port of every peerix on the simulated LAN, for HTTP and UDP alike.
@@ -75,24 +76,6 @@ pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
     })
-}
-
-fn ip(args: &[&str]) -> Output {
-    Command::new("ip")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("running `ip` (install iproute2)")
-}
-
-fn ip_ok(args: &[&str]) {
-    let out = ip(args);
-    assert!(
-        out.status.success(),
-        "expected `ip {}` to succeed, it failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 // ---------------------------------------------------------------------------

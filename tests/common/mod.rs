@@ -1112,7 +1112,8 @@ pub struct NetNs {
     pub ns_ip: Ipv4Addr,
 }
 
-fn ip(args: &[&str]) -> Output {
+/// Runs `ip` with `args`.
+pub fn ip(args: &[&str]) -> Output {
     Command::new("ip")
         .args(args)
         .stdin(Stdio::null())
@@ -1120,7 +1121,8 @@ fn ip(args: &[&str]) -> Output {
         .expect("running `ip` (install iproute2)")
 }
 
-fn ip_ok(args: &[&str]) {
+/// Runs `ip` with `args`; panics with its stderr if it fails.
+pub fn ip_ok(args: &[&str]) {
     let out = ip(args);
     assert!(
         out.status.success(),
