@@ -16,9 +16,9 @@ use crate::nix::store_path::{HashPart, STORE_DIR};
 use crate::store::dump::{NarDump, nar_size};
 use crate::store::{LocalPath, StoreError};
 
-/// NARs are copied to the socket in chunks of this size: large enough that a
-/// GB/s stream costs few syscalls, small enough for a Raspberry Pi.
-const NAR_CHUNK: usize = 256 * 1024;
+/// Small NARs (large ones go by sendfile) are copied to the socket in chunks
+/// of this size: few syscalls, and little memory for each of the workers.
+const NAR_CHUNK: usize = 64 * 1024;
 
 /// NAR bodies from this size up are sent with `sendfile`: finding the socket
 /// costs a scan of our descriptors, which pays off only for large bodies.

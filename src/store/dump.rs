@@ -282,6 +282,8 @@ impl NarDump {
 
 /// Files at least this large are handed to the kernel by [`NarDump::send_to`].
 const SENDFILE_MIN: u64 = 64 * 1024;
+/// What [`NarDump::send_to`] gathers small files and NAR framing into.
+const SEND_BUFFER: usize = 64 * 1024;
 
 impl NarDump {
     /// Writes exactly `len` more bytes of the stream to `socket`. Contents of
@@ -291,7 +293,7 @@ impl NarDump {
     /// a socket, because later writes to the file could show through; store
     /// files are immutable, and the client checks the NarHash regardless.)
     pub fn send_to(&mut self, socket: &mut TcpStream, mut len: u64) -> io::Result<()> {
-        let mut buf = vec![0u8; 256 * 1024];
+        let mut buf = vec![0u8; SEND_BUFFER];
         let mut filled = 0;
         while len > 0 {
             let large_file = self.pending_pos >= self.pending.len()
