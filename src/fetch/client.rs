@@ -67,8 +67,8 @@ pub struct PeerClient {
 }
 
 impl PeerClient {
-    /// `timeout` bounds connecting, each wait for bytes, and a whole narinfo
-    /// request.
+    /// `timeout` bounds connecting, each wait for bytes, a whole narinfo
+    /// request, and each chunk of a NAR (see `transfer`).
     pub fn new(timeout: Duration) -> PeerClient {
         let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
@@ -86,6 +86,11 @@ impl PeerClient {
             agent: config.into(),
             timeout,
         }
+    }
+
+    /// The timeout towards peers.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// `GET http://<peer>/local/<hash>.narinfo`, parsed; a narinfo for

@@ -14,7 +14,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, bounded};
 use sha2::{Digest, Sha256};
@@ -283,7 +283,7 @@ impl<'p> Copier<'p> {
                 let buf = Arc::get_mut(&mut self.buffers[i]).expect("a free buffer");
                 // Whole chunks: the first one decides whether nix gets a
                 // response at all, so it must be more than a stray byte.
-                let (n, read_error) = read_full(&mut body, &mut buf[..want]);
+                let (n, read_error) = read_full(&mut body, &mut buf[..want], client.timeout());
                 if n > 0 {
                     first_byte.get_or_insert_with(|| asked.elapsed());
                     if self.sources.last() != Some(&holder.peer) {
@@ -429,11 +429,21 @@ enum Verdict {
     Internal(String),
 }
 
-/// Reads until `buf` is full, the body ends, or an error; returns the bytes
-/// read and the error, if any.
-fn read_full(body: &mut NarBody, buf: &mut [u8]) -> (usize, Option<io::Error>) {
+/// Reads until `buf` is full, the body ends, an error, or `timeout` has
+/// passed; returns the bytes read and the error, if any. The time limit
+/// sets a floor on a holder's rate (a chunk per timeout: 26 KB/s with the
+/// defaults), so a peer that trickles bytes is replaced by the next holder.
+fn read_full(body: &mut NarBody, buf: &mut [u8], timeout: Duration) -> (usize, Option<io::Error>) {
+    let deadline = Instant::now() + timeout;
     let mut filled = 0;
     while filled < buf.len() {
+        if Instant::now() > deadline {
+            let slow = io::Error::new(
+                io::ErrorKind::TimedOut,
+                "a chunk took longer than the timeout",
+            );
+            return (filled, Some(slow));
+        }
         match body.read(&mut buf[filled..]) {
             Ok(0) => break,
             Ok(n) => filled += n,
@@ -504,6 +514,8 @@ mod tests {
         DiesAfter(usize),
         /// `Flipped`, but hangs up after this many bytes.
         FlippedDiesAfter(usize),
+        /// Sends this many bytes at once, then one byte every 50 ms.
+        Trickles(usize),
     }
 
     /// A peer on loopback that serves `/local/nar/x.nar` with Range support,
@@ -573,7 +585,7 @@ mod tests {
                     *b = (i as u8).wrapping_mul(31).wrapping_add(7);
                 }
             }
-            Serves::Honest | Serves::DiesAfter(_) => {}
+            Serves::Honest | Serves::DiesAfter(_) | Serves::Trickles(_) => {}
         }
         nar
     }
@@ -610,6 +622,14 @@ mod tests {
             Serves::DiesAfter(n) | Serves::FlippedDiesAfter(n) => {
                 stream.write_all(&body[..n.min(body.len())])
             }
+            Serves::Trickles(n) => {
+                stream.write_all(&body[..n.min(body.len())])?;
+                for byte in body.iter().skip(n) {
+                    std::thread::sleep(Duration::from_millis(50));
+                    stream.write_all(&[*byte])?;
+                }
+                Ok(())
+            }
             _ => stream.write_all(body),
         }
     }
@@ -640,6 +660,22 @@ mod tests {
         chunk: usize,
         window: (u64, u64),
     ) -> (Outcome, VecSink, PeerTable) {
+        run_with_timeout(
+            holders,
+            verify_whole,
+            chunk,
+            window,
+            Duration::from_secs(10),
+        )
+    }
+
+    fn run_with_timeout(
+        holders: &[&TestPeer],
+        verify_whole: bool,
+        chunk: usize,
+        window: (u64, u64),
+        timeout: Duration,
+    ) -> (Outcome, VecSink, PeerTable) {
         let (nar, nar_hash) = true_nar();
         let plan = Plan {
             nar_hash,
@@ -650,7 +686,7 @@ mod tests {
         };
         let mut queue: std::collections::VecDeque<Holder> =
             holders.iter().map(|p| p.holder()).collect();
-        let client = PeerClient::new(Duration::from_secs(10));
+        let client = PeerClient::new(timeout);
         let peers = PeerTable::new();
         let mut sink = VecSink::default();
         let buffers = BufferPool::new(chunk, 4);
@@ -757,6 +793,23 @@ mod tests {
             "the chunk with the range's end went out"
         );
         assert_eq!(peers.record(&liar.addr).unwrap().lies, 1);
+    }
+
+    #[test]
+    fn a_holder_that_trickles_is_replaced() {
+        let slow = TestPeer::start(Serves::Trickles(100));
+        let honest = TestPeer::start(Serves::Honest);
+        let (outcome, sink, peers) = run_with_timeout(
+            &[&slow, &honest],
+            false,
+            64,
+            whole(),
+            Duration::from_millis(300),
+        );
+        assert_eq!(outcome, Outcome::Done);
+        assert!(sink.bytes == true_nar().0, "bytes differ");
+        let record = peers.record(&slow.addr).unwrap();
+        assert_eq!((record.failures, record.lies), (1, 0));
     }
 
     #[test]

@@ -40,7 +40,7 @@ const REPLY_RATE_TOTAL: f64 = 2000.0;
 const REPLY_RATE_PER_SOURCE: f64 = 1000.0;
 /// How often the list of this host's own addresses is refreshed.
 const OWN_ADDRESSES_TTL: Duration = Duration::from_secs(5);
-/// How long a resolved `--extra-peer` name is used before resolving again.
+/// How often `--extra-peer` names are resolved again.
 const EXTRA_PEERS_TTL: Duration = Duration::from_secs(60);
 
 /// Counters shown on `/health`.
@@ -62,11 +62,6 @@ struct Waiter {
     replies: Sender<SocketAddr>,
 }
 
-struct ResolvedPeers {
-    addrs: Vec<SocketAddr>,
-    resolved: Option<Instant>,
-}
-
 /// The LAN side of this host: query peers with [`Lan::ask`].
 pub struct Lan {
     socket: UdpSocket,
@@ -75,7 +70,9 @@ pub struct Lan {
     config: LanConfig,
     waiting: Mutex<HashMap<u32, Waiter>>,
     next_id: AtomicU32,
-    extra_peers: Mutex<ResolvedPeers>,
+    /// The addresses of each `--extra-peer`, in order; names are resolved
+    /// on a thread of their own, so a slow DNS never delays a query.
+    extra_peers: Mutex<Vec<Vec<SocketAddr>>>,
     pub stats: LanStats,
 }
 
@@ -101,10 +98,16 @@ impl Lan {
             config: config.clone(),
             waiting: Mutex::new(HashMap::new()),
             next_id: AtomicU32::new(seed),
-            extra_peers: Mutex::new(ResolvedPeers {
-                addrs: Vec::new(),
-                resolved: None,
-            }),
+            extra_peers: Mutex::new(
+                config
+                    .extra_peers
+                    .iter()
+                    .map(|peer| match peer.host.parse::<Ipv4Addr>() {
+                        Ok(ip) => vec![SocketAddr::from((ip, peer.port))],
+                        Err(_) => Vec::new(),
+                    })
+                    .collect(),
+            ),
             stats: LanStats::default(),
         });
         let responder = Responder {
@@ -119,6 +122,16 @@ impl Lan {
         std::thread::Builder::new()
             .name("lan".into())
             .spawn(move || responder.run())?;
+        if config
+            .extra_peers
+            .iter()
+            .any(|peer| peer.host.parse::<Ipv4Addr>().is_err())
+        {
+            let weak = Arc::downgrade(&lan);
+            std::thread::Builder::new()
+                .name("lan-names".into())
+                .spawn(move || resolve_names(&weak))?;
+        }
         Ok(lan)
     }
 
@@ -201,27 +214,35 @@ impl Lan {
     }
 
     fn extra_peer_addrs(&self) -> Vec<SocketAddr> {
-        if self.config.extra_peers.is_empty() {
-            return Vec::new();
-        }
-        let mut cached = self.extra_peers.lock().unwrap_or_else(|e| e.into_inner());
-        if cached
-            .resolved
-            .is_none_or(|at| at.elapsed() >= EXTRA_PEERS_TTL)
-        {
-            cached.addrs = self
-                .config
-                .extra_peers
-                .iter()
-                .flat_map(resolve_peer)
-                .collect();
-            cached.resolved = Some(Instant::now());
-        }
-        cached.addrs.clone()
+        let resolved = self.extra_peers.lock().unwrap_or_else(|e| e.into_inner());
+        resolved.iter().flatten().copied().collect()
     }
 
     fn lock_waiting(&self) -> MutexGuard<'_, HashMap<u32, Waiter>> {
         self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// Resolves the `--extra-peer` names now and every [`EXTRA_PEERS_TTL`],
+/// for as long as the LAN side lives. A name that does not resolve keeps
+/// its last addresses.
+fn resolve_names(lan: &std::sync::Weak<Lan>) {
+    loop {
+        let Some(lan) = lan.upgrade() else {
+            return;
+        };
+        for (i, peer) in lan.config.extra_peers.iter().enumerate() {
+            if peer.host.parse::<Ipv4Addr>().is_ok() {
+                continue;
+            }
+            let found = resolve_peer(peer);
+            if !found.is_empty() {
+                let mut resolved = lan.extra_peers.lock().unwrap_or_else(|e| e.into_inner());
+                resolved[i] = found;
+            }
+        }
+        drop(lan);
+        std::thread::sleep(EXTRA_PEERS_TTL);
     }
 }
 
@@ -417,6 +438,28 @@ mod tests {
         );
         assert_eq!(holder.stats.replies_sent.load(Ordering::Relaxed), 1);
         assert!(asker.lock_waiting().is_empty(), "the waiter is removed");
+    }
+
+    #[test]
+    fn extra_peers_by_name_are_resolved_in_the_background() {
+        let holder = start(&[], 4321);
+        let mut config = unicast_config(&[]);
+        config.extra_peers = vec![PeerSpec {
+            host: "localhost".into(),
+            port: holder.port(),
+        }];
+        let asker = Lan::start(&config, 0, 1, Box::new(|_| false)).unwrap();
+        // Bounded: /etc/hosts answers at once.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while asker.extra_peer_addrs().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(
+            asker.extra_peer_addrs(),
+            [SocketAddr::from(([127, 0, 0, 1], holder.port()))]
+        );
+        let found = asker.ask(&HashPart::parse(HAVE).unwrap(), &|_| false);
+        assert_eq!(found, [SocketAddr::from(([127, 0, 0, 1], 4321))]);
     }
 
     #[test]
