@@ -29,7 +29,8 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/peerix";
 /// often every second or third beacon), short enough that the miss nix waits
 /// for once per path (it then caches the 404 for an hour) is not felt.
 pub const DEFAULT_LAN_TIMEOUT: Duration = Duration::from_millis(250);
-/// Connect and read timeout towards peers: a dead peer costs at most this.
+/// Connect and read timeout towards peers, also the limit on a whole
+/// narinfo request and on each NAR chunk: a dead peer costs about this.
 pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(5);
 /// NARs up to this size are fetched and verified whole before nix sees a
 /// byte, so a bad peer is replaced without nix noticing. Most paths are small.
@@ -180,8 +181,8 @@ Usage: peerix [OPTIONS]
 Options:
   --bind ADDR            address to listen on [default: 0.0.0.0]
   --port N               HTTP port [default: 12304]
-  --workers N            HTTP worker threads; a LAN lookup holds one for up
-                         to --lan-timeout [default: 16]
+  --workers N            HTTP worker threads; a LAN lookup holds one while
+                         it waits for peers [default: 16]
   --priority N           Priority in /nix-cache-info, lower is preferred [default: 5]
   --daemon-socket PATH   nix-daemon socket [default: $NIX_DAEMON_SOCKET_PATH,
                          else /nix/var/nix/daemon-socket/socket]
@@ -202,6 +203,11 @@ Options:
   --no-filter            share everything (same as --filter-mode none)
   --scan-interval SECS   rescan the store every SECS seconds, 0 = never;
                          SIGHUP rescans at once [default: 3600]
+  --config FILE          TOML config file [default: ~/.config/peerix/config.toml
+                         if it exists]
+  --verbose              debug logging (RUST_LOG overrides)
+  -h, --help             print this help
+  -V, --version          print the version
 
 LAN mode (on unless --no-lan; peers are asked by UDP on the HTTP port number):
   --lan-discovery        ask peers on the LAN for paths this host lacks
@@ -211,15 +217,12 @@ LAN mode (on unless --no-lan; peers are asked by UDP on the HTTP port number):
   --extra-peer HOST[:PORT]  also ask this peer by unicast (VPN, Tailscale);
                          repeatable [default port: 12304]
   --no-broadcast         do not broadcast; ask only the extra peers
-  --timeout SECS         connect and read timeout towards peers [default: 5]
+  --timeout SECS         connect and read timeout towards peers, also the
+                         limit on a narinfo request and on each NAR chunk
+                         [default: 5]
   --verify-before-send BYTES  NARs from peers up to this size are verified
                          whole before nix gets a byte; larger ones stream
                          and are cut off if they turn out wrong [default: 4194304]
-  --config FILE          TOML config file [default: ~/.config/peerix/config.toml
-                         if it exists]
-  --verbose              debug logging (RUST_LOG overrides)
-  -h, --help             print this help
-  -V, --version          print the version
 
 Config file keys (flags win over the file):
   [server]   bind, port, workers, priority, state_dir, verbose, timeout,
