@@ -34,6 +34,7 @@ pub struct PeerRecord {
     pub successes: u64,
     pub failures: u64,
     pub lies: u64,
+    /// NAR bytes received.
     pub bytes: u64,
     /// Smoothed time to first byte, in milliseconds.
     pub latency_ms: Option<f64>,

@@ -89,20 +89,21 @@ impl Resolver {
         &self.buffers
     }
 
-    /// A peer's offer of `hash`, from the cache or asked for now. A cached
-    /// offer from a peer that has failed or lied since is asked for again.
+    /// A peer's offer of `hash`, from the cache or asked for now.
     pub fn offer(&self, hash: &HashPart) -> Option<Arc<Offer>> {
+        self.cached(hash).unwrap_or_else(|| self.resolve(hash))
+    }
+
+    /// The cached answer for `hash`, if there is one still good: not
+    /// expired, and not from a peer that has failed or lied since.
+    fn cached(&self, hash: &HashPart) -> Option<Option<Arc<Offer>>> {
         let now = Instant::now();
-        if let Some(answer) = self.lock_answers().get(hash)
-            && answer.expires > now
-            && answer
-                .offer
-                .as_ref()
-                .is_none_or(|offer| self.peers.is_available(&offer.source.peer, now))
-        {
-            return answer.offer.clone();
+        let answers = self.lock_answers();
+        let answer = answers.get(hash).filter(|answer| answer.expires > now)?;
+        match &answer.offer {
+            Some(offer) if !self.peers.is_available(&offer.source.peer, now) => None,
+            offer => Some(offer.clone()),
         }
-        self.resolve(hash)
     }
 
     /// Asks the peers now, bypassing (and then refreshing) the cache.
@@ -227,8 +228,8 @@ impl Resolver {
         }
         // A good narinfo proves the peer, so the next query need not wait
         // for other replies (see `find`).
-        self.peers
-            .record_success(peer, narinfo.render().len() as u64, asked.elapsed());
+        // (Its bytes are not counted: the table counts NAR bytes.)
+        self.peers.record_success(peer, 0, asked.elapsed());
         Ok(narinfo)
     }
 
@@ -245,10 +246,10 @@ impl Resolver {
         nar_hash: &NarHash,
         named: SocketAddr,
     ) -> Option<NarSource<'_>> {
-        let offer = match self.offer(hash) {
-            Some(offer) if offer.narinfo.nar_hash == *nar_hash => offer,
-            // Gone from the cache's answer, or another build of the path:
-            // ask again once.
+        let offer = match self.cached(hash) {
+            Some(Some(offer)) if offer.narinfo.nar_hash == *nar_hash => offer,
+            // Not cached, cached as missing, or another build of the path:
+            // ask the peers (once).
             _ => self.resolve(hash)?,
         };
         // Without a narinfo for this very NAR, its size is unknown here.

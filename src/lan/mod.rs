@@ -28,7 +28,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::config::{LanConfig, PeerSpec};
 use crate::nix::store_path::HashPart;
 use limit::ReplyLimiter;
-use packet::{MAX_PACKET, Packet, narinfo_hash, narinfo_url_path};
+use packet::{MAX_PACKET, Packet};
 
 /// At most this many peers are taken from one query's replies.
 const MAX_CANDIDATES: usize = 8;
@@ -335,7 +335,7 @@ impl Responder {
                 let reply = Packet::Response {
                     id,
                     port: self.http_port,
-                    url_path: narinfo_url_path(&hash),
+                    hash,
                 };
                 match self.socket.send_to(&reply.encode(), from) {
                     Ok(_) => {
@@ -345,15 +345,14 @@ impl Responder {
                     Err(e) => log::debug!("LAN reply to {from}: {e}"),
                 }
             }
-            Packet::Response { id, port, url_path } => {
+            Packet::Response { id, port, hash } => {
                 let peer = SocketAddr::new(from.ip(), port);
-                let delivered = narinfo_hash(&url_path).is_some_and(|hash| {
-                    self.lan
-                        .lock_waiting()
-                        .get(&id)
-                        .filter(|waiter| waiter.hash == hash)
-                        .is_some_and(|waiter| waiter.replies.try_send(peer).is_ok())
-                });
+                let delivered = self
+                    .lan
+                    .lock_waiting()
+                    .get(&id)
+                    .filter(|waiter| waiter.hash == hash)
+                    .is_some_and(|waiter| waiter.replies.try_send(peer).is_ok());
                 if delivered {
                     stats.replies_received.fetch_add(1, Ordering::Relaxed);
                 } else {
@@ -473,7 +472,7 @@ mod tests {
         let unasked = Packet::Response {
             id: 99,
             port: 80,
-            url_path: narinfo_url_path(&HashPart::parse(HAVE).unwrap()),
+            hash: HashPart::parse(HAVE).unwrap(),
         }
         .encode();
         let bad: [&[u8]; 5] = [b"", b"\x00\x01", &[7; 40], &[0; 600], &unasked];
@@ -495,9 +494,10 @@ mod tests {
             Ok(Packet::Response {
                 id: 5,
                 port: 4321,
-                url_path: format!("local/{HAVE}.narinfo")
+                hash: HashPart::parse(HAVE).unwrap(),
             })
         );
+        assert!(buf[..len].ends_with(format!("local/{HAVE}.narinfo").as_bytes()));
         assert_eq!(lan.stats.packets_dropped.load(Ordering::Relaxed), 5);
     }
 }

@@ -19,12 +19,9 @@ const RESPONSE: u8 = 1;
 pub enum Packet {
     /// "Who has this hash part?"
     Request { id: u32, hash: HashPart },
-    /// "I have it: GET http://<sender>:<port>/<url_path>."
-    Response {
-        id: u32,
-        port: u16,
-        url_path: String,
-    },
+    /// "I have it: GET http://<sender>:<port>/local/<hash>.narinfo." The
+    /// url path is the only form ever fetched, so the packet keeps its hash.
+    Response { id: u32, port: u16, hash: HashPart },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,7 +61,8 @@ impl Packet {
                 out.extend_from_slice(hash.as_str().as_bytes());
                 out
             }
-            Packet::Response { id, port, url_path } => {
+            Packet::Response { id, port, hash } => {
+                let url_path = narinfo_url_path(hash);
                 let mut out = Vec::with_capacity(9 + url_path.len());
                 out.push(RESPONSE);
                 out.extend_from_slice(&id.to_be_bytes());
@@ -95,13 +93,11 @@ impl Packet {
                     .ok()
                     .filter(|&p| p != 0)
                     .ok_or(PacketError::BadPort)?;
-                let url_path = std::str::from_utf8(rest).map_err(|_| PacketError::BadUrlPath)?;
-                narinfo_hash(url_path).ok_or(PacketError::BadUrlPath)?;
-                Ok(Packet::Response {
-                    id,
-                    port,
-                    url_path: url_path.to_string(),
-                })
+                let hash = std::str::from_utf8(rest)
+                    .ok()
+                    .and_then(narinfo_hash)
+                    .ok_or(PacketError::BadUrlPath)?;
+                Ok(Packet::Response { id, port, hash })
             }
             other => Err(PacketError::UnknownType(other)),
         }
@@ -109,14 +105,14 @@ impl Packet {
 }
 
 /// The url path a responder advertises for `hash`.
-pub fn narinfo_url_path(hash: &HashPart) -> String {
+fn narinfo_url_path(hash: &HashPart) -> String {
     format!("local/{}.narinfo", hash.as_str())
 }
 
 /// The hash part named by an advertised url path, if it has the one form we
 /// ever fetch: `local/<hash>.narinfo`. Anything else could point our HTTP
 /// client at an arbitrary path of the peer, so it is refused.
-pub fn narinfo_hash(url_path: &str) -> Option<HashPart> {
+fn narinfo_hash(url_path: &str) -> Option<HashPart> {
     let name = url_path.strip_prefix("local/")?.strip_suffix(".narinfo")?;
     HashPart::parse(name).ok()
 }
@@ -152,7 +148,7 @@ mod tests {
         let response = Packet::Response {
             id: 7,
             port: 12304,
-            url_path: narinfo_url_path(&hash()),
+            hash: hash(),
         };
         let mut expected = vec![1, 0, 0, 0, 7, 0, 0, 0x30, 0x10];
         expected.extend_from_slice(format!("local/{HASH}.narinfo").as_bytes());
@@ -176,7 +172,7 @@ mod tests {
         let valid_response = Packet::Response {
             id: 1,
             port: 80,
-            url_path: narinfo_url_path(&hash()),
+            hash: hash(),
         }
         .encode();
         for n in 0..valid_response.len() {
