@@ -1083,6 +1083,18 @@ impl NarInfoText {
             .unwrap_or_else(|| panic!("expected narinfo field {key}, fields are {:?}", self.fields))
     }
 
+    /// Panics unless StorePath, NarHash and NarSize are those of `info`;
+    /// `what` names the narinfo in the message.
+    pub fn assert_describes(&self, info: &PathInfo, what: &str) {
+        assert_eq!(self.field("StorePath"), info.path, "{what}: StorePath");
+        assert_eq!(self.field("NarHash"), info.nar_hash, "{what}: NarHash");
+        assert_eq!(
+            self.field("NarSize"),
+            info.nar_size.to_string(),
+            "{what}: NarSize"
+        );
+    }
+
     /// `References` as sorted base names.
     pub fn references(&self) -> Vec<String> {
         let mut refs: Vec<String> = self
