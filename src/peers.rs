@@ -1,13 +1,17 @@
-//! The peer table: what this host has seen of each peer, and whom to ask first.
+//! The peer table: what this host has seen of each peer host, and whom to ask
+//! first.
 //!
-//! Every fetch outcome is recorded. A peer that fails (unreachable, slow, dead
-//! mid-stream) goes into exponential backoff, capped; a peer that lies (a bad
-//! signature, a NAR whose hash or size is wrong, garbage bytes) is banned for
-//! far longer than any backoff. Peers in backoff or banned are skipped. Time is
-//! passed in, so the rules are tested without sleeping.
+//! Every fetch outcome is recorded against the peer's host (its IP address),
+//! not its `ip:port`: a peer names its own HTTP port in its UDP replies, so a
+//! liar could otherwise shed a ban by naming a new port. A host that fails
+//! (unreachable, slow, dead mid-stream) goes into exponential backoff, capped;
+//! a host that lies (a bad signature, a NAR whose hash or size is wrong,
+//! garbage bytes) is banned for far longer than any backoff. Hosts in backoff
+//! or banned are skipped, on the UDP path too. Time is passed in, so the rules
+//! are tested without sleeping.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -17,7 +21,7 @@ pub const FIRST_BACKOFF: Duration = Duration::from_secs(2);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// How long a peer that served wrong data is shunned.
 pub const LIAR_BAN: Duration = Duration::from_secs(24 * 3600);
-/// Peers remembered at most.
+/// Peer hosts remembered at most.
 const MAX_PEERS: usize = 1024;
 
 /// What went wrong with a peer.
@@ -29,8 +33,10 @@ pub enum Failure {
     Lied,
 }
 
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct PeerRecord {
+    /// The address this host was last reached at.
+    pub last_addr: SocketAddr,
     pub successes: u64,
     pub failures: u64,
     pub lies: u64,
@@ -43,12 +49,41 @@ pub struct PeerRecord {
     backoff_until: Option<Instant>,
     /// Banned for lying until then; nothing ends it early.
     banned_until: Option<Instant>,
+    last_used: Instant,
 }
 
 impl PeerRecord {
+    fn new(addr: SocketAddr, now: Instant) -> PeerRecord {
+        PeerRecord {
+            last_addr: addr,
+            successes: 0,
+            failures: 0,
+            lies: 0,
+            bytes: 0,
+            latency_ms: None,
+            consecutive_failures: 0,
+            backoff_until: None,
+            banned_until: None,
+            last_used: now,
+        }
+    }
+
     pub fn is_available(&self, now: Instant) -> bool {
         self.backoff_until.is_none_or(|until| now >= until)
             && self.banned_until.is_none_or(|until| now >= until)
+    }
+
+    pub fn is_banned(&self, now: Instant) -> bool {
+        self.banned_until.is_some_and(|until| now < until)
+    }
+
+    /// When this host may be asked again, if it is shunned now.
+    fn shunned_until(&self, now: Instant) -> Option<Instant> {
+        [self.backoff_until, self.banned_until]
+            .into_iter()
+            .flatten()
+            .filter(|&until| until > now)
+            .max()
     }
 
     /// Higher is better: reliability first, then speed.
@@ -61,9 +96,14 @@ impl PeerRecord {
     }
 }
 
+/// A peer's host: the key of its record. IPv4-mapped IPv6 counts as IPv4.
+fn host(peer: &SocketAddr) -> IpAddr {
+    peer.ip().to_canonical()
+}
+
 #[derive(Default)]
 pub struct PeerTable {
-    peers: Mutex<HashMap<SocketAddr, PeerRecord>>,
+    peers: Mutex<HashMap<IpAddr, PeerRecord>>,
 }
 
 impl PeerTable {
@@ -71,26 +111,52 @@ impl PeerTable {
         PeerTable::default()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, PeerRecord>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, PeerRecord>> {
         self.peers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The record of `peer`, made if new. The table is bounded: when full,
-    /// records of peers in good standing are forgotten first.
-    fn entry(peers: &mut HashMap<SocketAddr, PeerRecord>, peer: SocketAddr) -> &mut PeerRecord {
-        if peers.len() >= MAX_PEERS && !peers.contains_key(&peer) {
-            let now = Instant::now();
-            peers.retain(|_, r| !r.is_available(now));
-            if peers.len() >= MAX_PEERS {
-                peers.clear();
+    /// The record of `peer`'s host, made if new. The table is bounded: when
+    /// it is full, the least useful host in good standing is forgotten; a
+    /// shunned host is forgotten only when every host is shunned, and then
+    /// the one whose shunning ends first, so flooding the table with new
+    /// addresses never clears a ban.
+    fn entry(
+        peers: &mut HashMap<IpAddr, PeerRecord>,
+        peer: SocketAddr,
+        now: Instant,
+    ) -> &mut PeerRecord {
+        let key = host(&peer);
+        if peers.len() >= MAX_PEERS && !peers.contains_key(&key) {
+            let in_good_standing = peers
+                .iter()
+                .filter(|(_, r)| r.is_available(now))
+                .min_by(|a, b| {
+                    a.1.score()
+                        .total_cmp(&b.1.score())
+                        .then(a.1.last_used.cmp(&b.1.last_used))
+                })
+                .map(|(k, _)| *k);
+            let victim = in_good_standing.or_else(|| {
+                peers
+                    .iter()
+                    .min_by_key(|(_, r)| r.shunned_until(now))
+                    .map(|(k, _)| *k)
+            });
+            if let Some(victim) = victim {
+                peers.remove(&victim);
             }
         }
-        peers.entry(peer).or_default()
+        let record = peers
+            .entry(key)
+            .or_insert_with(|| PeerRecord::new(peer, now));
+        record.last_addr = peer;
+        record.last_used = now;
+        record
     }
 
     pub fn record_success(&self, peer: SocketAddr, bytes: u64, latency: Duration) {
         let mut peers = self.lock();
-        let record = Self::entry(&mut peers, peer);
+        let record = Self::entry(&mut peers, peer, Instant::now());
         record.successes += 1;
         record.bytes += bytes;
         record.consecutive_failures = 0;
@@ -104,7 +170,7 @@ impl PeerTable {
 
     pub fn record_failure(&self, peer: SocketAddr, failure: Failure, now: Instant) {
         let mut peers = self.lock();
-        let record = Self::entry(&mut peers, peer);
+        let record = Self::entry(&mut peers, peer, now);
         let (slot, shun) = match failure {
             Failure::Unavailable => {
                 record.failures += 1;
@@ -122,33 +188,33 @@ impl PeerTable {
         *slot = Some(slot.map_or(until, |old| old.max(until)));
     }
 
-    /// Whether a peer has served us and has not failed since.
+    /// Whether a peer's host has served us and has not failed since.
     pub fn is_proven(&self, peer: &SocketAddr, now: Instant) -> bool {
-        self.lock().get(peer).is_some_and(|r| {
+        self.lock().get(&host(peer)).is_some_and(|r| {
             r.successes > 0 && r.consecutive_failures == 0 && r.lies == 0 && r.is_available(now)
         })
     }
 
+    /// Whether a peer's host is neither in backoff nor banned.
     pub fn is_available(&self, peer: &SocketAddr, now: Instant) -> bool {
-        self.lock().get(peer).is_none_or(|r| r.is_available(now))
+        self.lock()
+            .get(&host(peer))
+            .is_none_or(|r| r.is_available(now))
     }
 
-    /// The available peers among `candidates`, best first. Stable for ties, so
-    /// equal peers keep the order in which they answered.
+    /// The available peers among `candidates`, best first and one per host.
+    /// Stable for ties, so equal peers keep the order in which they answered.
     pub fn rank(&self, candidates: &[SocketAddr], now: Instant) -> Vec<SocketAddr> {
         let peers = self.lock();
         let mut seen = std::collections::HashSet::new();
+        let unknown = PeerRecord::new(SocketAddr::from(([0, 0, 0, 0], 0)), now).score();
         let mut ranked: Vec<(SocketAddr, f64)> = candidates
             .iter()
-            .filter(|p| seen.insert(**p))
-            .filter(|p| peers.get(p).is_none_or(|r| r.is_available(now)))
-            .map(|p| {
-                (
-                    *p,
-                    peers
-                        .get(p)
-                        .map_or(PeerRecord::default().score(), PeerRecord::score),
-                )
+            .filter(|p| seen.insert(host(p)))
+            .filter_map(|p| match peers.get(&host(p)) {
+                None => Some((*p, unknown)),
+                Some(r) if r.is_available(now) => Some((*p, r.score())),
+                Some(_) => None,
             })
             .collect();
         ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
@@ -156,11 +222,11 @@ impl PeerTable {
     }
 
     pub fn record(&self, peer: &SocketAddr) -> Option<PeerRecord> {
-        self.lock().get(peer).cloned()
+        self.lock().get(&host(peer)).cloned()
     }
 
-    /// Every peer seen, in address order.
-    pub fn snapshot(&self) -> Vec<(SocketAddr, PeerRecord)> {
+    /// Every peer host seen, in address order.
+    pub fn snapshot(&self) -> Vec<(IpAddr, PeerRecord)> {
         let mut all: Vec<_> = self.lock().iter().map(|(a, r)| (*a, r.clone())).collect();
         all.sort_by_key(|(addr, _)| *addr);
         all
@@ -234,6 +300,56 @@ mod tests {
         // Nor by a success (a transfer that was already under way).
         table.record_success(addr(2), 1, Duration::from_millis(1));
         assert!(!table.is_available(&addr(2), t0 + MAX_BACKOFF * 10));
+    }
+
+    #[test]
+    fn a_ban_holds_for_every_port_of_the_host() {
+        let table = PeerTable::new();
+        let t0 = Instant::now();
+        let liar = |port| SocketAddr::from(([10, 77, 0, 9], port));
+        table.record_failure(liar(1000), Failure::Lied, t0);
+        for port in [1001, 2000, 65535] {
+            assert!(!table.is_available(&liar(port), t0), "port {port}");
+        }
+        assert!(table.rank(&[liar(1002), addr(1)], t0) == vec![addr(1)]);
+        // Backoff is per host too.
+        table.record_failure(addr(2), Failure::Unavailable, t0);
+        assert!(!table.is_available(&SocketAddr::from(([10, 77, 0, 2], 1)), t0));
+        // IPv4-mapped IPv6 is the same host.
+        let mapped: SocketAddr = "[::ffff:10.77.0.9]:7".parse().unwrap();
+        assert!(!table.is_available(&mapped, t0));
+    }
+
+    #[test]
+    fn ranking_takes_one_address_per_host() {
+        let table = PeerTable::new();
+        let t0 = Instant::now();
+        let same_host = SocketAddr::from(([10, 77, 0, 1], 999));
+        assert_eq!(table.rank(&[addr(1), same_host, addr(2)], t0), vec![addr(1), addr(2)]);
+    }
+
+    #[test]
+    fn a_full_table_forgets_the_least_useful_and_keeps_bans() {
+        let table = PeerTable::new();
+        let t0 = Instant::now();
+        let host_n = |n: u32| SocketAddr::from((std::net::Ipv4Addr::from(0x0a00_0000 + n), 1));
+        table.record_failure(host_n(0), Failure::Lied, t0);
+        table.record_success(host_n(1), 5, Duration::from_millis(1));
+        // Far more unreachable hosts than the table holds.
+        for n in 2..(MAX_PEERS as u32 * 3) {
+            table.record_failure(host_n(n), Failure::Unavailable, t0);
+        }
+        assert!(table.snapshot().len() <= MAX_PEERS);
+        assert!(
+            table.record(&host_n(0)).is_some_and(|r| r.is_banned(t0)),
+            "the ban survives the flood"
+        );
+        // Once every entry is shunned, one whose backoff ends first goes,
+        // never the day-long ban.
+        for n in (MAX_PEERS as u32 * 3)..(MAX_PEERS as u32 * 4) {
+            table.record_failure(host_n(n), Failure::Unavailable, t0);
+        }
+        assert!(table.record(&host_n(0)).is_some_and(|r| r.is_banned(t0)));
     }
 
     #[test]

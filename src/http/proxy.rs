@@ -169,15 +169,17 @@ pub fn peers_health(context: &ServerContext) -> serde_json::Value {
         .peers()
         .snapshot()
         .into_iter()
-        .map(|(addr, record)| {
+        .map(|(host, record)| {
             serde_json::json!({
-                "addr": addr.to_string(),
+                "host": host.to_string(),
+                "addr": record.last_addr.to_string(),
                 "successes": record.successes,
                 "failures": record.failures,
                 "lies": record.lies,
                 "bytes": record.bytes,
                 "latency_ms": record.latency_ms,
                 "available": record.is_available(now),
+                "banned": record.is_banned(now),
             })
         })
         .collect()
