@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use peerix::config::{self, Command, Config};
 use peerix::fetch::resolver::Resolver;
+use peerix::fetch::transfer::MemoryBudget;
 use peerix::http::{Server, ServerContext};
 use peerix::lan::Lan;
 use peerix::nix::keys::{PublicKey, SecretKey};
@@ -20,6 +21,11 @@ use peerix::store::{LocalStore, scanner};
 /// process, so not one per worker: lookups take about 100 µs, and most are
 /// answered from the path-info cache.
 const MAX_DAEMON_CONNECTIONS: usize = 8;
+
+/// Memory for peer NARs held whole while they are verified, all transfers
+/// together: two of the largest the default `--verify-before-send` holds.
+/// Without one budget, 16 transfers at once could hold 64 MiB.
+const HELD_NARS_MIN_BUDGET: u64 = 8 * 1024 * 1024;
 
 fn main() -> ExitCode {
     let command = config::parse_args(std::env::args_os().skip(1), &|name| std::env::var_os(name));
@@ -150,6 +156,7 @@ fn run(config: &Config) -> Result<(), String> {
         started: Instant::now(),
         resolver,
         verify_before_send: config.verify_before_send,
+        held_nars: MemoryBudget::new(config.verify_before_send.max(HELD_NARS_MIN_BUDGET)),
     };
     let server = Server::start(
         SocketAddr::new(config.bind, config.port),

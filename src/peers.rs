@@ -325,7 +325,10 @@ mod tests {
         let table = PeerTable::new();
         let t0 = Instant::now();
         let same_host = SocketAddr::from(([10, 77, 0, 1], 999));
-        assert_eq!(table.rank(&[addr(1), same_host, addr(2)], t0), vec![addr(1), addr(2)]);
+        assert_eq!(
+            table.rank(&[addr(1), same_host, addr(2)], t0),
+            vec![addr(1), addr(2)]
+        );
     }
 
     #[test]

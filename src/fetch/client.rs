@@ -94,16 +94,23 @@ impl PeerClient {
     }
 
     /// `GET http://<peer>/local/<hash>.narinfo`, parsed; a narinfo for
-    /// another path is a lie.
-    pub fn narinfo(&self, peer: SocketAddr, hash: &HashPart) -> Result<NarInfo, PeerError> {
+    /// another path is a lie. The whole exchange ends by `deadline`, and
+    /// within the timeout.
+    pub fn narinfo(
+        &self,
+        peer: SocketAddr,
+        hash: &HashPart,
+        deadline: Instant,
+    ) -> Result<NarInfo, PeerError> {
         let url = format!("http://{peer}/local/{hash}.narinfo");
         // A narinfo is small: the whole exchange, not just each read, is
         // bounded, so a peer trickling bytes cannot hold a worker.
+        let budget = self.timeout.min(time_left(&url, deadline)?);
         let response = self
             .agent
             .get(&url)
             .config()
-            .timeout_global(Some(self.timeout))
+            .timeout_global(Some(budget))
             .build()
             .call()
             .map_err(|e| PeerError::Unavailable(format!("{url}: {e}")))?;
@@ -134,10 +141,17 @@ impl PeerClient {
     }
 
     /// The NAR at `url` (relative to the peer's `/local/`), from byte
-    /// `offset` on.
-    pub fn nar(&self, peer: SocketAddr, url: &str, offset: u64) -> Result<NarBody, PeerError> {
+    /// `offset` on. Everything, from connecting to the body's last byte and
+    /// the bytes skipped when the peer ignores the Range, ends by `deadline`.
+    pub fn nar(
+        &self,
+        peer: SocketAddr,
+        url: &str,
+        offset: u64,
+        deadline: Instant,
+    ) -> Result<NarBody, PeerError> {
         let url = format!("http://{peer}/local/{url}");
-        let response = self.get(&url, offset)?;
+        let response = self.get(&url, offset, time_left(&url, deadline)?)?;
         let status = response.status().as_u16();
         let content_range = response
             .headers()
@@ -164,14 +178,31 @@ impl PeerClient {
         }
     }
 
-    fn get(&self, url: &str, offset: u64) -> Result<ureq::http::Response<ureq::Body>, PeerError> {
+    fn get(
+        &self,
+        url: &str,
+        offset: u64,
+        budget: Duration,
+    ) -> Result<ureq::http::Response<ureq::Body>, PeerError> {
         let mut request = self.agent.get(url);
         if offset > 0 {
             request = request.header("Range", format!("bytes={offset}-"));
         }
         request
+            .config()
+            .timeout_global(Some(budget))
+            .build()
             .call()
             .map_err(|e| PeerError::Unavailable(format!("{url}: {e}")))
+    }
+}
+
+/// The time until `deadline`; none left is the request's failure, and no
+/// fault of the peer's, so it is `Unusable` (not counted against it).
+fn time_left(url: &str, deadline: Instant) -> Result<Duration, PeerError> {
+    match deadline.checked_duration_since(Instant::now()) {
+        Some(left) if !left.is_zero() => Ok(left),
+        _ => Err(PeerError::Unusable(format!("{url}: out of time"))),
     }
 }
 

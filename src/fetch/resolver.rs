@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::client::{PeerClient, PeerError, is_safe_nar_url};
-use super::transfer::{BufferPool, Holder};
+use super::transfer::{BufferPool, Holder, transfer_budget};
 use crate::lan::Lan;
 use crate::nix::hash::NarHash;
 use crate::nix::keys::{PublicKey, any_valid_signature};
@@ -142,22 +142,32 @@ impl Resolver {
                 .iter()
                 .any(|peer| self.peers.is_proven(peer, Instant::now()))
         };
-        let answered = lan.ask(hash, &proven);
+        // Peers in backoff or banned are not heard at all.
+        let usable = |peer: &SocketAddr| self.peers.is_available(peer, Instant::now());
+        let answered = lan.ask(hash, &usable, &proven);
+        // The narinfo requests of one lookup, to all the peers asked, share
+        // one timeout: a miss costs the LAN window plus that at most,
+        // whatever the peers do.
+        let deadline = Instant::now() + self.timeout;
         let cut_short = proven(&answered);
-        if let Some(offer) = self.best_verified(hash, &answered) {
+        if let Some(offer) = self.best_verified(hash, &answered, deadline) {
             return Some(offer);
         }
         if cut_short {
-            let answered = lan.ask(hash, &|_| false);
-            return self.best_verified(hash, &answered);
+            let answered = lan.ask(hash, &usable, &|_| false);
+            return self.best_verified(hash, &answered, deadline);
         }
         None
     }
 
     /// The offer of the best-ranked peer among `answered` whose narinfo
-    /// checks out; the rest are kept as fallbacks.
-    fn best_verified(&self, hash: &HashPart, answered: &[SocketAddr]) -> Option<Offer> {
-        let started = Instant::now();
+    /// checks out by `deadline`; the rest are kept as fallbacks.
+    fn best_verified(
+        &self,
+        hash: &HashPart,
+        answered: &[SocketAddr],
+        deadline: Instant,
+    ) -> Option<Offer> {
         let ranked = self.peers.rank(answered, Instant::now());
         log::debug!(
             "{hash}: {} peer(s) answered, {} usable",
@@ -165,13 +175,11 @@ impl Resolver {
             ranked.len()
         );
         for (i, &peer) in ranked.iter().enumerate() {
-            // Each peer is bounded by the timeout; all of them together by
-            // twice that, so a few hanging peers cannot stall nix for long.
-            if started.elapsed() > self.timeout * 2 {
+            if Instant::now() >= deadline {
                 log::warn!("{hash}: peers too slow to answer; giving up");
                 break;
             }
-            match self.verified_narinfo(peer, hash) {
+            match self.verified_narinfo(peer, hash, deadline) {
                 Ok(narinfo) => {
                     let source = Holder {
                         peer,
@@ -191,9 +199,14 @@ impl Resolver {
 
     /// A peer's narinfo for `hash`, if a trusted key signed it and its NAR
     /// can be fetched and checked here.
-    fn verified_narinfo(&self, peer: SocketAddr, hash: &HashPart) -> Result<NarInfo, PeerError> {
+    fn verified_narinfo(
+        &self,
+        peer: SocketAddr,
+        hash: &HashPart,
+        deadline: Instant,
+    ) -> Result<NarInfo, PeerError> {
         let asked = Instant::now();
-        let narinfo = self.client.narinfo(peer, hash)?;
+        let narinfo = self.client.narinfo(peer, hash, deadline)?;
         if !any_valid_signature(&self.trusted_keys, &narinfo.fingerprint(), &narinfo.sigs) {
             // A signature that claims a trusted key and fails is forged; a
             // path that no trusted key signed is honest, just of no use here
@@ -257,6 +270,7 @@ impl Resolver {
             return None;
         }
         let nar_size = offer.narinfo.nar_size;
+        let deadline = Instant::now() + transfer_budget(nar_size, self.timeout);
         // The peer nix's URL names goes first if it is still among those
         // that offered the path; the URL is not trusted to name any other.
         let mut queue = VecDeque::new();
@@ -269,6 +283,7 @@ impl Resolver {
             hash: *hash,
             nar_hash: *nar_hash,
             nar_size,
+            deadline,
             queue,
             tried: Vec::new(),
             refreshed: false,
@@ -307,6 +322,8 @@ pub struct NarSource<'r> {
     hash: HashPart,
     nar_hash: NarHash,
     pub nar_size: u64,
+    /// When the whole transfer must be over, whichever holders serve it.
+    pub deadline: Instant,
     queue: VecDeque<Pending>,
     tried: Vec<SocketAddr>,
     /// Whether the LAN was asked again during this transfer.
@@ -344,7 +361,10 @@ impl NarSource<'_> {
             match pending {
                 Pending::Known(holder) => return Some(holder),
                 Pending::Candidate(peer) => {
-                    match self.resolver.verified_narinfo(peer, &self.hash) {
+                    match self
+                        .resolver
+                        .verified_narinfo(peer, &self.hash, self.deadline)
+                    {
                         Ok(narinfo)
                             if narinfo.nar_hash == self.nar_hash
                                 && narinfo.nar_size == self.nar_size =>

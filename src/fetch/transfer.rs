@@ -36,6 +36,19 @@ pub struct Holder {
     pub url: String,
 }
 
+/// The slowest average rate a whole transfer may take, from whichever
+/// holders: 64 KiB/s, well under any LAN or Wi-Fi link that works at all.
+const MIN_TRANSFER_RATE: u64 = 64 * 1024;
+
+/// How long a transfer of a `nar_size`-byte NAR may take in all: two
+/// timeouts for finding and connecting to holders, plus the NAR at the
+/// slowest rate allowed. Without it, a holder that ignores Range and
+/// trickles the bytes it must skip, or trickles just above the per-chunk
+/// floor, would hold a worker for as long as it liked.
+pub fn transfer_budget(nar_size: u64, timeout: Duration) -> Duration {
+    timeout * 2 + Duration::from_secs(nar_size / MIN_TRANSFER_RATE)
+}
+
 /// What to copy.
 pub struct Plan {
     pub nar_hash: NarHash,
@@ -43,8 +56,55 @@ pub struct Plan {
     /// The bytes nix asked for: `start..end` of the NAR.
     pub start: u64,
     pub end: u64,
-    /// Hold the whole NAR until it checks out.
-    pub verify_whole: bool,
+    /// Hold the whole NAR until it checks out; the memory it takes, taken
+    /// from the [`MemoryBudget`].
+    pub verify_whole: Option<Reservation>,
+    /// When the copy must be over, from whichever holders.
+    pub deadline: Instant,
+}
+
+/// The memory all NARs held whole while they are verified may take
+/// together. A transfer that finds it spent streams instead (and is
+/// verified all the same), so peak memory stays bounded however many peers
+/// send at once.
+pub struct MemoryBudget {
+    left: Arc<Mutex<u64>>,
+}
+
+/// Bytes taken from a [`MemoryBudget`], given back on drop.
+#[derive(Debug)]
+pub struct Reservation {
+    left: Arc<Mutex<u64>>,
+    bytes: u64,
+}
+
+impl MemoryBudget {
+    pub fn new(bytes: u64) -> MemoryBudget {
+        MemoryBudget {
+            left: Arc::new(Mutex::new(bytes)),
+        }
+    }
+
+    /// `bytes` of the budget, if that much is left.
+    pub fn reserve(&self, bytes: u64) -> Option<Reservation> {
+        let mut left = self.left.lock().unwrap_or_else(|e| e.into_inner());
+        *left = left.checked_sub(bytes)?;
+        Some(Reservation {
+            left: Arc::clone(&self.left),
+            bytes,
+        })
+    }
+
+    /// Bytes not reserved now.
+    pub fn left(&self) -> u64 {
+        *self.left.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        *self.left.lock().unwrap_or_else(|e| e.into_inner()) += self.bytes;
+    }
 }
 
 /// Where the bytes go.
@@ -76,7 +136,7 @@ pub fn copy(
     buffers: &BufferPool,
     sink: &mut dyn Sink,
 ) -> Outcome {
-    if plan.verify_whole {
+    if plan.verify_whole.is_some() {
         return Copier::new(plan, buffers, None).run(next_holder, client, peers, sink);
     }
     // A streamed NAR is hashed on a second thread while this one moves the
@@ -210,7 +270,7 @@ struct Copier<'p> {
 impl<'p> Copier<'p> {
     fn new(plan: &'p Plan, pool: &'p BufferPool, parallel: Option<ParallelHasher>) -> Copier<'p> {
         let mut held = Vec::new();
-        if plan.verify_whole {
+        if plan.verify_whole.is_some() {
             // One allocation of the final size, not a doubling series.
             held.reserve_exact((plan.end - plan.start) as usize);
         }
@@ -263,8 +323,12 @@ impl<'p> Copier<'p> {
         let plan = self.plan;
         let what = format!("NAR {}", plan.nar_hash);
         while let Some(holder) = next_holder() {
+            if Instant::now() >= plan.deadline {
+                return self.give_up(format!("{what}: out of time"));
+            }
             let asked = Instant::now();
-            let mut body = match client.nar(holder.peer, &holder.url, self.check.received()) {
+            let offset = self.check.received();
+            let mut body = match client.nar(holder.peer, &holder.url, offset, plan.deadline) {
                 Ok(body) => body,
                 Err(e) => {
                     e.record(peers, holder.peer, &what);
@@ -283,7 +347,10 @@ impl<'p> Copier<'p> {
                 let buf = Arc::get_mut(&mut self.buffers[i]).expect("a free buffer");
                 // Whole chunks: the first one decides whether nix gets a
                 // response at all, so it must be more than a stray byte.
-                let (n, read_error) = read_full(&mut body, &mut buf[..want], client.timeout());
+                let chunk_time = client
+                    .timeout()
+                    .min(plan.deadline.saturating_duration_since(Instant::now()));
+                let (n, read_error) = read_full(&mut body, &mut buf[..want], chunk_time);
                 if n > 0 {
                     first_byte.get_or_insert_with(|| asked.elapsed());
                     if self.sources.last() != Some(&holder.peer) {
@@ -298,7 +365,7 @@ impl<'p> Copier<'p> {
                         let _ = parallel.jobs.send(HashJob::Bytes(Arc::clone(buf), n));
                     }
                     let part = window_range(plan, chunk_start, n);
-                    if plan.verify_whole {
+                    if plan.verify_whole.is_some() {
                         self.held.extend_from_slice(&buf[part]);
                     } else if self.held_last.is_none() && self.check.received() >= plan.end {
                         // The chunk with the last byte nix asked for waits,
@@ -516,6 +583,8 @@ mod tests {
         FlippedDiesAfter(usize),
         /// Sends this many bytes at once, then one byte every 50 ms.
         Trickles(usize),
+        /// Ignores Range: the whole NAR with a 200, one byte every 50 ms.
+        IgnoresRangeAndTrickles,
     }
 
     /// A peer on loopback that serves `/local/nar/x.nar` with Range support,
@@ -585,7 +654,10 @@ mod tests {
                     *b = (i as u8).wrapping_mul(31).wrapping_add(7);
                 }
             }
-            Serves::Honest | Serves::DiesAfter(_) | Serves::Trickles(_) => {}
+            Serves::Honest
+            | Serves::DiesAfter(_)
+            | Serves::Trickles(_)
+            | Serves::IgnoresRangeAndTrickles => {}
         }
         nar
     }
@@ -598,7 +670,9 @@ mod tests {
             if reader.read_line(&mut line)? == 0 || line == "\r\n" {
                 break;
             }
-            if let Some(range) = line.strip_prefix("Range: bytes=") {
+            if let Some(range) = line.strip_prefix("Range: bytes=")
+                && !matches!(serves, Serves::IgnoresRangeAndTrickles)
+            {
                 start = range.trim().trim_end_matches('-').parse().unwrap();
             }
         }
@@ -622,7 +696,11 @@ mod tests {
             Serves::DiesAfter(n) | Serves::FlippedDiesAfter(n) => {
                 stream.write_all(&body[..n.min(body.len())])
             }
-            Serves::Trickles(n) => {
+            Serves::Trickles(_) | Serves::IgnoresRangeAndTrickles => {
+                let n = match serves {
+                    Serves::Trickles(n) => n,
+                    _ => 0,
+                };
                 stream.write_all(&body[..n.min(body.len())])?;
                 for byte in body.iter().skip(n) {
                     std::thread::sleep(Duration::from_millis(50));
@@ -676,13 +754,27 @@ mod tests {
         window: (u64, u64),
         timeout: Duration,
     ) -> (Outcome, VecSink, PeerTable) {
+        let budget = transfer_budget(true_nar().0.len() as u64, timeout);
+        run_within(holders, verify_whole, chunk, window, timeout, budget)
+    }
+
+    fn run_within(
+        holders: &[&TestPeer],
+        verify_whole: bool,
+        chunk: usize,
+        window: (u64, u64),
+        timeout: Duration,
+        budget: Duration,
+    ) -> (Outcome, VecSink, PeerTable) {
         let (nar, nar_hash) = true_nar();
+        let memory = MemoryBudget::new(nar.len() as u64);
         let plan = Plan {
             nar_hash,
             nar_size: nar.len() as u64,
             start: window.0,
             end: window.1,
-            verify_whole,
+            verify_whole: verify_whole.then(|| memory.reserve(nar.len() as u64).unwrap()),
+            deadline: Instant::now() + budget,
         };
         let mut queue: std::collections::VecDeque<Holder> =
             holders.iter().map(|p| p.holder()).collect();
@@ -837,13 +929,65 @@ mod tests {
     }
 
     #[test]
+    fn a_resume_from_a_holder_that_ignores_range_and_trickles_ends_in_time() {
+        // The first holder dies mid-NAR; the second must skip to that byte
+        // and trickles while it does. Only the transfer's deadline ends it:
+        // each byte comes well within the per-read and per-chunk timeouts.
+        let dying = TestPeer::start(Serves::DiesAfter(200));
+        let trickler = TestPeer::start(Serves::IgnoresRangeAndTrickles);
+        let (outcome, _, peers) = run_within(
+            &[&dying, &trickler],
+            false,
+            64,
+            whole(),
+            Duration::from_secs(10),
+            Duration::from_millis(800),
+        );
+        assert!(matches!(outcome, Outcome::Broken(_)), "{outcome:?}");
+        // Both holders are 127.0.0.1, one host to the table: both failed.
+        let record = peers.record(&trickler.addr).unwrap();
+        assert_eq!((record.failures, record.lies), (2, 0));
+    }
+
+    #[test]
+    fn no_holder_is_asked_after_the_deadline() {
+        let honest = TestPeer::start(Serves::Honest);
+        let (outcome, sink, peers) = run_within(
+            &[&honest],
+            false,
+            64,
+            whole(),
+            Duration::from_secs(10),
+            Duration::ZERO,
+        );
+        assert_eq!(outcome, Outcome::NoHolder);
+        assert!(!sink.begun);
+        assert!(peers.record(&honest.addr).is_none(), "not blamed");
+    }
+
+    #[test]
+    fn the_memory_budget_is_shared_and_given_back() {
+        let budget = MemoryBudget::new(10);
+        let a = budget.reserve(6).unwrap();
+        assert!(budget.reserve(5).is_none(), "spent");
+        let b = budget.reserve(4).unwrap();
+        assert_eq!(budget.left(), 0);
+        drop(a);
+        assert_eq!(budget.left(), 6);
+        drop(b);
+        assert_eq!(budget.left(), 10);
+        assert!(budget.reserve(11).is_none());
+    }
+
+    #[test]
     fn window_cuts_chunks_to_the_requested_range() {
         let plan = Plan {
             nar_hash: NarHash([0; 32]),
             nar_size: 100,
             start: 10,
             end: 20,
-            verify_whole: false,
+            verify_whole: None,
+            deadline: Instant::now(),
         };
         let chunk: Vec<u8> = (0..8).collect();
         assert_eq!(&chunk[window_range(&plan, 0, chunk.len())], b"");

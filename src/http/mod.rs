@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, Socket, Type};
 
 use crate::fetch::resolver::Resolver;
+use crate::fetch::transfer::MemoryBudget;
 use crate::store::LocalStore;
 
 pub use serve::is_loopback;
@@ -31,8 +32,10 @@ pub struct ServerContext {
     pub started: Instant,
     /// Finds paths this host lacks on peers; `None` when no peer mode is on.
     pub resolver: Option<Arc<Resolver>>,
-    /// Peer NARs up to this size are verified whole before nix gets a byte.
+    /// Peer NARs up to this size are verified whole before nix gets a byte,
     pub verify_before_send: u64,
+    /// while this budget for the memory they take lasts.
+    pub held_nars: MemoryBudget,
 }
 
 /// A running server: its address and its worker threads.

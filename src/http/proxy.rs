@@ -58,12 +58,18 @@ pub fn serve_peer_nar(
         }
         return;
     }
+    // Small NARs are held whole until they check out, while the memory
+    // budget for that lasts; past it they stream, verified all the same.
+    let verify_whole = (size <= context.verify_before_send)
+        .then(|| context.held_nars.reserve(size))
+        .flatten();
     let plan = Plan {
         nar_hash: *nar_hash,
         nar_size: size,
         start,
         end,
-        verify_whole: size <= context.verify_before_send,
+        verify_whole,
+        deadline: source.deadline,
     };
     let client = request.remote_addr().copied();
     let mut sink = ResponseSink {
@@ -153,6 +159,7 @@ pub fn lan_health(context: &ServerContext) -> serde_json::Value {
         "port": lan.port(),
         "queries": get(&stats.queries),
         "replies_received": get(&stats.replies_received),
+        "replies_shunned": get(&stats.replies_shunned),
         "replies_sent": get(&stats.replies_sent),
         "replies_rate_limited": get(&stats.replies_rate_limited),
         "packets_dropped": get(&stats.packets_dropped),

@@ -48,6 +48,8 @@ const EXTRA_PEERS_TTL: Duration = Duration::from_secs(60);
 pub struct LanStats {
     pub queries: AtomicU64,
     pub replies_received: AtomicU64,
+    /// Replies ignored because their peer is in backoff or banned.
+    pub replies_shunned: AtomicU64,
     pub replies_sent: AtomicU64,
     pub replies_rate_limited: AtomicU64,
     pub packets_dropped: AtomicU64,
@@ -145,8 +147,16 @@ impl Lan {
     /// timeout; once a first peer has answered, only a tenth of it more (all
     /// peers hear a broadcast at the same moment, even one Wi-Fi delayed,
     /// so their replies arrive close together), and not at all once
-    /// `enough` says the peers so far will do.
-    pub fn ask(&self, hash: &HashPart, enough: &dyn Fn(&[SocketAddr]) -> bool) -> Vec<SocketAddr> {
+    /// `enough` says the peers so far will do. Replies from peers that
+    /// `usable` refuses (in backoff, banned) are ignored altogether: they
+    /// neither count as answers nor shorten the wait, so a peer that answers
+    /// every query and then never delivers costs nothing while it is shunned.
+    pub fn ask(
+        &self,
+        hash: &HashPart,
+        usable: &dyn Fn(&SocketAddr) -> bool,
+        enough: &dyn Fn(&[SocketAddr]) -> bool,
+    ) -> Vec<SocketAddr> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (sender, replies) = bounded(MAX_CANDIDATES * 2);
         self.lock_waiting().insert(
@@ -176,6 +186,9 @@ impl Lan {
         let mut until = deadline;
         while peers.len() < MAX_CANDIDATES {
             match replies.recv_deadline(until) {
+                Ok(peer) if !usable(&peer) => {
+                    self.stats.replies_shunned.fetch_add(1, Ordering::Relaxed);
+                }
                 Ok(peer) => {
                     if peers.is_empty() {
                         until = deadline.min(Instant::now() + grace);
@@ -422,7 +435,7 @@ mod tests {
     fn a_peer_answers_for_what_it_shares_and_only_that() {
         let holder = start(&[], 4321);
         let asker = start(&[holder.port()], 1);
-        let found = asker.ask(&HashPart::parse(HAVE).unwrap(), &|_| false);
+        let found = asker.ask(&HashPart::parse(HAVE).unwrap(), &|_| true, &|_| false);
         assert_eq!(found, [SocketAddr::from(([127, 0, 0, 1], 4321))]);
         assert_eq!(holder.stats.replies_sent.load(Ordering::Relaxed), 1);
         assert_eq!(asker.stats.replies_received.load(Ordering::Relaxed), 1);
@@ -432,7 +445,7 @@ mod tests {
         let asker = Lan::start(&quick, 0, 1, Box::new(|_| false)).unwrap();
         assert!(
             asker
-                .ask(&HashPart::parse(LACK).unwrap(), &|_| true)
+                .ask(&HashPart::parse(LACK).unwrap(), &|_| true, &|_| true)
                 .is_empty()
         );
         assert_eq!(holder.stats.replies_sent.load(Ordering::Relaxed), 1);
@@ -457,7 +470,7 @@ mod tests {
             asker.extra_peer_addrs(),
             [SocketAddr::from(([127, 0, 0, 1], holder.port()))]
         );
-        let found = asker.ask(&HashPart::parse(HAVE).unwrap(), &|_| false);
+        let found = asker.ask(&HashPart::parse(HAVE).unwrap(), &|_| true, &|_| false);
         assert_eq!(found, [SocketAddr::from(([127, 0, 0, 1], 4321))]);
     }
 
