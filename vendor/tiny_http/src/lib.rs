@@ -129,6 +129,9 @@ mod ssl;
 mod test;
 mod util;
 
+#[cfg(test)]
+mod hardening_tests;
+
 // building the SSL capabilities
 #[cfg(all(feature = "ssl-openssl", feature = "ssl-rustls"))]
 compile_error!("Features 'ssl-openssl' and 'ssl-rustls' must not be enabled at the same time");
