@@ -5,6 +5,8 @@ use std::os::unix::net as unix_net;
 use std::{
     net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs},
     path::PathBuf,
+    sync::Arc,
+    time::Duration,
 };
 
 /// Unified listener. Either a [`TcpListener`] or [`std::os::unix::net::UnixListener`]
@@ -103,6 +105,99 @@ impl Connection {
         }
     }
 }
+impl Connection {
+    /// Turns the connection into a handle that the reading and the writing
+    /// half (and the application, through `Request::socket`) share, so that
+    /// no duplicate descriptor is needed.
+    pub(crate) fn into_shared(self) -> SharedConn {
+        match self {
+            Self::Tcp(s) => SharedConn::Tcp(Arc::new(s)),
+            #[cfg(unix)]
+            Self::Unix(s) => SharedConn::Unix(Arc::new(s)),
+        }
+    }
+
+    pub(crate) fn set_nonblocking(&self, nonblocking: bool) -> std::io::Result<()> {
+        match self {
+            Self::Tcp(s) => s.set_nonblocking(nonblocking),
+            #[cfg(unix)]
+            Self::Unix(s) => s.set_nonblocking(nonblocking),
+        }
+    }
+}
+
+/// A connection shared by reference counting. Reads and writes go through
+/// `&TcpStream` / `&UnixStream`, which the standard library supports.
+#[derive(Debug, Clone)]
+pub(crate) enum SharedConn {
+    Tcp(Arc<TcpStream>),
+    #[cfg(unix)]
+    Unix(Arc<unix_net::UnixStream>),
+}
+
+impl SharedConn {
+    pub(crate) fn set_read_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            Self::Tcp(s) => s.set_read_timeout(timeout),
+            #[cfg(unix)]
+            Self::Unix(s) => s.set_read_timeout(timeout),
+        }
+    }
+
+    pub(crate) fn shutdown(&self, how: Shutdown) -> std::io::Result<()> {
+        match self {
+            Self::Tcp(s) => s.shutdown(how),
+            #[cfg(unix)]
+            Self::Unix(s) => s.shutdown(how),
+        }
+    }
+
+    pub(crate) fn peer_addr(&self) -> std::io::Result<Option<SocketAddr>> {
+        match self {
+            Self::Tcp(s) => s.peer_addr().map(Some),
+            #[cfg(unix)]
+            Self::Unix(_) => Ok(None),
+        }
+    }
+
+    /// The TCP socket, for `Request::socket`.
+    pub(crate) fn tcp(&self) -> Option<Arc<TcpStream>> {
+        match self {
+            Self::Tcp(s) => Some(Arc::clone(s)),
+            #[cfg(unix)]
+            Self::Unix(_) => None,
+        }
+    }
+}
+
+impl std::io::Read for SharedConn {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Self::Tcp(s) => std::io::Read::read(&mut &**s, buf),
+            #[cfg(unix)]
+            Self::Unix(s) => std::io::Read::read(&mut &**s, buf),
+        }
+    }
+}
+
+impl std::io::Write for SharedConn {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Self::Tcp(s) => std::io::Write::write(&mut &**s, buf),
+            #[cfg(unix)]
+            Self::Unix(s) => std::io::Write::write(&mut &**s, buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Self::Tcp(s) => std::io::Write::flush(&mut &**s),
+            #[cfg(unix)]
+            Self::Unix(s) => std::io::Write::flush(&mut &**s),
+        }
+    }
+}
+
 impl From<TcpStream> for Connection {
     fn from(s: TcpStream) -> Self {
         Self::Tcp(s)

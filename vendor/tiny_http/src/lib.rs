@@ -98,32 +98,47 @@ use std::error::Error;
 use std::io::Error as IoError;
 use std::io::ErrorKind as IoErrorKind;
 use std::io::Result as IoResult;
-use std::net::{Shutdown, TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use client::ClientConnection;
 use connection::Connection;
+use limits::{accept_retry_delay, ConnGuard, ConnLimiter, RateLimitedLog};
 use util::MessagesQueue;
 
 pub use common::{HTTPVersion, Header, HeaderField, Method, StatusCode};
 pub use connection::{ConfigListenAddr, ListenAddr, Listener};
+pub use limits::Limits;
 pub use request::{ReadWrite, Request};
 pub use response::{Response, ResponseBox};
 pub use test::TestRequest;
 
+mod body;
 mod client;
 mod common;
 mod connection;
+mod limits;
 mod request;
 mod response;
 mod ssl;
 mod test;
 mod util;
+
+#[cfg(test)]
+mod hardening_tests;
+
+// building the SSL capabilities
+#[cfg(all(feature = "ssl-openssl", feature = "ssl-rustls"))]
+compile_error!("Features 'ssl-openssl' and 'ssl-rustls' must not be enabled at the same time");
+#[cfg(not(any(feature = "ssl-openssl", feature = "ssl-rustls")))]
+type SslContext = ();
+#[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
+type SslContext = crate::ssl::SslContextImpl;
 
 /// The main class of this library.
 ///
@@ -140,6 +155,9 @@ pub struct Server {
 
     // result of TcpListener::local_addr()
     listening_addr: ListenAddr,
+
+    // peerix: counts the open connections against the caps
+    limiter: Arc<ConnLimiter>,
 }
 
 enum Message {
@@ -239,30 +257,38 @@ impl Server {
     ///
     /// This is useful if you've constructed TcpListener using some less usual method
     /// such as from systemd. For other cases, you probably want the `new()` function.
+    ///
+    /// peerix: the server applies `Limits::default()`.
     pub fn from_listener<L: Into<Listener>>(
         listener: L,
         ssl_config: Option<SslConfig>,
     ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
+        Self::from_listener_with_limits(listener, ssl_config, Limits::default())
+    }
+
+    /// Builds a new server using the specified listener, bounding what its
+    /// connections may cost by `limits` (peerix addition).
+    pub fn from_listener_with_limits<L: Into<Listener>>(
+        listener: L,
+        ssl_config: Option<SslConfig>,
+        limits: Limits,
+    ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
         let listener = listener.into();
+        let local_addr = listener.local_addr()?;
+        log::debug!("Server listening on {}", local_addr);
+        Self::start(listener, local_addr, ssl_config, limits)
+    }
+
+    /// Starts the accept thread over `acceptor`.
+    fn start<A: Acceptor>(
+        acceptor: A,
+        local_addr: ListenAddr,
+        ssl_config: Option<SslConfig>,
+        limits: Limits,
+    ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
         // building the "close" variable
         let close_trigger = Arc::new(AtomicBool::new(false));
 
-        // building the TcpListener
-        let (server, local_addr) = {
-            let local_addr = listener.local_addr()?;
-            log::debug!("Server listening on {}", local_addr);
-            (listener, local_addr)
-        };
-
-        // building the SSL capabilities
-        #[cfg(all(feature = "ssl-openssl", feature = "ssl-rustls"))]
-        compile_error!(
-            "Features 'ssl-openssl' and 'ssl-rustls' must not be enabled at the same time"
-        );
-        #[cfg(not(any(feature = "ssl-openssl", feature = "ssl-rustls")))]
-        type SslContext = ();
-        #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
-        type SslContext = crate::ssl::SslContextImpl;
         let ssl: Option<SslContext> = {
             match ssl_config {
                 #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
@@ -282,77 +308,25 @@ impl Server {
         // creating a task where server.accept() is continuously called
         // and ClientConnection objects are pushed in the messages queue
         let messages = MessagesQueue::with_capacity(8);
+        let limiter = ConnLimiter::new(&limits);
 
-        let inside_close_trigger = close_trigger.clone();
-        let inside_messages = messages.clone();
-        thread::spawn(move || {
-            // a tasks pool is used to dispatch the connections into threads
-            let tasks_pool = util::TaskPool::new();
-
-            log::debug!("Running accept thread");
-            while !inside_close_trigger.load(Relaxed) {
-                let new_client = match server.accept() {
-                    Ok((sock, _)) => {
-                        use util::RefinedTcpStream;
-                        let (read_closable, write_closable) = match ssl {
-                            None => RefinedTcpStream::new(sock),
-                            #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
-                            Some(ref ssl) => {
-                                // trying to apply SSL over the connection
-                                // if an error occurs, we just close the socket and resume listening
-                                let sock = match ssl.accept(sock) {
-                                    Ok(s) => s,
-                                    Err(_) => continue,
-                                };
-
-                                RefinedTcpStream::new(sock)
-                            }
-                            #[cfg(not(any(feature = "ssl-openssl", feature = "ssl-rustls")))]
-                            Some(ref _ssl) => unreachable!(),
-                        };
-
-                        Ok(ClientConnection::new(write_closable, read_closable))
-                    }
-                    Err(e) => Err(e),
-                };
-
-                match new_client {
-                    Ok(client) => {
-                        let messages = inside_messages.clone();
-                        let mut client = Some(client);
-                        tasks_pool.spawn(Box::new(move || {
-                            if let Some(client) = client.take() {
-                                // Synchronization is needed for HTTPS requests to avoid a deadlock
-                                if client.secure() {
-                                    let (sender, receiver) = mpsc::channel();
-                                    for rq in client {
-                                        messages.push(rq.with_notify_sender(sender.clone()).into());
-                                        receiver.recv().unwrap();
-                                    }
-                                } else {
-                                    for rq in client {
-                                        messages.push(rq.into());
-                                    }
-                                }
-                            }
-                        }));
-                    }
-
-                    Err(e) => {
-                        log::error!("Error accepting new client: {}", e);
-                        inside_messages.push(e.into());
-                        break;
-                    }
-                }
-            }
-            log::debug!("Terminating accept thread");
+        let shared = Arc::new(Shared {
+            limits: Arc::new(limits),
+            messages: messages.clone(),
+            ssl,
         });
+        let inside_close_trigger = close_trigger.clone();
+        let inside_limiter = limiter.clone();
+        thread::Builder::new()
+            .name("tiny-http-accept".into())
+            .spawn(move || accept_loop(acceptor, inside_close_trigger, inside_limiter, shared))?;
 
         // result
         Ok(Server {
             messages,
             close: close_trigger,
             listening_addr: local_addr,
+            limiter,
         })
     }
 
@@ -371,9 +345,11 @@ impl Server {
     }
 
     /// Returns the number of clients currently connected to the server.
+    ///
+    /// peerix: the connections counted against `Limits` (upstream panicked
+    /// here).
     pub fn num_connections(&self) -> usize {
-        unimplemented!()
-        //self.requests_receiver.lock().len()
+        self.limiter.open()
     }
 
     /// Blocks until an HTTP request has been submitted and returns it.
@@ -440,6 +416,187 @@ impl Drop for Server {
             if let Some(path) = addr.as_pathname() {
                 let _ = std::fs::remove_file(path);
             }
+        }
+    }
+}
+
+/// What the accept thread shares with the connection threads.
+struct Shared {
+    limits: Arc<Limits>,
+    messages: Arc<MessagesQueue<Message>>,
+    ssl: Option<SslContext>,
+}
+
+/// A source of connections: the listener, or a stand-in in tests.
+trait Acceptor: Send + 'static {
+    fn accept(&self) -> IoResult<(Connection, Option<SocketAddr>)>;
+}
+
+impl Acceptor for Listener {
+    fn accept(&self) -> IoResult<(Connection, Option<SocketAddr>)> {
+        Listener::accept(self)
+    }
+}
+
+/// What a connection over the caps is told before it is closed.
+const REFUSAL: &[u8] =
+    b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n";
+
+/// Accepts connections until the server is dropped (peerix: rewritten).
+///
+/// It never gives up and never panics: a failed `accept` is logged (at most
+/// every few seconds, with a count of the ones held back) and retried after
+/// a short sleep; see `accept_retry_delay`. A connection over the caps is
+/// still accepted, so that it does not sit in the backlog in front of
+/// loopback clients, and closed at once after a 503 written without
+/// waiting. A connection thread that cannot be started drops its
+/// connection.
+fn accept_loop<A: Acceptor>(
+    acceptor: A,
+    close: Arc<AtomicBool>,
+    limiter: Arc<ConnLimiter>,
+    shared: Arc<Shared>,
+) {
+    // a tasks pool is used to dispatch the connections into threads
+    let tasks_pool = util::TaskPool::new();
+    let mut error_log = RateLimitedLog::new(Duration::from_secs(5));
+    let mut refusal_log = RateLimitedLog::new(Duration::from_secs(5));
+    let mut spawn_log = RateLimitedLog::new(Duration::from_secs(5));
+    let mut consecutive_errors = 0u32;
+
+    log::debug!("Running accept thread");
+    while !close.load(Relaxed) {
+        let (conn, peer) = match acceptor.accept() {
+            Ok(accepted) => {
+                consecutive_errors = 0;
+                accepted
+            }
+            Err(e) => {
+                consecutive_errors = consecutive_errors.saturating_add(1);
+                if let Some(held_back) = error_log.admit(Instant::now()) {
+                    if held_back > 0 {
+                        log::error!(
+                            "Error accepting new client: {} ({} more accept errors not logged)",
+                            e,
+                            held_back
+                        );
+                    } else {
+                        log::error!("Error accepting new client: {}", e);
+                    }
+                }
+                let delay = accept_retry_delay(&e, consecutive_errors);
+                if !delay.is_zero() {
+                    thread::sleep(delay);
+                }
+                continue;
+            }
+        };
+        if close.load(Relaxed) {
+            break;
+        }
+        let accepted_at = Instant::now();
+
+        let guard = match limiter.admit(peer.as_ref()) {
+            Ok(guard) => guard,
+            Err(why) => {
+                if let Some(held_back) = refusal_log.admit(accepted_at) {
+                    log::warn!(
+                        "refusing a connection from {:?}: {} ({} more refused since the last message)",
+                        peer,
+                        why,
+                        held_back
+                    );
+                }
+                refuse(conn);
+                continue;
+            }
+        };
+
+        let shared = Arc::clone(&shared);
+        let mut task = Some((conn, guard));
+        let spawned = tasks_pool.spawn(Box::new(move || {
+            if let Some((conn, guard)) = task.take() {
+                serve_connection(conn, peer, accepted_at, guard, &shared);
+            }
+        }));
+        if let Err(e) = spawned {
+            if spawn_log.admit(Instant::now()).is_some() {
+                log::error!("cannot start a thread for a connection, dropping it: {}", e);
+            }
+        }
+    }
+    log::debug!("Terminating accept thread");
+}
+
+/// Tells a connection over the caps so, without waiting, and closes it.
+fn refuse(mut conn: Connection) {
+    use std::io::Write;
+    if conn.set_nonblocking(true).is_ok() {
+        let _ = conn.write(REFUSAL);
+    }
+}
+
+/// Serves one connection on a pool thread; `_guard` holds its place under
+/// the caps until it ends.
+fn serve_connection(
+    conn: Connection,
+    peer: Option<SocketAddr>,
+    accepted_at: Instant,
+    _guard: ConnGuard,
+    shared: &Shared,
+) {
+    use util::RefinedTcpStream;
+
+    let (read_closable, write_closable) = match shared.ssl {
+        None => {
+            let conn = conn.into_shared();
+            RefinedTcpStream::new(util::refined_tcp_stream::Stream::Http(conn.clone()), conn)
+        }
+        #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
+        Some(ref ssl) => {
+            // The handshake runs here, not on the accept thread, and within
+            // the head deadline. The socket is duplicated once, to keep a
+            // handle for timeouts and shutdown under the TLS layer.
+            let ctl = match conn.try_clone() {
+                Ok(ctl) => ctl.into_shared(),
+                Err(e) => {
+                    log::warn!("cannot duplicate a TLS connection's socket: {}", e);
+                    return;
+                }
+            };
+            let _ = ctl.set_read_timeout(Some(shared.limits.head_timeout));
+            // trying to apply SSL over the connection
+            // if an error occurs, we just close the socket
+            let sock = match ssl.accept(conn) {
+                Ok(s) => s,
+                Err(_) => return,
+            };
+            RefinedTcpStream::new(sock.into(), ctl)
+        }
+        #[cfg(not(any(feature = "ssl-openssl", feature = "ssl-rustls")))]
+        Some(()) => return,
+    };
+
+    let client = ClientConnection::new(
+        write_closable,
+        read_closable,
+        peer,
+        Arc::clone(&shared.limits),
+        accepted_at,
+    );
+    let messages = &shared.messages;
+    // Synchronization is needed for HTTPS requests to avoid a deadlock
+    if client.secure() {
+        let (sender, receiver) = mpsc::channel();
+        for rq in client {
+            messages.push(rq.with_notify_sender(sender.clone()).into());
+            if receiver.recv().is_err() {
+                break;
+            }
+        }
+    } else {
+        for rq in client {
+            messages.push(rq.into());
         }
     }
 }

@@ -1,15 +1,17 @@
 use std::io::Error as IoError;
 use std::io::{self, Cursor, ErrorKind, Read, Write};
 
+use std::convert::TryFrom;
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpStream};
 use std::str::FromStr;
 
 use std::sync::mpsc::Sender;
+use std::sync::Arc;
 
-use crate::util::{EqualReader, FusedReader};
+use crate::body::{Body, Fate};
+use crate::client::PipelineSlot;
 use crate::{HTTPVersion, Header, Method, Response, StatusCode};
-use chunked_transfer::Decoder;
 
 /// Represents an HTTP request made by a client.
 ///
@@ -49,7 +51,7 @@ use chunked_transfer::Decoder;
 /// If you want to build fake requests to test your server, use [`TestRequest`](crate::test::TestRequest).
 pub struct Request {
     // where to read the body from
-    data_reader: Option<Box<dyn Read + Send + 'static>>,
+    data_reader: Option<RequestBody>,
 
     // if this writer is empty, then the request has been answered
     response_writer: Option<Box<dyn Write + Send + 'static>>,
@@ -74,6 +76,80 @@ pub struct Request {
 
     // If Some, a message must be sent after responding
     notify_when_responded: Option<Sender<()>>,
+
+    // peerix: the connection's TCP socket (shared, not duplicated)
+    socket: Option<Arc<TcpStream>>,
+
+    // peerix: an unread body up to this size is drained, a larger one closes
+    // the connection
+    max_drain: u64,
+
+    // peerix: this request's place among its connection's requests in the
+    // application's hands
+    _slot: Option<PipelineSlot>,
+}
+
+/// The body of a request (peerix: a concrete type, so that what is left of
+/// it can be settled when the request is answered).
+pub(crate) enum RequestBody {
+    /// No body.
+    Empty,
+    /// A small body, read with the head.
+    Buffered(Cursor<Vec<u8>>),
+    /// A body still on the connection.
+    Stream(Body),
+    /// A body from elsewhere (`TestRequest`).
+    Other(Box<dyn Read + Send + 'static>),
+}
+
+impl Read for RequestBody {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            RequestBody::Empty => Ok(0),
+            RequestBody::Buffered(c) => c.read(buf),
+            RequestBody::Stream(b) => b.read(buf),
+            RequestBody::Other(r) => r.read(buf),
+        }
+    }
+}
+
+/// What the connection knows of a request it read.
+pub(crate) struct ConnectionRequest {
+    pub(crate) secure: bool,
+    pub(crate) method: Method,
+    pub(crate) path: String,
+    pub(crate) version: HTTPVersion,
+    pub(crate) headers: Vec<Header>,
+    pub(crate) remote_addr: Option<SocketAddr>,
+    pub(crate) content_length: Option<u64>,
+    pub(crate) body: RequestBody,
+    pub(crate) expects_continue: bool,
+    pub(crate) socket: Option<Arc<TcpStream>>,
+    pub(crate) max_drain: u64,
+    pub(crate) slot: PipelineSlot,
+}
+
+/// Builds the `Request` for a request read from a connection.
+pub(crate) fn from_connection<W>(rq: ConnectionRequest, writer: W) -> Request
+where
+    W: Write + Send + 'static,
+{
+    Request {
+        data_reader: Some(rq.body),
+        response_writer: Some(Box::new(writer) as Box<dyn Write + Send + 'static>),
+        remote_addr: rq.remote_addr,
+        secure: rq.secure,
+        method: rq.method,
+        path: rq.path,
+        http_version: rq.version,
+        headers: rq.headers,
+        body_length: rq.content_length.and_then(|n| usize::try_from(n).ok()),
+        must_send_continue: rq.expects_continue,
+        notify_when_responded: None,
+        socket: rq.socket,
+        max_drain: rq.max_drain,
+        _slot: Some(rq.slot),
+    }
 }
 
 struct NotifyOnDrop<R> {
@@ -96,7 +172,7 @@ impl<R: Write> Write for NotifyOnDrop<R> {
 }
 impl<R> Drop for NotifyOnDrop<R> {
     fn drop(&mut self) {
-        self.sender.send(()).unwrap();
+        let _ = self.sender.send(());
     }
 }
 
@@ -116,15 +192,10 @@ impl From<IoError> for RequestCreationError {
     }
 }
 
-/// Builds a new request.
+/// Builds a new request from any reader and writer (for `TestRequest`).
 ///
-/// After the request line and headers have been read from the socket, a new `Request` object
-/// is built.
-///
-/// You must pass a `Read` that will allow the `Request` object to read from the incoming data.
-/// It is the responsibility of the `Request` to read only the data of the request and not further.
-///
-/// The `Write` object will be used by the `Request` to write the response.
+/// peerix: requests read from a connection are built by
+/// `from_connection`; this one only serves requests made up in tests.
 #[allow(clippy::too_many_arguments)]
 pub fn new_request<R, W>(
     secure: bool,
@@ -133,30 +204,18 @@ pub fn new_request<R, W>(
     version: HTTPVersion,
     headers: Vec<Header>,
     remote_addr: Option<SocketAddr>,
-    mut source_data: R,
+    source_data: R,
     writer: W,
 ) -> Result<Request, RequestCreationError>
 where
     R: Read + Send + 'static,
     W: Write + Send + 'static,
 {
-    // finding the transfer-encoding header
-    let transfer_encoding = headers
-        .iter()
-        .find(|h: &&Header| h.field.equiv("Transfer-Encoding"))
-        .map(|h| h.value.clone());
-
     // finding the content-length header
-    let content_length = if transfer_encoding.is_some() {
-        // if transfer-encoding is specified, the Content-Length
-        // header must be ignored (RFC2616 #4.4)
-        None
-    } else {
-        headers
-            .iter()
-            .find(|h: &&Header| h.field.equiv("Content-Length"))
-            .and_then(|h| FromStr::from_str(h.value.as_str()).ok())
-    };
+    let content_length: Option<u64> = headers
+        .iter()
+        .find(|h: &&Header| h.field.equiv("Content-Length"))
+        .and_then(|h| FromStr::from_str(h.value.as_str()).ok());
 
     // true if the client sent a `Expect: 100-continue` header
     let expects_continue = {
@@ -171,63 +230,10 @@ where
         }
     };
 
-    // true if the client sent a `Connection: upgrade` header
-    let connection_upgrade = {
-        match headers
-            .iter()
-            .find(|h: &&Header| h.field.equiv("Connection"))
-            .map(|h| h.value.as_str())
-        {
-            Some(v) if v.to_ascii_lowercase().contains("upgrade") => true,
-            _ => false,
-        }
-    };
-
-    // we wrap `source_data` around a reading whose nature depends on the transfer-encoding and
-    // content-length headers
-    let reader = if connection_upgrade {
-        // if we have a `Connection: upgrade`, always keeping the whole reader
-        Box::new(source_data) as Box<dyn Read + Send + 'static>
-    } else if let Some(content_length) = content_length {
-        if content_length == 0 {
-            Box::new(io::empty()) as Box<dyn Read + Send + 'static>
-        } else if content_length <= 1024 && !expects_continue {
-            // if the content-length is small enough, we just read everything into a buffer
-
-            let mut buffer = vec![0; content_length];
-            let mut offset = 0;
-
-            while offset != content_length {
-                let read = source_data.read(&mut buffer[offset..])?;
-                if read == 0 {
-                    // the socket returned EOF, but we were before the expected content-length
-                    // aborting
-                    let info = "Connection has been closed before we received enough data";
-                    let err = IoError::new(ErrorKind::ConnectionAborted, info);
-                    return Err(RequestCreationError::CreationIoError(err));
-                }
-
-                offset += read;
-            }
-
-            Box::new(Cursor::new(buffer)) as Box<dyn Read + Send + 'static>
-        } else {
-            let (data_reader, _) = EqualReader::new(source_data, content_length); // TODO:
-            Box::new(FusedReader::new(data_reader)) as Box<dyn Read + Send + 'static>
-        }
-    } else if transfer_encoding.is_some() {
-        // if a transfer-encoding was specified, then "chunked" is ALWAYS applied
-        // over the message (RFC2616 #3.6)
-        Box::new(FusedReader::new(Decoder::new(source_data))) as Box<dyn Read + Send + 'static>
-    } else {
-        // if we have neither a Content-Length nor a Transfer-Encoding,
-        // assuming that we have no data
-        // TODO: could also be multipart/byteranges
-        Box::new(io::empty()) as Box<dyn Read + Send + 'static>
-    };
+    let body = RequestBody::Other(Box::new(source_data.take(content_length.unwrap_or(0))));
 
     Ok(Request {
-        data_reader: Some(reader),
+        data_reader: Some(body),
         response_writer: Some(Box::new(writer) as Box<dyn Write + Send + 'static>),
         remote_addr,
         secure,
@@ -235,9 +241,12 @@ where
         path,
         http_version: version,
         headers,
-        body_length: content_length,
+        body_length: content_length.and_then(|n| usize::try_from(n).ok()),
         must_send_continue: expects_continue,
         notify_when_responded: None,
+        socket: None,
+        max_drain: 0,
+        _slot: None,
     })
 }
 
@@ -293,6 +302,31 @@ impl Request {
         self.remote_addr.as_ref()
     }
 
+    /// The connection's TCP socket (`None` for Unix sockets and TLS),
+    /// shared with tiny_http's reader and writer (peerix addition).
+    ///
+    /// For `sendfile` after the response head went out through
+    /// [`into_writer`](Request::into_writer) (flush the writer first), and
+    /// for `shutdown(Shutdown::Both)` to abort a response. Holding it keeps
+    /// the descriptor open, not the connection: tiny_http still shuts the
+    /// connection down when it is done with it.
+    pub fn socket(&self) -> Option<Arc<TcpStream>> {
+        self.socket.clone()
+    }
+
+    /// Decides what becomes of the body the application left unread; true
+    /// if the connection must close after the response (peerix addition).
+    fn settle_body(&mut self) -> bool {
+        let continue_pending = self.must_send_continue;
+        let max_drain = self.max_drain;
+        match self.data_reader {
+            Some(RequestBody::Stream(ref mut body)) => {
+                body.settle(continue_pending, max_drain) == Fate::Close
+            }
+            _ => false,
+        }
+    }
+
     /// Sends a response with a `Connection: upgrade` header, then turns the `Request` into a `Stream`.
     ///
     /// The main purpose of this function is to support websockets.
@@ -338,21 +372,15 @@ impl Request {
     /// # Example
     ///
     /// ```no_run
-    /// # extern crate rustc_serialize;
-    /// # extern crate tiny_http;
-    /// # use rustc_serialize::json::Json;
     /// # use std::io::Read;
     /// # fn get_content_type(_: &tiny_http::Request) -> &'static str { "" }
-    /// # fn main() {
     /// # let server = tiny_http::Server::http("0.0.0.0:0").unwrap();
     /// let mut request = server.recv().unwrap();
     ///
     /// if get_content_type(&request) == "application/json" {
     ///     let mut content = String::new();
     ///     request.as_reader().read_to_string(&mut content).unwrap();
-    ///     let json: Json = content.parse().unwrap();
     /// }
-    /// # }
     /// ```
     ///
     /// If the client sent a `Expect: 100-continue` header with the request, calling this
@@ -373,7 +401,7 @@ impl Request {
             self.must_send_continue = false;
         }
 
-        self.data_reader.as_mut().unwrap()
+        self.data_reader.get_or_insert(RequestBody::Empty)
     }
 
     /// Turns the `Request` into a writer.
@@ -388,6 +416,9 @@ impl Request {
     /// Therefore you should always destroy the `Writer` as soon as possible.
     #[inline]
     pub fn into_writer(mut self) -> Box<dyn Write + Send + 'static> {
+        // peerix: an unread body is settled now; if the connection is to
+        // close, it closes once this writer is dropped.
+        self.settle_body();
         let writer = self.extract_writer_impl();
         if let Some(sender) = self.notify_when_responded.take() {
             let writer = NotifyOnDrop {
@@ -418,13 +449,7 @@ impl Request {
     ///
     /// This may only be called once on a single request.
     fn extract_reader_impl(&mut self) -> Box<dyn Read + Send + 'static> {
-        use std::mem;
-
-        assert!(self.data_reader.is_some());
-
-        let mut reader = None;
-        mem::swap(&mut self.data_reader, &mut reader);
-        reader.unwrap()
+        Box::new(self.data_reader.take().unwrap_or(RequestBody::Empty))
     }
 
     /// Sends a response to this request.
@@ -435,7 +460,7 @@ impl Request {
     {
         let res = self.respond_impl(response);
         if let Some(sender) = self.notify_when_responded.take() {
-            sender.send(()).unwrap();
+            let _ = sender.send(());
         }
         res
     }
@@ -444,6 +469,15 @@ impl Request {
     where
         R: Read,
     {
+        // peerix: a body left unread that will not be drained closes the
+        // connection, and the response says so.
+        let close = self.settle_body();
+        let response = if close {
+            response.with_connection_close()
+        } else {
+            response
+        };
+
         let mut writer = self.extract_writer_impl();
 
         let do_not_send_body = self.method == Method::Head;
@@ -491,7 +525,7 @@ impl Drop for Request {
             let response = Response::empty(500);
             let _ = self.respond_impl(response); // ignoring any potential error
             if let Some(sender) = self.notify_when_responded.take() {
-                sender.send(()).unwrap();
+                let _ = sender.send(());
             }
         }
     }

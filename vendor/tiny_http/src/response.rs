@@ -43,6 +43,8 @@ pub struct Response<R> {
     headers: Vec<Header>,
     data_length: Option<usize>,
     chunked_threshold: Option<usize>,
+    /// peerix: the connection is closed after this response, so say so.
+    close_connection: bool,
 }
 
 /// A `Response` without a template parameter.
@@ -206,6 +208,7 @@ where
             headers: Vec::with_capacity(16),
             data_length,
             chunked_threshold: None,
+            close_connection: false,
         };
 
         for h in headers {
@@ -228,6 +231,13 @@ where
     /// it is wanted or when there is no `Content-Length`.
     pub fn with_chunked_threshold(mut self, length: usize) -> Response<R> {
         self.chunked_threshold = Some(length);
+        self
+    }
+
+    /// Marks the response as the last one on its connection: it carries
+    /// `Connection: close`.
+    pub(crate) fn with_connection_close(mut self) -> Response<R> {
+        self.close_connection = true;
         self
     }
 
@@ -319,6 +329,7 @@ where
             status_code: self.status_code,
             data_length,
             chunked_threshold: self.chunked_threshold,
+            close_connection: self.close_connection,
         }
     }
 
@@ -372,6 +383,11 @@ where
                 Header::from_bytes(&b"Connection"[..], &b"upgrade"[..]).unwrap(),
             );
             transfer_encoding = None;
+        }
+
+        if self.close_connection && upgrade.is_none() {
+            self.headers
+                .push(Header::from_bytes(&b"Connection"[..], &b"close"[..]).unwrap());
         }
 
         // if the transfer encoding is identity, the content length must be known ; therefore if
@@ -481,6 +497,7 @@ where
             headers: self.headers,
             data_length: self.data_length,
             chunked_threshold: self.chunked_threshold,
+            close_connection: self.close_connection,
         }
     }
 }
@@ -569,6 +586,7 @@ impl Clone for Response<io::Empty> {
             headers: self.headers.clone(),
             data_length: self.data_length,
             chunked_threshold: self.chunked_threshold,
+            close_connection: self.close_connection,
         }
     }
 }

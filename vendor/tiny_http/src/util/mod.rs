@@ -1,16 +1,18 @@
+pub(crate) use self::conn_reader::{
+    discard, drain, is_timeout, read_chunked, read_line, ChunkLimits, Chunked, ConnReader,
+    LineError, Unread, Wait,
+};
 pub use self::custom_stream::CustomStream;
-pub use self::equal_reader::EqualReader;
 pub use self::fused_reader::FusedReader;
 pub use self::messages_queue::MessagesQueue;
 pub use self::refined_tcp_stream::RefinedTcpStream;
-pub use self::sequential::{SequentialReader, SequentialReaderBuilder};
 pub use self::sequential::{SequentialWriter, SequentialWriterBuilder};
 pub use self::task_pool::TaskPool;
 
 use std::str::FromStr;
 
+mod conn_reader;
 mod custom_stream;
-mod equal_reader;
 mod fused_reader;
 mod messages_queue;
 pub(crate) mod refined_tcp_stream;

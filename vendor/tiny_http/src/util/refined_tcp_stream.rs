@@ -1,34 +1,36 @@
 use std::io::Result as IoResult;
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
 
-use crate::connection::Connection;
+use crate::connection::{Connection, SharedConn};
 #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
 use crate::ssl::SslStream;
 
 pub(crate) enum Stream {
-    Http(Connection),
+    Http(SharedConn),
     #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
     Https(SslStream),
 }
 
-impl Clone for Stream {
-    fn clone(&self) -> Self {
-        match self {
-            Stream::Http(tcp_stream) => Stream::Http(tcp_stream.try_clone().unwrap()),
-            #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
-            Stream::Https(ssl_stream) => Stream::Https(ssl_stream.clone()),
-        }
-    }
-}
-
 impl From<Connection> for Stream {
-    fn from(tcp_stream: Connection) -> Self {
-        Stream::Http(tcp_stream)
+    fn from(conn: Connection) -> Self {
+        Stream::Http(conn.into_shared())
     }
 }
 
 impl Stream {
+    /// A second handle on the same stream (no new descriptor: the plain
+    /// connection is reference counted, the TLS one is behind a mutex).
+    fn share(&self) -> Stream {
+        match self {
+            Stream::Http(conn) => Stream::Http(conn.clone()),
+            #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
+            Stream::Https(ssl_stream) => Stream::Https(ssl_stream.clone()),
+        }
+    }
+
     fn secure(&self) -> bool {
         match self {
             Stream::Http(_) => false,
@@ -37,17 +39,9 @@ impl Stream {
         }
     }
 
-    fn peer_addr(&mut self) -> IoResult<Option<SocketAddr>> {
-        match self {
-            Stream::Http(tcp_stream) => tcp_stream.peer_addr(),
-            #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
-            Stream::Https(ssl_stream) => ssl_stream.peer_addr(),
-        }
-    }
-
     fn shutdown(&mut self, how: Shutdown) -> IoResult<()> {
         match self {
-            Stream::Http(tcp_stream) => tcp_stream.shutdown(how),
+            Stream::Http(conn) => conn.shutdown(how),
             #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
             Stream::Https(ssl_stream) => ssl_stream.shutdown(how),
         }
@@ -57,7 +51,7 @@ impl Stream {
 impl Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> IoResult<usize> {
         match self {
-            Stream::Http(tcp_stream) => tcp_stream.read(buf),
+            Stream::Http(conn) => conn.read(buf),
             #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
             Stream::Https(ssl_stream) => ssl_stream.read(buf),
         }
@@ -67,7 +61,7 @@ impl Read for Stream {
 impl Write for Stream {
     fn write(&mut self, buf: &[u8]) -> IoResult<usize> {
         match self {
-            Stream::Http(tcp_stream) => tcp_stream.write(buf),
+            Stream::Http(conn) => conn.write(buf),
             #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
             Stream::Https(ssl_stream) => ssl_stream.write(buf),
         }
@@ -75,36 +69,39 @@ impl Write for Stream {
 
     fn flush(&mut self) -> IoResult<()> {
         match self {
-            Stream::Http(tcp_stream) => tcp_stream.flush(),
+            Stream::Http(conn) => conn.flush(),
             #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
             Stream::Https(ssl_stream) => ssl_stream.flush(),
         }
     }
 }
 
+/// One half (reading or writing) of a client connection. Dropping the
+/// reading half shuts down reading, dropping the writing half shuts down
+/// writing.
 pub struct RefinedTcpStream {
     stream: Stream,
+    /// The socket itself, to set timeouts and shut it down (for TLS, a
+    /// duplicate of the descriptor under the TLS stream).
+    ctl: SharedConn,
     close_read: bool,
     close_write: bool,
 }
 
 impl RefinedTcpStream {
-    pub(crate) fn new<S>(stream: S) -> (RefinedTcpStream, RefinedTcpStream)
-    where
-        S: Into<Stream>,
-    {
-        let stream: Stream = stream.into();
-
-        let (read, write) = (stream.clone(), stream);
-
+    /// Splits `stream` into a reading and a writing half. `ctl` is the
+    /// socket under it.
+    pub(crate) fn new(stream: Stream, ctl: SharedConn) -> (RefinedTcpStream, RefinedTcpStream) {
         let read = RefinedTcpStream {
-            stream: read,
+            stream: stream.share(),
+            ctl: ctl.clone(),
             close_read: true,
             close_write: false,
         };
 
         let write = RefinedTcpStream {
-            stream: write,
+            stream,
+            ctl,
             close_read: false,
             close_write: true,
         };
@@ -118,8 +115,26 @@ impl RefinedTcpStream {
         self.stream.secure()
     }
 
-    pub(crate) fn peer_addr(&mut self) -> IoResult<Option<SocketAddr>> {
-        self.stream.peer_addr()
+    pub(crate) fn peer_addr(&self) -> IoResult<Option<SocketAddr>> {
+        self.ctl.peer_addr()
+    }
+
+    pub(crate) fn set_read_timeout(&self, timeout: Option<Duration>) -> IoResult<()> {
+        self.ctl.set_read_timeout(timeout)
+    }
+
+    /// Shuts the socket down directly (for TLS, under the TLS layer).
+    pub(crate) fn shutdown_socket(&self, how: Shutdown) -> IoResult<()> {
+        self.ctl.shutdown(how)
+    }
+
+    /// The plain TCP socket, if this is one.
+    pub(crate) fn tcp_socket(&self) -> Option<Arc<TcpStream>> {
+        match self.stream {
+            Stream::Http(ref conn) => conn.tcp(),
+            #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
+            Stream::Https(_) => None,
+        }
     }
 }
 

@@ -1,43 +1,9 @@
 use std::io::Result as IoResult;
-use std::io::{Read, Write};
+use std::io::Write;
 
 use std::sync::mpsc::channel;
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex};
-
-use std::mem;
-
-pub struct SequentialReaderBuilder<R>
-where
-    R: Read + Send,
-{
-    inner: SequentialReaderBuilderInner<R>,
-}
-
-enum SequentialReaderBuilderInner<R>
-where
-    R: Read + Send,
-{
-    First(R),
-    NotFirst(Receiver<R>),
-}
-
-pub struct SequentialReader<R>
-where
-    R: Read + Send,
-{
-    inner: SequentialReaderInner<R>,
-    next: Sender<R>,
-}
-
-enum SequentialReaderInner<R>
-where
-    R: Read + Send,
-{
-    MyTurn(R),
-    Waiting(Receiver<R>),
-    Empty,
-}
 
 pub struct SequentialWriterBuilder<W>
 where
@@ -56,14 +22,6 @@ where
     on_finish: Sender<()>,
 }
 
-impl<R: Read + Send> SequentialReaderBuilder<R> {
-    pub fn new(reader: R) -> SequentialReaderBuilder<R> {
-        SequentialReaderBuilder {
-            inner: SequentialReaderBuilderInner::First(reader),
-        }
-    }
-}
-
 impl<W: Write + Send> SequentialWriterBuilder<W> {
     pub fn new(writer: W) -> SequentialWriterBuilder<W> {
         SequentialWriterBuilder {
@@ -73,94 +31,71 @@ impl<W: Write + Send> SequentialWriterBuilder<W> {
     }
 }
 
-impl<R: Read + Send> Iterator for SequentialReaderBuilder<R> {
-    type Item = SequentialReader<R>;
-
-    fn next(&mut self) -> Option<SequentialReader<R>> {
+impl<W: Write + Send> SequentialWriterBuilder<W> {
+    /// The writer for the next response: it writes once the one before it
+    /// is done.
+    pub fn next_writer(&mut self) -> SequentialWriter<W> {
         let (tx, rx) = channel();
+        let mut next_next_trigger = Some(rx);
+        ::std::mem::swap(&mut next_next_trigger, &mut self.next_trigger);
 
-        let inner = mem::replace(&mut self.inner, SequentialReaderBuilderInner::NotFirst(rx));
-
-        match inner {
-            SequentialReaderBuilderInner::First(reader) => Some(SequentialReader {
-                inner: SequentialReaderInner::MyTurn(reader),
-                next: tx,
-            }),
-
-            SequentialReaderBuilderInner::NotFirst(previous) => Some(SequentialReader {
-                inner: SequentialReaderInner::Waiting(previous),
-                next: tx,
-            }),
+        SequentialWriter {
+            trigger: next_next_trigger,
+            writer: self.writer.clone(),
+            on_finish: tx,
         }
+    }
+}
+
+impl<W: Write + Send> SequentialWriterBuilder<W> {
+    /// True if every writer handed out so far is done (peerix addition).
+    pub fn all_done(&mut self) -> bool {
+        use std::sync::mpsc::TryRecvError;
+        let done = match self.next_trigger {
+            None => true,
+            Some(ref rx) => !matches!(rx.try_recv(), Err(TryRecvError::Empty)),
+        };
+        if done {
+            // The next writer need not wait (a spent trigger would not make
+            // it wait either).
+            self.next_trigger = None;
+        }
+        done
     }
 }
 
 impl<W: Write + Send> Iterator for SequentialWriterBuilder<W> {
     type Item = SequentialWriter<W>;
     fn next(&mut self) -> Option<SequentialWriter<W>> {
-        let (tx, rx) = channel();
-        let mut next_next_trigger = Some(rx);
-        ::std::mem::swap(&mut next_next_trigger, &mut self.next_trigger);
-
-        Some(SequentialWriter {
-            trigger: next_next_trigger,
-            writer: self.writer.clone(),
-            on_finish: tx,
-        })
+        Some(self.next_writer())
     }
 }
 
-impl<R: Read + Send> Read for SequentialReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> IoResult<usize> {
-        let mut reader = match self.inner {
-            SequentialReaderInner::MyTurn(ref mut reader) => return reader.read(buf),
-            SequentialReaderInner::Waiting(ref mut recv) => recv.recv().unwrap(),
-            SequentialReaderInner::Empty => unreachable!(),
-        };
-
-        let result = reader.read(buf);
-        self.inner = SequentialReaderInner::MyTurn(reader);
-        result
+impl<W: Write + Send> SequentialWriter<W> {
+    /// Waits until the writer before this one is done. (peerix: a writer
+    /// that went away without a word counts as done, instead of a panic.)
+    fn wait_turn(&mut self) {
+        if let Some(v) = self.trigger.take() {
+            let _ = v.recv();
+        }
     }
 }
 
 impl<W: Write + Send> Write for SequentialWriter<W> {
     fn write(&mut self, buf: &[u8]) -> IoResult<usize> {
-        if let Some(v) = self.trigger.as_mut() {
-            v.recv().unwrap()
-        }
-        self.trigger = None;
-
-        self.writer.lock().unwrap().write(buf)
+        self.wait_turn();
+        self.writer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .write(buf)
     }
 
     fn flush(&mut self) -> IoResult<()> {
-        if let Some(v) = self.trigger.as_mut() {
-            v.recv().unwrap()
-        }
-        self.trigger = None;
-
-        self.writer.lock().unwrap().flush()
-    }
-}
-
-impl<R> Drop for SequentialReader<R>
-where
-    R: Read + Send,
-{
-    fn drop(&mut self) {
-        let inner = mem::replace(&mut self.inner, SequentialReaderInner::Empty);
-
-        match inner {
-            SequentialReaderInner::MyTurn(reader) => {
-                self.next.send(reader).ok();
-            }
-            SequentialReaderInner::Waiting(recv) => {
-                let reader = recv.recv().unwrap();
-                self.next.send(reader).ok();
-            }
-            SequentialReaderInner::Empty => (),
-        }
+        self.wait_turn();
+        self.writer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .flush()
     }
 }
 
