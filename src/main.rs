@@ -10,7 +10,7 @@ use std::time::Instant;
 use peerix::config::{self, Command, Config};
 use peerix::fetch::resolver::Resolver;
 use peerix::fetch::transfer::MemoryBudget;
-use peerix::http::{Server, ServerContext};
+use peerix::http::{Lanes, Server, ServerContext};
 use peerix::lan::Lan;
 use peerix::nix::keys::{PublicKey, SecretKey};
 use peerix::store::daemon::DaemonPool;
@@ -103,6 +103,9 @@ fn init_logging(verbose: bool) {
 }
 
 fn run(config: &Config) -> Result<(), String> {
+    // systemd's soft limit of 1024 would cap connections at a few hundred.
+    let open_files = peerix::http::raise_open_files_limit();
+    log::debug!("open files limit: {open_files}");
     let trusted_keys = config
         .trusted_keys
         .iter()
@@ -154,13 +157,14 @@ fn run(config: &Config) -> Result<(), String> {
         store,
         priority: config.priority,
         started: Instant::now(),
+        bind: config.bind,
         resolver,
         verify_before_send: config.verify_before_send,
         held_nars: MemoryBudget::new(config.verify_before_send.max(HELD_NARS_MIN_BUDGET)),
     };
     let server = Server::start(
         SocketAddr::new(config.bind, config.port),
-        config.workers,
+        Lanes::for_workers(config.workers),
         context,
     )
     .map_err(|e| e.to_string())?;

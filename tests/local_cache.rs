@@ -598,6 +598,74 @@ fn non_loopback_clients_get_403_on_root_endpoints_and_200_on_local() {
     http::expect_status(peerix.addr, &nar_path, 200);
 }
 
+/// DNS rebinding: a web page whose own name resolves to 127.0.0.1 reaches
+/// peerix from loopback, but names itself in `Host`. The root endpoints
+/// refuse it with 403; `/local/` (public anyway) still serves it; a client
+/// that names this host, or sends no Host at all, is served.
+#[test]
+fn a_rebinding_host_header_gets_403_on_root_endpoints_and_local_still_serves() {
+    let dir = TestDir::new("rebinding");
+    let many = many_fixture();
+    let a = Host::with_paths(&dir, "a", &[&many.first]);
+    let peerix = Peerix::start(&dir, &a, &["--no-filter"]);
+    let narinfo = narinfo_text(peerix.addr, "", &many.first);
+    let nar_path = nar_request_path("", &narinfo);
+    let hash = hash_part(&many.first);
+    let port = peerix.addr.port();
+    let root_paths = [
+        "/nix-cache-info".to_string(),
+        format!("/{hash}.narinfo"),
+        nar_path.clone(),
+        format!("/lan/10.0.0.1:12304{nar_path}"),
+    ];
+    let local_paths = [
+        "/local/nix-cache-info".to_string(),
+        format!("/local/{hash}.narinfo"),
+        format!("/local{nar_path}"),
+    ];
+    let status = |path: &str, host: &str| {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        http::raw(peerix.addr, request.as_bytes(), false)
+            .unwrap_or_else(|e| panic!("GET {path} with Host {host}: {e}"))
+            .status
+    };
+    for host in [
+        "evil.example".to_string(),
+        format!("evil.example:{port}"),
+        format!("127.0.0.1.evil.example:{port}"),
+        format!("localhost.evil.example:{port}"),
+    ] {
+        for path in &root_paths {
+            assert_eq!(status(path, &host), 403, "GET {path} with Host: {host}");
+        }
+        for path in &local_paths {
+            assert_eq!(status(path, &host), 200, "GET {path} with Host: {host}");
+        }
+        // The peer table is this host's business.
+        let health = http::raw(
+            peerix.addr,
+            format!("GET /health HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+            false,
+        )
+        .expect("GET /health");
+        assert_eq!(health.status, 200);
+        assert!(!health.text().contains("\"peers\""), "{}", health.text());
+    }
+    for host in [
+        format!("localhost:{port}"),
+        format!("127.0.0.1:{port}"),
+        format!("[::1]:{port}"),
+        "localhost".to_string(),
+    ] {
+        for path in root_paths.iter().take(3) {
+            assert_eq!(status(path, &host), 200, "GET {path} with Host: {host}");
+        }
+    }
+    let http10 = http::raw(peerix.addr, b"GET /nix-cache-info HTTP/1.0\r\n\r\n", false)
+        .expect("an HTTP/1.0 request without Host");
+    assert_eq!(http10.status, 200, "{}", http10.describe());
+}
+
 /// What a bad request may get back.
 #[derive(Clone, Copy, Debug)]
 enum Allowed {
@@ -908,7 +976,7 @@ fn a_nar_whose_files_change_mid_transfer_aborts_the_connection() {
 
     let mut client = std::net::TcpStream::connect(peerix.addr).unwrap();
     // Keep-alive, as nix asks: the connection stays open unless peerix closes it.
-    let request = format!("GET {nar_path} HTTP/1.1\r\nHost: peerix-test\r\n\r\n");
+    let request = format!("GET {nar_path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
     client.write_all(request.as_bytes()).unwrap();
     // A bound on how long any read may block, so a hanging server fails the
     // test instead of stalling it; it is not a measurement.
@@ -976,7 +1044,7 @@ fn a_burst_of_keep_alive_connections_is_answered_in_full() {
             .collect();
         for stream in &mut streams {
             stream
-                .write_all(b"GET /nix-cache-info HTTP/1.1\r\nHost: peerix\r\n\r\n")
+                .write_all(b"GET /nix-cache-info HTTP/1.1\r\nHost: localhost\r\n\r\n")
                 .expect("sending a request");
         }
         for (n, stream) in streams.iter_mut().enumerate() {

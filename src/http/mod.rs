@@ -1,35 +1,53 @@
-//! The HTTP server: a `tiny_http` listener drained by a fixed pool of worker
-//! threads. Each worker owns one request from start to end.
+//! The HTTP server: a hardened `tiny_http` listener and three lanes of
+//! worker threads, so that nothing on the network can starve this host's own
+//! nix.
 //!
-//! Root endpoints serve this host's own nix and answer loopback clients only;
-//! the check uses the socket's peer address, never a header. `/local/...`
-//! serves peers and LAN hosts, under the share policy.
+//! - **local**: loopback requests this host answers from its own store. They
+//!   are quick (an index lookup, a NAR by `sendfile`), and no network client
+//!   and no peer can hold one of these workers.
+//! - **peer**: loopback requests that need the peers (a narinfo this host
+//!   lacks, a NAR passed through). They wait on the network, within
+//!   deadlines; a local worker hands them over and goes back to nix.
+//! - **network**: everything from other hosts (`/local/`, `/health`). Its
+//!   queue is bounded: when it is full, a client gets 503 at once.
+//!
+//! Connections are bounded by tiny_http's [`tiny_http::Limits`]: a cap on
+//! open connections with the network's share below it, per-IP caps, head
+//! and idle deadlines, line limits while reading, and bounded body drains.
+//!
+//! Root endpoints serve this host's own nix and answer loopback clients that
+//! name this host in `Host` only (see [`access`]). `/local/...` serves peers
+//! and LAN hosts, under the share policy.
 
+mod access;
 mod proxy;
 pub mod range;
 pub mod route;
 mod serve;
-mod socket;
 
 use std::io;
-use std::net::{SocketAddr, TcpListener};
+use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::{Receiver, Sender, TrySendError, bounded, unbounded};
 use socket2::{Domain, Socket, Type};
 
 use crate::fetch::resolver::Resolver;
 use crate::fetch::transfer::MemoryBudget;
 use crate::store::LocalStore;
 
-pub use serve::is_loopback;
+pub use access::is_loopback;
 
 /// What the handlers need besides the store.
 pub struct ServerContext {
     pub store: Arc<LocalStore>,
     pub priority: u32,
     pub started: Instant,
+    /// The address the server was told to bind: a name the root endpoints
+    /// accept in `Host`.
+    pub bind: IpAddr,
     /// Finds paths this host lacks on peers; `None` when no peer mode is on.
     pub resolver: Option<Arc<Resolver>>,
     /// Peer NARs up to this size are verified whole before nix gets a byte,
@@ -38,55 +56,145 @@ pub struct ServerContext {
     pub held_nars: MemoryBudget,
 }
 
-/// A running server: its address and its worker threads.
+/// How many threads each lane has.
+#[derive(Clone, Copy, Debug)]
+pub struct Lanes {
+    pub local: usize,
+    pub peer: usize,
+    pub network: usize,
+}
+
+impl Lanes {
+    /// `peer_workers` for the lookups and transfers that wait on peers (the
+    /// `--workers` option); half as many, at least two, for each of the
+    /// others, whose requests are short or bounded by deadlines.
+    pub fn for_workers(peer_workers: usize) -> Lanes {
+        let others = (peer_workers / 2).max(2);
+        Lanes {
+            local: others,
+            peer: peer_workers.max(1),
+            network: others,
+        }
+    }
+}
+
+/// Network requests waiting for a worker at most; past that, 503.
+const NETWORK_QUEUE: usize = 64;
+
+/// A running server: its address and its threads.
 pub struct Server {
     pub local_addr: SocketAddr,
-    workers: Vec<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 impl Server {
-    /// Binds `addr` and starts `workers` threads answering requests.
-    pub fn start(addr: SocketAddr, workers: usize, context: ServerContext) -> io::Result<Server> {
+    /// Binds `addr` and starts the lanes' workers answering requests.
+    pub fn start(addr: SocketAddr, lanes: Lanes, context: ServerContext) -> io::Result<Server> {
         let listener = bind(addr)?;
         let local_addr = listener.local_addr()?;
-        let server = tiny_http::Server::from_listener(listener, None)
+        let limits = connection_limits(open_files_limit());
+        log::debug!("connection limits: {limits:?}");
+        let server = tiny_http::Server::from_listener_with_limits(listener, None, limits)
             .map_err(|e| io::Error::other(format!("cannot start HTTP server on {addr}: {e}")))?;
-        let server = Arc::new(server);
-        let context = Arc::new(Worker {
-            context,
-            local_port: local_addr.port(),
-        });
-        let workers = (0..workers)
-            .map(|n| {
-                let server = Arc::clone(&server);
+        let context = Arc::new(context);
+        let (to_local, local_queue) = unbounded();
+        let (to_peer, peer_queue) = unbounded();
+        let (to_network, network_queue) = bounded(NETWORK_QUEUE);
+
+        let mut threads = Vec::new();
+        let mut spawn = |name: String, job: Box<dyn FnOnce() + Send>| -> io::Result<()> {
+            threads.push(std::thread::Builder::new().name(name).spawn(job)?);
+            Ok(())
+        };
+        let lane_specs: [(&str, usize, &Receiver<tiny_http::Request>, Lane); 3] = [
+            (
+                "local",
+                lanes.local,
+                &local_queue,
+                Lane::Local(to_peer.clone()),
+            ),
+            ("peer", lanes.peer, &peer_queue, Lane::Peer),
+            ("net", lanes.network, &network_queue, Lane::Network),
+        ];
+        for (name, count, queue, lane) in lane_specs {
+            for n in 0..count.max(1) {
+                let queue = queue.clone();
                 let context = Arc::clone(&context);
-                std::thread::Builder::new()
-                    .name(format!("http-{n}"))
-                    .spawn(move || worker(&server, &context))
-            })
-            .collect::<io::Result<Vec<_>>>()?;
+                let lane = lane.clone();
+                spawn(
+                    format!("http-{name}-{n}"),
+                    Box::new(move || worker(&queue, &context, &lane)),
+                )?;
+            }
+        }
+        spawn(
+            "http-dispatch".into(),
+            Box::new(move || dispatch(&server, &to_local, &to_network)),
+        )?;
         Ok(Server {
             local_addr,
-            workers,
+            threads,
         })
     }
 
     /// Blocks while the workers run (they run until the process ends).
     pub fn join(self) {
-        for worker in self.workers {
-            let _ = worker.join();
+        for thread in self.threads {
+            let _ = thread.join();
         }
     }
 }
 
-/// A client that stops reading for this long loses its connection, so a few
-/// stalled clients cannot hold every worker.
+/// Which lane a worker serves, and where a local worker hands requests
+/// that need the peers.
+#[derive(Clone)]
+pub(crate) enum Lane {
+    Local(Sender<tiny_http::Request>),
+    Peer,
+    Network,
+}
+
+/// Sorts requests into lanes by the socket's peer address.
+fn dispatch(
+    server: &tiny_http::Server,
+    to_local: &Sender<tiny_http::Request>,
+    to_network: &Sender<tiny_http::Request>,
+) {
+    loop {
+        let request = match server.recv() {
+            Ok(request) => request,
+            Err(e) => {
+                // tiny_http's accept loop retries by itself; an error here
+                // is one connection's, not the server's.
+                log::debug!("HTTP: {e}");
+                continue;
+            }
+        };
+        if request.remote_addr().is_some_and(is_loopback) {
+            if to_local.send(request).is_err() {
+                return;
+            }
+            continue;
+        }
+        match to_network.try_send(request) {
+            Ok(()) => {}
+            Err(TrySendError::Full(request)) => {
+                // A small response into an empty send buffer: it does not
+                // wait on the client.
+                serve::respond(request, serve::text(503, "busy, try again later\n"));
+            }
+            Err(TrySendError::Disconnected(_)) => return,
+        }
+    }
+}
+
+/// A client that stops reading for this long loses its connection. Network
+/// clients also have a deadline for each whole response (see `serve`).
 const SEND_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A listening socket whose options accepted sockets inherit on Linux:
 /// `TCP_NODELAY`, since a keep-alive response split over two writes would
-/// otherwise wait 40 ms for a delayed ACK, and the send timeout. (A receive
-/// timeout would also apply to `accept`, which tiny_http treats as fatal.)
+/// otherwise wait 40 ms for a delayed ACK, and the send timeout.
 fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
@@ -99,28 +207,84 @@ fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     Ok(socket.into())
 }
 
-/// What each worker thread holds.
-struct Worker {
-    context: ServerContext,
-    /// Identifies this server's connections when one must be aborted.
-    local_port: u16,
+/// Open connections at most, whatever the file limit.
+const MAX_CONNECTIONS: usize = 512;
+/// Descriptors kept for everything but client connections: peer
+/// transfers, nix-daemon connections, NAR files, the UDP socket, logs.
+const RESERVED_FILES: u64 = 128;
+
+/// Raises the soft limit on open files to the hard one (systemd's default
+/// soft limit is 1024) and returns it.
+pub fn raise_open_files_limit() -> u64 {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if let Some(hard) = limit.maximum
+        && limit.current != Some(hard)
+    {
+        let raised = Rlimit {
+            current: Some(hard),
+            maximum: Some(hard),
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            log::warn!("cannot raise the open files limit to {hard}: {e}");
+        }
+    }
+    open_files_limit()
 }
 
-fn worker(server: &tiny_http::Server, worker: &Worker) {
-    loop {
-        let request = match server.recv() {
-            Ok(request) => request,
-            Err(e) => {
-                log::error!("HTTP server stopped accepting requests: {e}");
-                return;
-            }
-        };
+fn open_files_limit() -> u64 {
+    rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .unwrap_or(u64::MAX)
+}
+
+/// Connection limits that fit `open_files`: each connection costs two
+/// descriptors (tiny_http's and the handle that lets a response reach its
+/// socket). Loopback always keeps a quarter of them.
+fn connection_limits(open_files: u64) -> tiny_http::Limits {
+    let fit = open_files.saturating_sub(RESERVED_FILES) / 2;
+    let max_connections = usize::try_from(fit)
+        .unwrap_or(usize::MAX)
+        .clamp(16, MAX_CONNECTIONS);
+    let max_remote_connections = max_connections * 3 / 4;
+    tiny_http::Limits {
+        max_connections,
+        max_remote_connections,
+        max_connections_per_ip: (max_remote_connections / 4).max(4),
+        ..tiny_http::Limits::default()
+    }
+}
+
+fn worker(queue: &Receiver<tiny_http::Request>, context: &ServerContext, lane: &Lane) {
+    for request in queue {
         // A bug in one request must not take the worker (and so the cache) down.
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            serve::handle(&worker.context, worker.local_port, request)
+            serve::handle(context, request, lane)
         }));
         if outcome.is_err() {
             log::error!("a request handler panicked; the worker carries on");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_limits_fit_the_file_limit_and_keep_room_for_loopback() {
+        for files in [64, 1024, 4096, 524_288, u64::MAX] {
+            let limits = connection_limits(files);
+            assert!(limits.max_remote_connections < limits.max_connections);
+            assert!(limits.max_connections_per_ip <= limits.max_remote_connections);
+            assert!(limits.max_connections <= MAX_CONNECTIONS);
+            if files >= 1024 {
+                assert!(
+                    (limits.max_connections as u64) * 2 + RESERVED_FILES <= files,
+                    "{files}: {limits:?}"
+                );
+            }
+        }
+        assert_eq!(connection_limits(1024).max_connections, 448);
     }
 }

@@ -14,8 +14,7 @@ use tiny_http::Request;
 
 use super::ServerContext;
 use super::route::peer_nar_url;
-use super::serve::{nar_head, nar_range, respond, text, unsatisfiable};
-use super::socket;
+use super::serve::{abort, nar_head, nar_range, respond, text, unsatisfiable};
 use crate::fetch::transfer::{self, Outcome, Plan, Sink, is_client_gone};
 use crate::nix::hash::NarHash;
 use crate::nix::store_path::HashPart;
@@ -30,7 +29,6 @@ pub fn peer_narinfo(context: &ServerContext, hash: &HashPart) -> Option<String> 
 
 pub fn serve_peer_nar(
     context: &ServerContext,
-    local_port: u16,
     request: Request,
     named: SocketAddr,
     hash: &HashPart,
@@ -71,7 +69,10 @@ pub fn serve_peer_nar(
         verify_whole,
         deadline: source.deadline,
     };
-    let client = request.remote_addr().copied();
+    let Some(socket) = request.socket() else {
+        // Every connection of this server is TCP.
+        return respond(request, text(404, "not served on this connection\n"));
+    };
     let mut sink = ResponseSink {
         request: Some(request),
         writer: None,
@@ -93,7 +94,7 @@ pub fn serve_peer_nar(
             {
                 if !is_client_gone(&e) {
                     log::error!("flushing NAR {nar_hash}: {e}; aborting the response");
-                    socket::abort_response(local_port, client);
+                    abort(&socket);
                 }
                 return;
             }
@@ -113,7 +114,7 @@ pub fn serve_peer_nar(
             // Nix was promised bytes that cannot be delivered: cut it off so
             // it sees a failed download, never a wrong or short success.
             log::error!("NAR {nar_hash} of {hash}: {why}; aborting the response");
-            socket::abort_response(local_port, client);
+            abort(&socket);
         }
         Outcome::ClientGone => log::debug!("client left during NAR {nar_hash}"),
     }

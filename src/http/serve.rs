@@ -1,16 +1,16 @@
 //! Request handlers: cache info, narinfos, NARs and health.
 
 use std::io::{self, Cursor, Read, Write};
-use std::net::{IpAddr, SocketAddr};
+use std::net::TcpStream;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tiny_http::{Header, Method, Request, Response, StatusCode};
 
-use super::ServerContext;
-use super::proxy;
+use super::access::{host_is_local, is_loopback};
 use super::range::{self, RangeAnswer};
 use super::route::{Route, Scope};
-use super::socket;
+use super::{Lane, SEND_TIMEOUT, ServerContext, proxy};
 use crate::fetch::transfer::is_client_gone;
 use crate::nix::store_path::{HashPart, STORE_DIR};
 use crate::store::dump::{NarDump, nar_size};
@@ -20,15 +20,21 @@ use crate::store::{LocalPath, StoreError};
 /// of this size: few syscalls, and little memory for each of the workers.
 const NAR_CHUNK: usize = 64 * 1024;
 
-/// NAR bodies from this size up are sent with `sendfile`: finding the socket
-/// costs a scan of our descriptors, which pays off only for large bodies.
+/// NAR bodies from this size up are sent with `sendfile`.
 const SENDFILE_MIN: u64 = 1024 * 1024;
 
 /// Request heads larger than this are refused, as nginx refuses them; nix
 /// sends about 150 bytes.
 const MAX_HEAD: usize = 8 * 1024;
 
-pub fn handle(context: &ServerContext, local_port: u16, request: Request) {
+/// A response to a network client must be over within this plus its body
+/// at [`NETWORK_MIN_RATE`]: a client that reads slowly, or not at all,
+/// holds a network worker that long at most.
+const NETWORK_RESPONSE_BASE: Duration = Duration::from_secs(30);
+/// 256 KiB/s: far below any LAN, Wi-Fi included.
+const NETWORK_MIN_RATE: u64 = 256 * 1024;
+
+pub(super) fn handle(context: &ServerContext, request: Request, lane: &Lane) {
     let head_size = request.url().len()
         + request
             .headers()
@@ -53,54 +59,71 @@ pub fn handle(context: &ServerContext, local_port: u16, request: Request) {
         Route::PeerNar(..) => Scope::Root,
         _ => Scope::Local,
     };
-    if scope == Scope::Root && !request.remote_addr().is_some_and(is_loopback) {
-        return respond(
-            request,
-            text(403, "root endpoints answer this host only; use /local/\n"),
-        );
+    let from_loopback = request.remote_addr().is_some_and(is_loopback);
+    // Loopback by the socket, and this host by name: a web page that
+    // rebinds its own name to 127.0.0.1 passes the first test only.
+    let this_host = from_loopback && host_is_local(host_header(&request), context.bind);
+    if scope == Scope::Root && !this_host {
+        let why = if from_loopback {
+            "root endpoints answer requests for this host only (Host must be localhost, 127.0.0.1 or [::1]); use /local/\n"
+        } else {
+            "root endpoints answer this host only; use /local/\n"
+        };
+        return respond(request, text(403, why));
     }
     match route {
-        Route::Health => {
-            // Which peers this host knows, and how they behaved, is for
-            // this host only.
-            let local = request.remote_addr().is_some_and(is_loopback);
-            respond(request, health(context, local))
-        }
+        // Which peers this host knows, and how they behaved, is for this
+        // host only.
+        Route::Health => respond(request, health(context, this_host)),
         Route::CacheInfo(_) => respond(request, cache_info(context.priority)),
         Route::NarInfo(scope, hash) => match find(context, scope, &hash) {
             Ok(path) => respond(request, narinfo(path.narinfo.clone())),
             // A path this host lacks is looked for on the peers, for this host only.
             Err(_) if scope == Scope::Root && context.resolver.is_some() => {
-                match proxy::peer_narinfo(context, &hash) {
-                    Some(text) => respond(request, narinfo(text)),
-                    None => respond(request, text(404, "not found here or on any peer\n")),
+                if let Some(request) = hand_to_peer_lane(request, lane) {
+                    match proxy::peer_narinfo(context, &hash) {
+                        Some(text) => respond(request, narinfo(text)),
+                        None => respond(request, text(404, "not found here or on any peer\n")),
+                    }
                 }
             }
             Err(response) => respond(request, response),
         },
         Route::Nar(scope, hash, nar_hash) => match find(context, scope, &hash) {
-            Ok(path) if path.info.nar_hash == nar_hash => {
-                serve_nar(context, local_port, request, &path, head)
-            }
+            Ok(path) if path.info.nar_hash == nar_hash => serve_nar(context, request, &path, head),
             Ok(_) => respond(request, text(404, "no such NAR (stale NarHash)\n")),
             Err(response) => respond(request, response),
         },
         Route::PeerNar(peer, hash, nar_hash) => {
-            proxy::serve_peer_nar(context, local_port, request, peer, &hash, &nar_hash, head)
+            if let Some(request) = hand_to_peer_lane(request, lane) {
+                proxy::serve_peer_nar(context, request, peer, &hash, &nar_hash, head)
+            }
         }
         Route::BadRequest(why) => respond(request, text(400, &format!("bad request: {why}\n"))),
         Route::NotFound => respond(request, text(404, "not found\n")),
     }
 }
 
-/// Whether a peer address is this host. IPv4-mapped IPv6 counts as IPv4.
-pub fn is_loopback(addr: &SocketAddr) -> bool {
-    match addr.ip() {
-        IpAddr::V4(ip) => ip.is_loopback(),
-        IpAddr::V6(ip) => {
-            ip.is_loopback() || ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
-        }
+/// Work that waits on peers goes to the peer lane, so the local lane is
+/// always free for what this host answers itself. Returns the request when
+/// this worker is to do the work.
+fn hand_to_peer_lane(request: Request, lane: &Lane) -> Option<Request> {
+    match lane {
+        Lane::Local(to_peer) => match to_peer.send(request) {
+            Ok(()) => None,
+            // The peer lane is gone (shutting down): do it here.
+            Err(e) => Some(e.into_inner()),
+        },
+        Lane::Peer | Lane::Network => Some(request),
     }
+}
+
+fn host_header(request: &Request) -> Option<&str> {
+    request
+        .headers()
+        .iter()
+        .find(|h| h.field.equiv("Host"))
+        .map(|h| h.value.as_str())
 }
 
 /// Looks a path up for `scope`; a path the policy keeps private is simply not
@@ -126,13 +149,45 @@ fn find(
     }
 }
 
-fn serve_nar(
-    context: &ServerContext,
-    local_port: u16,
-    request: Request,
-    path: &LocalPath,
-    head: bool,
-) {
+/// The send deadline of one response: none for this host's own nix, which
+/// only the send timeout bounds, and the whole body at a floor rate for a
+/// network client.
+pub(super) struct SendDeadline {
+    at: Option<Instant>,
+}
+
+impl SendDeadline {
+    pub(super) fn for_response(request: &Request, body_len: u64) -> SendDeadline {
+        let network = !request.remote_addr().is_some_and(is_loopback);
+        SendDeadline {
+            at: network.then(|| {
+                Instant::now()
+                    + NETWORK_RESPONSE_BASE
+                    + Duration::from_secs(body_len / NETWORK_MIN_RATE)
+            }),
+        }
+    }
+
+    /// Sets the socket's send timeout to what is left, before a write; an
+    /// error once nothing is.
+    pub(super) fn arm(&self, socket: &TcpStream) -> io::Result<()> {
+        let timeout = match self.at {
+            None => SEND_TIMEOUT,
+            Some(at) => match at.checked_duration_since(Instant::now()) {
+                Some(left) if !left.is_zero() => left.min(SEND_TIMEOUT),
+                _ => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the client took too long to read the response",
+                    ));
+                }
+            },
+        };
+        socket.set_write_timeout(Some(timeout))
+    }
+}
+
+fn serve_nar(context: &ServerContext, request: Request, path: &LocalPath, head: bool) {
     let size = path.info.nar_size;
     let physical = context.store.physical_path(&path.info.path);
     // The NAR length is known from metadata alone: a path whose files no
@@ -167,30 +222,27 @@ fn serve_nar(
             }
         }
     };
-    let peer = request.remote_addr().copied();
-    // Large bodies go by sendfile over a second handle on the socket; the
-    // rest is copied here rather than through tiny_http's 8 KiB loop.
-    let direct = match (&dump, peer) {
-        (Some(_), Some(peer)) if end - start >= SENDFILE_MIN => {
-            socket::connection_socket(local_port, peer)
-                .inspect_err(|e| log::debug!("no sendfile for {peer}: {e}"))
-                .ok()
-        }
-        _ => None,
+    let Some(socket) = request.socket() else {
+        // Every connection of this server is TCP.
+        return respond(request, text(404, "not served on this connection\n"));
     };
+    let deadline = SendDeadline::for_response(&request, end - start);
+    let mut arm = || deadline.arm(&socket);
     let mut writer = request.into_writer();
-    let sent = writer
-        .write_all(head_lines.as_bytes())
-        .and_then(|()| match (dump, direct) {
-            (Some(mut dump), Some(mut direct)) => {
+    let sent = arm()
+        .and_then(|()| writer.write_all(head_lines.as_bytes()))
+        .and_then(|()| match dump {
+            // Large bodies go by sendfile on the connection's socket; the
+            // rest is copied here rather than through tiny_http's 8 KiB loop.
+            Some(mut dump) if end - start >= SENDFILE_MIN => {
                 // The headers must be on the wire before the body overtakes them.
                 writer.flush()?;
-                dump.send_to(&mut direct, end - start)
+                dump.send_to(&socket, end - start, &mut arm)
             }
-            (Some(dump), None) => copy_exact(dump, &mut writer, end - start),
-            (None, _) => Ok(()),
+            Some(dump) => copy_exact(dump, &mut writer, end - start, &mut arm),
+            None => Ok(()),
         });
-    let result = sent.and_then(|()| writer.flush());
+    let result = sent.and_then(|()| arm()).and_then(|()| writer.flush());
     match result {
         Ok(()) => log::debug!(
             "served {} bytes of {}",
@@ -201,13 +253,21 @@ fn serve_nar(
         Err(e) => {
             // The client was promised more bytes: close early so it sees a
             // failed download at once instead of waiting for them.
-            log::error!(
+            log::warn!(
                 "serving {} failed after the headers were sent: {e}; aborting the connection",
                 path.info.path
             );
-            socket::abort_response(local_port, peer);
+            abort(&socket);
             drop(writer);
         }
+    }
+}
+
+/// Cuts a connection whose response cannot be completed: the client sees a
+/// short read at once, never a short success.
+pub(super) fn abort(socket: &TcpStream) {
+    if let Err(e) = socket.shutdown(std::net::Shutdown::Both) {
+        log::debug!("aborting a connection: {e}");
     }
 }
 
@@ -263,7 +323,12 @@ fn open_at(physical: &std::path::Path, start: u64) -> io::Result<NarDump> {
 
 /// Copies exactly `len` bytes; fewer is an error, so a body is never short
 /// without the caller knowing.
-fn copy_exact(mut source: impl Read, sink: &mut impl Write, len: u64) -> io::Result<()> {
+fn copy_exact(
+    mut source: impl Read,
+    sink: &mut impl Write,
+    len: u64,
+    before_write: &mut dyn FnMut() -> io::Result<()>,
+) -> io::Result<()> {
     let mut buf = vec![
         0u8;
         NAR_CHUNK
@@ -284,6 +349,7 @@ fn copy_exact(mut source: impl Read, sink: &mut impl Write, len: u64) -> io::Res
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
+        before_write()?;
         sink.write_all(&buf[..n])?;
         left -= n as u64;
     }
@@ -349,32 +415,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn loopback_is_decided_by_the_socket_address() {
-        for addr in [
-            "127.0.0.1:1",
-            "127.8.9.10:1",
-            "[::1]:1",
-            "[::ffff:127.0.0.1]:1",
-        ] {
-            assert!(is_loopback(&addr.parse().unwrap()), "{addr}");
-        }
-        for addr in [
-            "10.0.0.1:1",
-            "192.168.1.2:1",
-            "[::ffff:10.0.0.1]:1",
-            "[fe80::1]:1",
-            "0.0.0.0:1",
-        ] {
-            assert!(!is_loopback(&addr.parse().unwrap()), "{addr}");
-        }
-    }
-
-    #[test]
     fn copy_exact_refuses_a_short_source() {
         let mut sink = Vec::new();
-        assert!(copy_exact(&b"abc"[..], &mut sink, 3).is_ok());
+        assert!(copy_exact(&b"abc"[..], &mut sink, 3, &mut || Ok(())).is_ok());
         assert_eq!(sink, b"abc");
-        let e = copy_exact(&b"ab"[..], &mut Vec::new(), 3).unwrap_err();
+        let e = copy_exact(&b"ab"[..], &mut Vec::new(), 3, &mut || Ok(())).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
     }
 }

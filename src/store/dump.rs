@@ -292,17 +292,27 @@ impl NarDump {
     /// small packets. (std's `io::copy` will not use sendfile from a file to
     /// a socket, because later writes to the file could show through; store
     /// files are immutable, and the client checks the NarHash regardless.)
-    pub fn send_to(&mut self, socket: &mut TcpStream, mut len: u64) -> io::Result<()> {
+    /// `before_send` runs before each write or sendfile: the caller's place
+    /// to enforce a deadline on the whole response.
+    pub fn send_to(
+        &mut self,
+        socket: &TcpStream,
+        mut len: u64,
+        before_send: &mut dyn FnMut() -> io::Result<()>,
+    ) -> io::Result<()> {
+        let mut socket = socket;
         let mut buf = vec![0u8; SEND_BUFFER];
         let mut filled = 0;
         while len > 0 {
             let large_file = self.pending_pos >= self.pending.len()
                 && self.file.as_ref().is_some_and(|f| f.left >= SENDFILE_MIN);
             if large_file && let Some(open) = &mut self.file {
+                before_send()?;
                 socket.write_all(&buf[..filled])?;
                 filled = 0;
+                before_send()?;
                 let want = usize::try_from(open.left.min(len).min(1 << 30)).unwrap_or(1 << 30);
-                let sent = match rustix::fs::sendfile(&*socket, &open.file, None, want) {
+                let sent = match rustix::fs::sendfile(socket, &open.file, None, want) {
                     Ok(0) => {
                         return Err(io::Error::new(
                             io::ErrorKind::UnexpectedEof,
@@ -318,6 +328,7 @@ impl NarDump {
                 continue;
             }
             if filled == buf.len() {
+                before_send()?;
                 socket.write_all(&buf)?;
                 filled = 0;
             }
@@ -332,6 +343,7 @@ impl NarDump {
             filled += n;
             len -= n as u64;
         }
+        before_send()?;
         socket.write_all(&buf[..filled])
     }
 }
@@ -497,6 +509,23 @@ mod tests {
     }
 
     #[test]
+    fn send_to_stops_when_before_send_refuses() {
+        let dir = temp_dir("send-refused");
+        realistic_tree(&dir.0);
+        let len = nar_size(&dir.0).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let socket = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let _receiver = listener.accept().unwrap();
+        let mut dump = NarDump::open(&dir.0).unwrap();
+        let e = dump
+            .send_to(&socket, len, &mut || {
+                Err(io::Error::new(io::ErrorKind::TimedOut, "deadline"))
+            })
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+    }
+
+    #[test]
     fn send_to_a_socket_equals_reading() {
         let dir = temp_dir("send");
         realistic_tree(&dir.0);
@@ -504,7 +533,7 @@ mod tests {
         let len = full.len() as u64;
         for start in [0, 1000, len / 2] {
             let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            let mut socket = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let socket = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
             let (mut receiver, _) = listener.accept().unwrap();
             let reader = std::thread::spawn(move || {
                 let mut got = Vec::new();
@@ -513,7 +542,13 @@ mod tests {
             });
             let mut dump = NarDump::open(&dir.0).unwrap();
             dump.skip(start).unwrap();
-            dump.send_to(&mut socket, len - start).unwrap();
+            let mut sends = 0;
+            dump.send_to(&socket, len - start, &mut || {
+                sends += 1;
+                Ok(())
+            })
+            .unwrap();
+            assert!(sends > 0);
             drop(socket);
             assert!(
                 reader.join().unwrap() == full[start as usize..],

@@ -167,8 +167,7 @@ fn dechunk(mut data: &[u8]) -> io::Result<Vec<u8>> {
 
 /// Build a request with `Host` and `Connection: close` plus `extra` headers.
 pub fn request_bytes(method: &str, path: &str, extra: &[(&str, &str)]) -> Vec<u8> {
-    let mut text =
-        format!("{method} {path} HTTP/1.1\r\nHost: peerix-test\r\nConnection: close\r\n");
+    let mut text = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
     for (k, v) in extra {
         text.push_str(&format!("{k}: {v}\r\n"));
     }
