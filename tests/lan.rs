@@ -365,6 +365,55 @@ fn unsigned_or_forged_narinfos_are_skipped_for_a_signed_one() {
     assert_same_closure(&a, &b, &up, &many.second);
 }
 
+/// A late honest peer is not lost. C, a real peerix, answers every query at
+/// once, but no trusted key signed its narinfos: many.first's closure is
+/// unsigned (its own builds), and many.second carries a forged upstream
+/// signature. A, the only honest holder, answers 40 ms later (its UDP
+/// replies are held back: a Wi-Fi peer), well after the short wait that
+/// follows a first answer. B must keep listening for the rest of the window
+/// once C has failed, and get the whole closure from A.
+#[test]
+fn an_honest_peer_that_answers_40_ms_after_a_liar_is_still_used() {
+    let many = many_fixture();
+    let (dir, lan, up) = world("lan_late_honest", 3);
+    let b = signed_host(&dir, &lan, 1, "b", &up, &[], &[]);
+    let mut c = LanHost::new(&dir, &lan, 2, "c", &[&many.second]);
+    let impostor = c.host.nix.generate_key(&dir.subdir("impostor"), UPSTREAM);
+    c.host.sign(&impostor, &[&many.second], false);
+    c.start_peerix(&dir, &up, &["--no-filter"]);
+    let src = source_store(&dir, &up, &[&many.second]);
+    let closure = src.nix.closure(&src.store(), &many.second);
+    let items = closure
+        .iter()
+        .map(|p| FakeItem::from_store(&src, p, NarMode::Honest))
+        .collect();
+    let a = FakePeer::start_late(&lan, 0, items, TcpMode::Serve, Duration::from_millis(40));
+
+    substitute_ok(
+        &b,
+        &up,
+        &many.second,
+        "nix-store -r in B, with C answering first and failing, and A answering 40 ms later",
+    );
+    for p in &closure {
+        assert!(b.host.is_valid(p), "expected {p} to be valid in B");
+    }
+    assert_success(
+        "nix store verify in B trusting only upstream",
+        &b.verify(&[&up.public], &[&many.second]),
+    );
+    assert!(
+        c.lan_counter("replies_sent") as usize >= closure.len(),
+        "expected C to have answered B's queries first: {}",
+        c.health()
+    );
+    assert!(
+        counter(&a.stats.nar_requests) as usize >= closure.len(),
+        "expected every NAR from A: {:?}",
+        a.stats
+    );
+}
+
 /// (b) C (a fake peer) serves an honest narinfo and then garbage for the
 /// NAR. The NAR is small, so B checks it before nix sees a byte, falls
 /// through to A, and the first nix attempt succeeds; C is banned.

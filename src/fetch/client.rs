@@ -61,6 +61,10 @@ impl fmt::Display for PeerError {
 /// A NAR body as it comes from a peer.
 pub type NarBody = Box<dyn Read + Send>;
 
+/// Bytes skipped at a time when a peer ignores Range: the same chunk, and
+/// so the same floor rate, as a NAR transfer reads.
+const SKIP_CHUNK: usize = 128 * 1024;
+
 pub struct PeerClient {
     agent: ureq::Agent,
     timeout: Duration,
@@ -161,12 +165,11 @@ impl PeerClient {
         let mut body: NarBody = Box::new(response.into_body().into_reader());
         match status {
             200 if offset > 0 => {
-                // It ignored the Range: skip to the offset.
-                let skipped = io::copy(&mut (&mut body).take(offset), &mut io::sink())
-                    .map_err(|e| PeerError::Unavailable(format!("{url}: {e}")))?;
-                if skipped != offset {
-                    return Err(PeerError::Unavailable(format!("{url}: ended early")));
-                }
+                // It ignored the Range: skip to the offset, at the same
+                // floor rate as the bytes that count.
+                self.skip(&mut body, offset).map_err(|e| {
+                    PeerError::Unavailable(format!("{url}: skipping to {offset}: {e}"))
+                })?;
                 Ok(body)
             }
             200 => Ok(body),
@@ -176,6 +179,23 @@ impl PeerClient {
             ))),
             other => Err(status_error(&url, other)),
         }
+    }
+
+    /// Reads and drops `len` bytes, a chunk per timeout at least.
+    fn skip(&self, body: &mut NarBody, mut len: u64) -> io::Result<()> {
+        let mut buf = vec![0u8; SKIP_CHUNK];
+        while len > 0 {
+            let want = buf.len().min(usize::try_from(len).unwrap_or(buf.len()));
+            let (n, error) = read_full(body, &mut buf[..want], self.timeout);
+            if let Some(e) = error {
+                return Err(e);
+            }
+            if n < want {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "ended early"));
+            }
+            len -= n as u64;
+        }
+        Ok(())
     }
 
     fn get(
@@ -195,6 +215,35 @@ impl PeerClient {
             .call()
             .map_err(|e| PeerError::Unavailable(format!("{url}: {e}")))
     }
+}
+
+/// Reads until `buf` is full, the body ends, an error, or `timeout` has
+/// passed; returns the bytes read and the error, if any. The time limit
+/// sets a floor on a holder's rate (a chunk per timeout: 26 KB/s with the
+/// defaults), so a peer that trickles bytes is replaced by the next holder.
+pub fn read_full(
+    body: &mut NarBody,
+    buf: &mut [u8],
+    timeout: Duration,
+) -> (usize, Option<io::Error>) {
+    let deadline = Instant::now() + timeout;
+    let mut filled = 0;
+    while filled < buf.len() {
+        if Instant::now() > deadline {
+            let slow = io::Error::new(
+                io::ErrorKind::TimedOut,
+                "a chunk took longer than the timeout",
+            );
+            return (filled, Some(slow));
+        }
+        match body.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return (filled, Some(e)),
+        }
+    }
+    (filled, None)
 }
 
 /// The time until `deadline`; none left is the request's failure, and no

@@ -134,30 +134,48 @@ impl Resolver {
 
     fn find(&self, hash: &HashPart) -> Option<Offer> {
         let lan = self.lan.as_ref()?;
+        let mut query = lan.query(hash);
+        // Peers in backoff or banned are not heard at all.
+        let usable = |peer: &SocketAddr| self.peers.is_available(peer, Instant::now());
         // A peer that has served us well is answer enough: no need to wait
-        // for the others. If it then fails, it is in backoff, and the LAN is
-        // asked again, this time waiting for everyone.
+        // for the others.
         let proven = |so_far: &[SocketAddr]| {
             so_far
                 .iter()
                 .any(|peer| self.peers.is_proven(peer, Instant::now()))
         };
-        // Peers in backoff or banned are not heard at all.
-        let usable = |peer: &SocketAddr| self.peers.is_available(peer, Instant::now());
-        let answered = lan.ask(hash, &usable, &proven);
         // The narinfo requests of one lookup, to all the peers asked, share
-        // one timeout: a miss costs the LAN window plus that at most,
-        // whatever the peers do.
-        let deadline = Instant::now() + self.timeout;
-        let cut_short = proven(&answered);
-        if let Some(offer) = self.best_verified(hash, &answered, deadline) {
-            return Some(offer);
+        // one timeout from the first answer: a miss costs the LAN window
+        // plus that at most, whatever the peers do. Only when a proven peer
+        // cut the wait short and then failed do the others get one timeout
+        // more: they were not even heard before it failed.
+        let mut deadline: Option<Instant> = None;
+        loop {
+            let answered = query.next_answers(&usable, &proven);
+            if answered.is_empty() {
+                // The window is over, and every peer heard has failed.
+                return None;
+            }
+            let now = Instant::now();
+            let this_deadline = match deadline {
+                Some(deadline) if now < deadline => deadline,
+                Some(_) => return None,
+                None => now + self.timeout,
+            };
+            // Whether a proven peer cut the wait short: asked before its
+            // narinfo, which may fail and unprove it.
+            let cut_short = proven(&answered);
+            if let Some(offer) = self.best_verified(hash, &answered, this_deadline) {
+                return Some(offer);
+            }
+            deadline = match deadline {
+                None if cut_short => Some(Instant::now() + self.timeout),
+                None => Some(this_deadline),
+                Some(deadline) => Some(deadline),
+            };
+            // Every peer of a shortened wait failed: keep listening for the
+            // rest of the window, for a later, honest one.
         }
-        if cut_short {
-            let answered = lan.ask(hash, &usable, &|_| false);
-            return self.best_verified(hash, &answered, deadline);
-        }
-        None
     }
 
     /// The offer of the best-ranked peer among `answered` whose narinfo

@@ -20,7 +20,7 @@ use crossbeam_channel::{Receiver, Sender, bounded};
 use sha2::{Digest, Sha256};
 
 use super::check::NarCheck;
-use super::client::{NarBody, PeerClient, PeerError};
+use super::client::{PeerClient, PeerError, read_full};
 use crate::nix::hash::NarHash;
 use crate::peers::{Failure, PeerTable};
 
@@ -494,31 +494,6 @@ enum Verdict {
     Wrong(String),
     /// This host failed; no peer is to blame.
     Internal(String),
-}
-
-/// Reads until `buf` is full, the body ends, an error, or `timeout` has
-/// passed; returns the bytes read and the error, if any. The time limit
-/// sets a floor on a holder's rate (a chunk per timeout: 26 KB/s with the
-/// defaults), so a peer that trickles bytes is replaced by the next holder.
-fn read_full(body: &mut NarBody, buf: &mut [u8], timeout: Duration) -> (usize, Option<io::Error>) {
-    let deadline = Instant::now() + timeout;
-    let mut filled = 0;
-    while filled < buf.len() {
-        if Instant::now() > deadline {
-            let slow = io::Error::new(
-                io::ErrorKind::TimedOut,
-                "a chunk took longer than the timeout",
-            );
-            return (filled, Some(slow));
-        }
-        match body.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return (filled, Some(e)),
-        }
-    }
-    (filled, None)
 }
 
 fn send(sink: &mut dyn Sink, begun: &mut bool, bytes: &[u8]) -> Result<(), Outcome> {

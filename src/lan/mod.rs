@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Sender, bounded};
+use crossbeam_channel::{Receiver, Sender, bounded};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::{LanConfig, PeerSpec};
@@ -142,21 +142,9 @@ impl Lan {
         self.port
     }
 
-    /// Asks the LAN who has `hash` and returns the HTTP addresses of the
-    /// peers that say so, in the order they answered. Waits up to the LAN
-    /// timeout; once a first peer has answered, only a tenth of it more (all
-    /// peers hear a broadcast at the same moment, even one Wi-Fi delayed,
-    /// so their replies arrive close together), and not at all once
-    /// `enough` says the peers so far will do. Replies from peers that
-    /// `usable` refuses (in backoff, banned) are ignored altogether: they
-    /// neither count as answers nor shorten the wait, so a peer that answers
-    /// every query and then never delivers costs nothing while it is shunned.
-    pub fn ask(
-        &self,
-        hash: &HashPart,
-        usable: &dyn Fn(&SocketAddr) -> bool,
-        enough: &dyn Fn(&[SocketAddr]) -> bool,
-    ) -> Vec<SocketAddr> {
+    /// Asks the LAN who has `hash`: sends the query now, and returns the
+    /// [`Query`] that hears the answers until the LAN timeout has passed.
+    pub fn query(&self, hash: &HashPart) -> Query<'_> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (sender, replies) = bounded(MAX_CANDIDATES * 2);
         self.lock_waiting().insert(
@@ -166,8 +154,6 @@ impl Lan {
                 replies: sender,
             },
         );
-        let _unregister = Unregister { lan: self, id };
-
         let packet = Packet::Request { id, hash: *hash }.encode();
         let mut sent = 0;
         for target in self.targets() {
@@ -177,35 +163,20 @@ impl Lan {
             }
         }
         self.stats.queries.fetch_add(1, Ordering::Relaxed);
-        if sent == 0 {
-            return Vec::new();
+        // Nothing sent, nothing to wait for.
+        let window = if sent == 0 {
+            Duration::ZERO
+        } else {
+            self.config.timeout
+        };
+        Query {
+            lan: self,
+            id,
+            replies,
+            deadline: Instant::now() + window,
+            grace: self.config.timeout / 10,
+            heard: Vec::new(),
         }
-        let deadline = Instant::now() + self.config.timeout;
-        let grace = self.config.timeout / 10;
-        let mut peers = Vec::new();
-        let mut until = deadline;
-        while peers.len() < MAX_CANDIDATES {
-            match replies.recv_deadline(until) {
-                Ok(peer) if !usable(&peer) => {
-                    self.stats.replies_shunned.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(peer) => {
-                    if peers.is_empty() {
-                        until = deadline.min(Instant::now() + grace);
-                    }
-                    // One candidate per host, whatever ports it claims, so
-                    // one host cannot crowd out the others.
-                    if !peers.iter().any(|p: &SocketAddr| p.ip() == peer.ip()) {
-                        peers.push(peer);
-                        if enough(&peers) {
-                            break;
-                        }
-                    }
-                }
-                Err(_) => break,
-            }
-        }
-        peers
     }
 
     /// Where a query goes: every broadcast address (unless broadcast is
@@ -271,12 +242,70 @@ fn resolve_peer(peer: &PeerSpec) -> Vec<SocketAddr> {
     }
 }
 
-struct Unregister<'a> {
-    lan: &'a Lan,
+/// One query on the LAN: the peers that answer it, heard until the LAN
+/// timeout has passed or the query is dropped.
+pub struct Query<'l> {
+    lan: &'l Lan,
     id: u32,
+    replies: Receiver<SocketAddr>,
+    /// The end of the whole window.
+    deadline: Instant,
+    /// How long to wait for more once a first new answer is in.
+    grace: Duration,
+    /// One address per host heard so far.
+    heard: Vec<SocketAddr>,
 }
 
-impl Drop for Unregister<'_> {
+impl Query<'_> {
+    /// The next peers to try: waits for a first new answer, then a tenth of
+    /// the LAN timeout more (all peers hear a broadcast at the same moment,
+    /// so their replies mostly arrive close together), and not at all once
+    /// `enough` says the peers so far will do. Empty once the window is over
+    /// with nothing new. Call it again after the peers it gave have all
+    /// failed: a late peer (a Wi-Fi one, say) is still heard, as long as the
+    /// window lasts.
+    ///
+    /// Replies from peers that `usable` refuses (in backoff, banned) are
+    /// ignored altogether: they neither count as answers nor shorten the
+    /// wait, so a peer that answers every query and then never delivers
+    /// costs nothing while it is shunned. A host counts once, whatever ports
+    /// it claims, so one host cannot crowd out the others.
+    pub fn next_answers(
+        &mut self,
+        usable: &dyn Fn(&SocketAddr) -> bool,
+        enough: &dyn Fn(&[SocketAddr]) -> bool,
+    ) -> Vec<SocketAddr> {
+        let mut new = Vec::new();
+        let mut until = self.deadline;
+        while self.heard.len() < MAX_CANDIDATES {
+            match self.replies.recv_deadline(until) {
+                Ok(peer) if !usable(&peer) => {
+                    self.lan
+                        .stats
+                        .replies_shunned
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(peer) => {
+                    if self.heard.iter().any(|p| p.ip() == peer.ip()) {
+                        continue;
+                    }
+                    self.heard.push(peer);
+                    new.push(peer);
+                    if new.len() == 1 {
+                        until = self.deadline.min(Instant::now() + self.grace);
+                    }
+                    if enough(&new) {
+                        break;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        new
+    }
+}
+
+impl Drop for Query<'_> {
     fn drop(&mut self) {
         self.lan.lock_waiting().remove(&self.id);
     }
@@ -435,7 +464,9 @@ mod tests {
     fn a_peer_answers_for_what_it_shares_and_only_that() {
         let holder = start(&[], 4321);
         let asker = start(&[holder.port()], 1);
-        let found = asker.ask(&HashPart::parse(HAVE).unwrap(), &|_| true, &|_| false);
+        let found = asker
+            .query(&HashPart::parse(HAVE).unwrap())
+            .next_answers(&|_| true, &|_| false);
         assert_eq!(found, [SocketAddr::from(([127, 0, 0, 1], 4321))]);
         assert_eq!(holder.stats.replies_sent.load(Ordering::Relaxed), 1);
         assert_eq!(asker.stats.replies_received.load(Ordering::Relaxed), 1);
@@ -445,7 +476,8 @@ mod tests {
         let asker = Lan::start(&quick, 0, 1, Box::new(|_| false)).unwrap();
         assert!(
             asker
-                .ask(&HashPart::parse(LACK).unwrap(), &|_| true, &|_| true)
+                .query(&HashPart::parse(LACK).unwrap())
+                .next_answers(&|_| true, &|_| true)
                 .is_empty()
         );
         assert_eq!(holder.stats.replies_sent.load(Ordering::Relaxed), 1);
@@ -470,7 +502,9 @@ mod tests {
             asker.extra_peer_addrs(),
             [SocketAddr::from(([127, 0, 0, 1], holder.port()))]
         );
-        let found = asker.ask(&HashPart::parse(HAVE).unwrap(), &|_| true, &|_| false);
+        let found = asker
+            .query(&HashPart::parse(HAVE).unwrap())
+            .next_answers(&|_| true, &|_| false);
         assert_eq!(found, [SocketAddr::from(([127, 0, 0, 1], 4321))]);
     }
 

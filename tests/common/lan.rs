@@ -566,6 +566,18 @@ const FAKE_IO_TIMEOUT: Duration = Duration::from_secs(30);
 impl FakePeer {
     /// Start a fake peer in host `i`'s namespace of `lan`.
     pub fn start(lan: &Lan, i: usize, items: Vec<FakeItem>, tcp: TcpMode) -> FakePeer {
+        FakePeer::start_late(lan, i, items, tcp, Duration::ZERO)
+    }
+
+    /// [`FakePeer::start`], for a peer whose UDP replies leave `udp_delay`
+    /// after the query came in: a Wi-Fi peer, or one under load.
+    pub fn start_late(
+        lan: &Lan,
+        i: usize,
+        items: Vec<FakeItem>,
+        tcp: TcpMode,
+        udp_delay: Duration,
+    ) -> FakePeer {
         let ns = lan.ns(i).to_string();
         let items: Arc<HashMap<String, FakeItem>> =
             Arc::new(items.into_iter().map(|i| (i.hash.clone(), i)).collect());
@@ -602,8 +614,9 @@ impl FakePeer {
             .expect("read timeout on fake UDP socket");
         {
             let (stop, stats, items) = (peer.stop.clone(), peer.stats.clone(), items.clone());
-            peer.threads
-                .push(thread::spawn(move || fake_udp(&udp, &stop, &stats, &items)));
+            peer.threads.push(thread::spawn(move || {
+                fake_udp(&udp, &stop, &stats, &items, udp_delay)
+            }));
         }
         if let Some(listener) = listener {
             listener
@@ -659,6 +672,7 @@ fn fake_udp(
     stop: &AtomicBool,
     stats: &FakeStats,
     items: &HashMap<String, FakeItem>,
+    delay: Duration,
 ) {
     let mut buf = [0u8; 2048];
     while !stop.load(Ordering::SeqCst) {
@@ -671,6 +685,9 @@ fn fake_udp(
         };
         stats.udp_requests.fetch_add(1, Ordering::SeqCst);
         if items.contains_key(&hash) {
+            // Queries are answered one at a time: a delay holds the next
+            // one too, as a slow link would.
+            thread::sleep(delay);
             let reply = response_packet(id, u32::from(LAN_PORT), &hash);
             if socket.send_to(&reply, from).is_ok() {
                 stats.udp_replies.fetch_add(1, Ordering::SeqCst);
