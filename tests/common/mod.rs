@@ -1026,6 +1026,12 @@ impl Peerix {
     pub fn try_wait(&mut self) -> Option<ExitStatus> {
         self.child.try_wait().ok().flatten()
     }
+
+    /// The process id of peerix itself (`ip netns exec` execs it, so this
+    /// holds in a namespace too): for `/proc/<pid>/...` and `prlimit --pid`.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
 }
 
 impl Drop for Peerix {
