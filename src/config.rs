@@ -18,9 +18,10 @@ use serde::Deserialize;
 pub const DEFAULT_TRUSTED_KEY: &str =
     "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=";
 pub const DEFAULT_PORT: u16 = 12304;
-/// HTTP worker threads. A LAN lookup holds its worker while replies come
-/// in, and nix asks up to 25 narinfos at once, so a handful of workers
-/// would queue its misses; an idle worker costs about 10 KB.
+/// HTTP worker threads of the peer lane. A LAN lookup holds its worker
+/// while replies come in, and nix asks up to 25 narinfos at once, so a
+/// handful of workers would queue its misses; an idle worker costs about
+/// 10 KB.
 pub const DEFAULT_WORKERS: usize = 16;
 pub const DEFAULT_DAEMON_SOCKET: &str = "/nix/var/nix/daemon-socket/socket";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/peerix";
@@ -181,8 +182,9 @@ Usage: peerix [OPTIONS]
 Options:
   --bind ADDR            address to listen on [default: 0.0.0.0]
   --port N               HTTP port [default: 12304]
-  --workers N            HTTP worker threads; a LAN lookup holds one while
-                         it waits for peers [default: 16]
+  --workers N            HTTP threads for work that waits on peers; half as
+                         many (at least 2) serve this host's own requests and
+                         half as many other hosts' [default: 16]
   --priority N           Priority in /nix-cache-info, lower is preferred [default: 5]
   --daemon-socket PATH   nix-daemon socket [default: $NIX_DAEMON_SOCKET_PATH,
                          else /nix/var/nix/daemon-socket/socket]
