@@ -146,9 +146,9 @@ impl Resolver {
         };
         // The narinfo requests of one lookup, to all the peers asked, share
         // one timeout from the first answer: a miss costs the LAN window
-        // plus that at most, whatever the peers do. Only when a proven peer
-        // cut the wait short and then failed do the others get one timeout
-        // more: they were not even heard before it failed.
+        // plus that at most, whatever the peers do. A proven peer, asked
+        // first, buys the others one timeout more, in case it has since
+        // gone bad and hangs.
         let mut deadline: Option<Instant> = None;
         loop {
             let answered = query.next_answers(&usable, &proven);
@@ -156,23 +156,16 @@ impl Resolver {
                 // The window is over, and every peer heard has failed.
                 return None;
             }
-            let now = Instant::now();
-            let this_deadline = match deadline {
-                Some(deadline) if now < deadline => deadline,
-                Some(_) => return None,
-                None => now + self.timeout,
-            };
-            // Whether a proven peer cut the wait short: asked before its
-            // narinfo, which may fail and unprove it.
-            let cut_short = proven(&answered);
-            if let Some(offer) = self.best_verified(hash, &answered, this_deadline) {
+            let deadline = *deadline.get_or_insert_with(|| {
+                let timeouts = if proven(&answered) { 2 } else { 1 };
+                Instant::now() + self.timeout * timeouts
+            });
+            if Instant::now() >= deadline {
+                return None;
+            }
+            if let Some(offer) = self.best_verified(hash, &answered, deadline) {
                 return Some(offer);
             }
-            deadline = match deadline {
-                None if cut_short => Some(Instant::now() + self.timeout),
-                None => Some(this_deadline),
-                Some(deadline) => Some(deadline),
-            };
             // Every peer of a shortened wait failed: keep listening for the
             // rest of the window, for a later, honest one.
         }

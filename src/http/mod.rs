@@ -165,8 +165,10 @@ fn dispatch(
             Ok(request) => request,
             Err(e) => {
                 // tiny_http's accept loop retries by itself; an error here
-                // is one connection's, not the server's.
+                // is one connection's, not the server's. A short pause
+                // keeps a run of them from spinning.
                 log::debug!("HTTP: {e}");
+                std::thread::sleep(Duration::from_millis(10));
                 continue;
             }
         };
