@@ -807,7 +807,14 @@ fn a_path_the_policy_keeps_private_gets_no_lan_reply_and_no_local_answer() {
             .unwrap_or_else(|e| panic!("GET on A from the probe namespace: {e}"))
     };
     for (what, path, status) in [("private", &many.second, 404), ("shared", &many.first, 200)] {
-        for request in [format!("/local/{}.narinfo", hash_part(path)), nar_url(path)] {
+        // The root NAR route, where the original peerix fetches, keeps the
+        // same policy for other hosts.
+        let root_nar = nar_url(path).replacen("/local", "", 1);
+        for request in [
+            format!("/local/{}.narinfo", hash_part(path)),
+            nar_url(path),
+            root_nar,
+        ] {
             let response = remote(request.clone());
             assert_eq!(
                 response.status,

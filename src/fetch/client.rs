@@ -144,17 +144,19 @@ impl PeerClient {
         Ok(info)
     }
 
-    /// The NAR at `url` (relative to the peer's `/local/`), from byte
-    /// `offset` on. Everything, from connecting to the body's last byte and
+    /// The NAR at `path` on the peer (see [`nar_path_on_peer`]), from byte
+    /// `offset` on. A peer may ignore the Range, and may send no
+    /// Content-Length (the original peerix streams it chunked): the NAR's
+    /// own structure and its NarHash tell when it is complete and right. Everything, from connecting to the body's last byte and
     /// the bytes skipped when the peer ignores the Range, ends by `deadline`.
     pub fn nar(
         &self,
         peer: SocketAddr,
-        url: &str,
+        path: &str,
         offset: u64,
         deadline: Instant,
     ) -> Result<NarBody, PeerError> {
-        let url = format!("http://{peer}/local/{url}");
+        let url = format!("http://{peer}{path}");
         let response = self.get(&url, offset, time_left(&url, deadline)?)?;
         let status = response.status().as_u16();
         let content_range = response
@@ -268,19 +270,29 @@ fn content_range_start(value: Option<&str>) -> Option<u64> {
     range.split_once('-')?.0.parse().ok()
 }
 
-/// Whether a peer's `URL:` may be fetched: a plain relative path under its
-/// `/local/`, such as `nar/<hash>-<narhash>.nar`. Anything else (another
-/// host, `..`, a query) could point this host's HTTP client elsewhere.
-pub fn is_safe_nar_url(url: &str) -> bool {
-    !url.is_empty()
+/// Where on a peer the NAR its narinfo's `URL:` names is, as an absolute
+/// path, if this host may fetch it. Two forms are taken, both meaning
+/// `/local/nar/<name>` on the peer:
+/// - `nar/<name>`, relative to its `/local/` (peerix-rs, and any plain
+///   binary cache);
+/// - `local/nar/<name>`, relative to its root (the original peerix, whose
+///   `<name>` is the store path in base64 with `/` written as `_`).
+///
+/// Anything else (another host, `..`, a query, odd bytes) could point this
+/// host's HTTP client elsewhere, and is refused.
+pub fn nar_path_on_peer(url: &str) -> Option<String> {
+    let name = url
+        .strip_prefix("nar/")
+        .or_else(|| url.strip_prefix("local/nar/"))?;
+    let safe = !name.is_empty()
         && url.len() <= 256
-        && url.starts_with("nar/")
-        && url
+        && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-._+=/".contains(&b))
-        && url
+        && name
             .split('/')
-            .all(|seg| !seg.is_empty() && seg != "." && seg != "..")
+            .all(|seg| !seg.is_empty() && seg != "." && seg != "..");
+    safe.then(|| format!("/local/nar/{name}"))
 }
 
 #[cfg(test)]
@@ -289,11 +301,20 @@ mod tests {
 
     #[test]
     fn only_plain_nar_paths_are_fetched() {
-        for good in [
-            "nar/0c4kzwq7qxdkaz2zd6ibpcrl5dl8bm1d-1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s.nar",
-            "nar/abc.nar",
+        for (good, path) in [
+            (
+                "nar/0c4kzwq7qxdkaz2zd6ibpcrl5dl8bm1d-1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s.nar",
+                "/local/nar/0c4kzwq7qxdkaz2zd6ibpcrl5dl8bm1d-1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s.nar",
+            ),
+            ("nar/abc.nar", "/local/nar/abc.nar"),
+            // The original peerix: base64 of the store path, `/` as `_`.
+            (
+                "local/nar/L25peC9zdG9yZS8wYzRrendxN3F4ZGthejJ6ZDZpYnBjcmw1ZGw4Ym0xZC1oZWxsbw==.nar",
+                "/local/nar/L25peC9zdG9yZS8wYzRrendxN3F4ZGthejJ6ZDZpYnBjcmw1ZGw4Ym0xZC1oZWxsbw==.nar",
+            ),
+            ("local/nar/a_b+c=.nar", "/local/nar/a_b+c=.nar"),
         ] {
-            assert!(is_safe_nar_url(good), "{good}");
+            assert_eq!(nar_path_on_peer(good).as_deref(), Some(path), "{good}");
         }
         for bad in [
             "",
@@ -305,8 +326,16 @@ mod tests {
             "nar/x y",
             "local/x.narinfo",
             "nar/./x",
+            "nar/",
+            "local/nar/",
+            "local/x.nar",
+            "local/nar/../../x",
+            "/local/nar/x.nar",
+            "local//nar/x.nar",
+            "v2/remote/x.nar",
+            "nar/x%2e%2e.nar",
         ] {
-            assert!(!is_safe_nar_url(bad), "{bad}");
+            assert_eq!(nar_path_on_peer(bad), None, "{bad}");
         }
     }
 

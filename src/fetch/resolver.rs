@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::client::{PeerClient, PeerError, is_safe_nar_url};
+use super::client::{PeerClient, PeerError, nar_path_on_peer};
 use super::transfer::{BufferPool, Holder, transfer_budget};
 use crate::lan::Lan;
 use crate::nix::hash::NarHash;
@@ -191,11 +191,8 @@ impl Resolver {
                 break;
             }
             match self.verified_narinfo(peer, hash, deadline) {
-                Ok(narinfo) => {
-                    let source = Holder {
-                        peer,
-                        url: narinfo.url.clone(),
-                    };
+                Ok((narinfo, path)) => {
+                    let source = Holder { peer, path };
                     return Some(Offer {
                         narinfo,
                         source,
@@ -209,13 +206,13 @@ impl Resolver {
     }
 
     /// A peer's narinfo for `hash`, if a trusted key signed it and its NAR
-    /// can be fetched and checked here.
+    /// can be fetched and checked here, with the NAR's path on the peer.
     fn verified_narinfo(
         &self,
         peer: SocketAddr,
         hash: &HashPart,
         deadline: Instant,
-    ) -> Result<NarInfo, PeerError> {
+    ) -> Result<(NarInfo, String), PeerError> {
         let asked = Instant::now();
         let narinfo = self.client.narinfo(peer, hash, deadline)?;
         if !any_valid_signature(&self.trusted_keys, &narinfo.fingerprint(), &narinfo.sigs) {
@@ -244,17 +241,17 @@ impl Resolver {
                 narinfo.compression
             )));
         }
-        if !is_safe_nar_url(&narinfo.url) {
+        let Some(path) = nar_path_on_peer(&narinfo.url) else {
             return Err(PeerError::Unusable(format!(
-                "NAR URL {:?} is not a plain nar/ path",
+                "NAR URL {:?} is neither nar/<name> nor local/nar/<name>",
                 narinfo.url
             )));
-        }
+        };
         // A good narinfo proves the peer, so the next query need not wait
         // for other replies (see `find`).
         // (Its bytes are not counted: the table counts NAR bytes.)
         self.peers.record_success(peer, 0, asked.elapsed());
-        Ok(narinfo)
+        Ok((narinfo, path))
     }
 
     fn note(&self, peer: SocketAddr, hash: &HashPart, error: &PeerError) {
@@ -376,14 +373,11 @@ impl NarSource<'_> {
                         .resolver
                         .verified_narinfo(peer, &self.hash, self.deadline)
                     {
-                        Ok(narinfo)
+                        Ok((narinfo, path))
                             if narinfo.nar_hash == self.nar_hash
                                 && narinfo.nar_size == self.nar_size =>
                         {
-                            return Some(Holder {
-                                peer,
-                                url: narinfo.url,
-                            });
+                            return Some(Holder { peer, path });
                         }
                         Ok(_) => log::info!("peer {peer} has another build of {}", self.hash),
                         Err(e) => self.resolver.note(peer, &self.hash, &e),

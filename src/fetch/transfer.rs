@@ -29,11 +29,12 @@ use crate::peers::{Failure, PeerTable};
 /// peak RSS by about 1 MB per transfer.
 const CHUNK: usize = 128 * 1024;
 
-/// A peer that offers the NAR, and where under its `/local/` it is.
+/// A peer that offers the NAR, and where on it the NAR is (an absolute
+/// path from [`super::client::nar_path_on_peer`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Holder {
     pub peer: SocketAddr,
-    pub url: String,
+    pub path: String,
 }
 
 /// The slowest average rate a whole transfer may take, from whichever
@@ -328,7 +329,7 @@ impl<'p> Copier<'p> {
             }
             let asked = Instant::now();
             let offset = self.check.received();
-            let mut body = match client.nar(holder.peer, &holder.url, offset, plan.deadline) {
+            let mut body = match client.nar(holder.peer, &holder.path, offset, plan.deadline) {
                 Ok(body) => body,
                 Err(e) => {
                     e.record(peers, holder.peer, &what);
@@ -597,7 +598,7 @@ mod tests {
         fn holder(&self) -> Holder {
             Holder {
                 peer: self.addr,
-                url: "nar/x.nar".into(),
+                path: "/local/nar/x.nar".into(),
             }
         }
     }

@@ -63,6 +63,20 @@ pub(super) fn handle(context: &ServerContext, request: Request, lane: &Lane) {
     // Loopback by the socket, and this host by name: a web page that
     // rebinds its own name to 127.0.0.1 passes the first test only.
     let this_host = from_loopback && host_is_local(host_header(&request), context.bind);
+    // The original peerix fetches a peer's NAR from the root (`/nar/...`,
+    // the narinfo's URL taken from the server root): other hosts get the
+    // NARs there that `/local/` would give them, and no others. (A loopback
+    // request naming a foreign host is a rebinding page, not a peer: 403.)
+    let route = match route {
+        Route::Nar(Scope::Root, hash, nar_hash) if !from_loopback => {
+            Route::Nar(Scope::Local, hash, nar_hash)
+        }
+        route => route,
+    };
+    let scope = match route {
+        Route::Nar(scope, ..) => scope,
+        _ => scope,
+    };
     if scope == Scope::Root && !this_host {
         let why = if from_loopback {
             "root endpoints answer requests for this host only (Host must be localhost, 127.0.0.1 or [::1]); use /local/\n"
