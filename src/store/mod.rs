@@ -52,6 +52,11 @@ impl LocalPathInfo {
             .iter()
             .map(|r| StorePath::parse(r).map_err(|_| bad("an invalid reference", r)))
             .collect::<Result<Vec<_>, _>>()?;
+        // Nix refuses a narinfo without a size; only an old database that
+        // never recorded it would give 0.
+        if info.nar_size == 0 {
+            return Err(bad("NarSize", "0"));
+        }
         // Signatures and the CA field go into the narinfo as they are: a line
         // break or other control character would corrupt it.
         if let Some(value) = info
@@ -294,6 +299,16 @@ mod tests {
         let info = LocalPathInfo::from_daemon(daemon_info()).unwrap();
         let narinfo = info.to_narinfo(None);
         assert_eq!(NarInfo::parse(&narinfo.render()), Ok(narinfo));
+    }
+
+    #[test]
+    fn a_nar_size_of_0_is_refused() {
+        // Found by the `daemon` fuzz target: NarSize 0 was accepted and
+        // rendered into a narinfo that nix and peerix refuse.
+        let mut info = daemon_info();
+        info.nar_size = 0;
+        let e = LocalPathInfo::from_daemon(info).unwrap_err().to_string();
+        assert!(e.contains("NarSize `0`"), "{e}");
     }
 
     #[test]
