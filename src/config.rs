@@ -324,7 +324,12 @@ impl FileConfig {
     fn load(path: &Path) -> Result<FileConfig, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
-        let file: FileConfig = toml::from_str(&text)
+        FileConfig::parse(&text, path)
+    }
+
+    /// `path` only names the file in errors.
+    fn parse(text: &str, path: &Path) -> Result<FileConfig, ConfigError> {
+        let file: FileConfig = toml::from_str(text)
             .map_err(|e| ConfigError(format!("config file {}: {e}", path.display())))?;
         file.refuse_unbuilt_features(path)?;
         Ok(file)
@@ -378,6 +383,28 @@ where
             }
         }
     };
+    merge(flags, file, env).map(|config| Command::Run(Box::new(config)))
+}
+
+/// [`parse_args`] with the config file's text given, as if the file `name`
+/// held it: no file is opened, and `--config` and `$HOME` are not looked at.
+/// The fuzz target for the configuration (tests/fuzz) goes through this.
+pub fn parse_args_with_file_text<I>(
+    args: I,
+    name: &Path,
+    text: &str,
+    env: &dyn Fn(&str) -> Option<OsString>,
+) -> Result<Command, ConfigError>
+where
+    I: IntoIterator,
+    I::Item: Into<OsString>,
+{
+    let flags = match parse_flags(args)? {
+        Parsed::Flags(flags) => flags,
+        Parsed::Help => return Ok(Command::Help),
+        Parsed::Version => return Ok(Command::Version),
+    };
+    let file = FileConfig::parse(text, name)?;
     merge(flags, file, env).map(|config| Command::Run(Box::new(config)))
 }
 

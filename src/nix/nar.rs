@@ -20,7 +20,8 @@ const MAX_KEYWORD: usize = 16;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NarError {
-    /// Offset of the byte at which the stream became invalid.
+    /// Offset of the byte at which the stream became invalid: for a string
+    /// the grammar does not allow there, the first byte of its length.
     pub offset: u64,
     pub message: String,
 }
@@ -90,6 +91,8 @@ pub struct NarValidator {
     expect: Expect,
     lex: Lex,
     token: Vec<u8>,
+    /// Offset of the length that began `token`.
+    token_start: u64,
     /// For each open directory, the last entry name seen (to check order).
     dirs: Vec<Option<Vec<u8>>>,
     /// Whether the next `Length` is of file contents.
@@ -112,6 +115,7 @@ impl NarValidator {
                 have: 0,
             },
             token: Vec::with_capacity(64),
+            token_start: 0,
             dirs: Vec::new(),
             reading_contents_length: false,
         }
@@ -165,6 +169,7 @@ impl NarValidator {
                     let len = u64::from_le_bytes(*buf);
                     // The error offset names the length's first byte.
                     let start = self.offset + n as u64 - 8;
+                    self.token_start = start;
                     self.on_length(len).map_err(|mut e| {
                         e.offset = start;
                         e
@@ -182,9 +187,7 @@ impl NarValidator {
                         then_contents_done: false,
                     };
                     if padding == 0 {
-                        self.offset += n as u64;
                         self.end_padding()?;
-                        self.offset -= n as u64;
                     }
                 }
                 Ok(n)
@@ -201,9 +204,7 @@ impl NarValidator {
                         then_contents_done: true,
                     };
                     if padding == 0 {
-                        self.offset += n as u64;
                         self.end_padding()?;
-                        self.offset -= n as u64;
                     }
                 }
                 Ok(n)
@@ -216,9 +217,7 @@ impl NarValidator {
                 }
                 *left -= n;
                 if *left == 0 {
-                    self.offset += n as u64;
                     self.end_padding()?;
-                    self.offset -= n as u64;
                 }
                 Ok(n)
             }
@@ -286,7 +285,12 @@ impl NarValidator {
         let token = std::mem::take(&mut self.token);
         let result = self.on_string(&token);
         self.token = token;
-        result
+        // The string is at fault, not whatever follows it.
+        let start = self.token_start;
+        result.map_err(|mut e| {
+            e.offset = start;
+            e
+        })
     }
 
     fn on_string(&mut self, s: &[u8]) -> Result<(), NarError> {
@@ -487,6 +491,28 @@ mod tests {
         padded[8 + 13] = 1;
         let e = validate(&padded, 4096).unwrap_err();
         assert_eq!(e.offset, 21, "{e}");
+    }
+
+    #[test]
+    fn a_wrong_string_is_blamed_at_its_start() {
+        // Found by the `nar` fuzz target: an 8-byte string where the magic
+        // belongs was blamed at byte 16, after it, so the bytes before the
+        // reported offset were not all valid.
+        let crash = [8, 0, 0, 0, 0, 0, 0, 0, 0, 0xaa, 0, 0, 0, 0x92, 0xfe, 0x1d];
+        let e = validate(&crash, 3).unwrap_err();
+        assert_eq!(e.offset, 0, "{e}");
+        // A padded string deeper in: `)` where `type` belongs, at byte 40.
+        let wrong = nar(&[MAGIC, b"(", b")"]);
+        for chunk in [1, 8, 4096] {
+            let e = validate(&wrong, chunk).unwrap_err();
+            assert_eq!(e.offset, 40, "{e}");
+            assert!(
+                validate(&wrong[..40], chunk)
+                    .unwrap_err()
+                    .message
+                    .contains("truncated")
+            );
+        }
     }
 
     #[test]

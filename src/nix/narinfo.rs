@@ -51,10 +51,15 @@ fn set<T>(slot: &mut Option<T>, key: &str, value: T) -> Result<(), NarInfoError>
     Ok(())
 }
 
-/// Values must be printable ASCII: nothing a narinfo carries needs more, and
-/// it keeps control characters out of logs and re-rendered text.
+/// Whether `value` may be a narinfo value: printable ASCII. Nothing a
+/// narinfo carries needs more, and it keeps control characters (and line
+/// breaks) out of logs and re-rendered text.
+pub fn is_printable_value(value: &str) -> bool {
+    value.bytes().all(|b| (0x20..0x7f).contains(&b))
+}
+
 fn check_value<'a>(key: &str, value: &'a str) -> Result<&'a str, NarInfoError> {
-    if value.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+    if is_printable_value(value) {
         Ok(value)
     } else {
         bad(format!("`{key}` has a non-printable character"))

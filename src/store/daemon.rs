@@ -105,16 +105,18 @@ impl std::error::Error for DaemonError {}
 
 /// One connection after the handshake.
 struct Connection {
-    reader: BufReader<UnixStream>,
+    replies: ReplyReader<BufReader<UnixStream>>,
     writer: BufWriter<UnixStream>,
-    /// The negotiated protocol minor version.
-    minor: u64,
 }
 
 /// Errors inside one exchange, before the op name is attached.
-enum Fault {
+#[derive(Debug)]
+pub enum Fault {
+    /// The socket failed or the reply ended early.
     Io(io::Error),
+    /// The daemon sent something the protocol does not allow.
     Protocol(String),
+    /// The daemon reported an error (the connection stays usable).
     Remote(String),
 }
 
@@ -124,7 +126,7 @@ impl From<io::Error> for Fault {
     }
 }
 
-type FaultResult<T> = Result<T, Fault>;
+pub type FaultResult<T> = Result<T, Fault>;
 
 impl Connection {
     fn open(socket: &Path) -> Result<Connection, DaemonError> {
@@ -142,9 +144,8 @@ impl Connection {
         let reader =
             BufReader::with_capacity(16 * 1024, stream.try_clone().map_err(connect_error)?);
         let mut conn = Connection {
-            reader,
+            replies: ReplyReader::new(reader),
             writer: BufWriter::with_capacity(4 * 1024, stream),
-            minor: 0,
         };
         conn.handshake()
             .map_err(|fault| attach("handshake", fault))?;
@@ -154,34 +155,17 @@ impl Connection {
     fn handshake(&mut self) -> FaultResult<()> {
         self.write_u64(WORKER_MAGIC_1)?;
         self.writer.flush()?;
-        if self.read_u64()? != WORKER_MAGIC_2 {
-            return Err(Fault::Protocol("wrong magic from daemon".into()));
-        }
-        let daemon_version = self.read_u64()?;
-        if daemon_version >> 8 != 1 || daemon_version & 0xff < MIN_DAEMON_MINOR {
-            return Err(Fault::Protocol(format!(
-                "unsupported daemon protocol version {}.{}",
-                daemon_version >> 8,
-                daemon_version & 0xff
-            )));
-        }
-        let negotiated = daemon_version.min(CLIENT_VERSION);
-        self.minor = negotiated & 0xff;
+        self.replies.read_hello()?;
+        let minor = self.replies.minor();
         self.write_u64(CLIENT_VERSION)?;
-        if self.minor >= 14 {
+        if minor >= 14 {
             self.write_u64(0)?; // no CPU affinity
         }
-        if self.minor >= 11 {
+        if minor >= 11 {
             self.write_u64(0)?; // reserveSpace
         }
         self.writer.flush()?;
-        if self.minor >= 33 {
-            self.read_string()?; // the daemon's Nix version
-        }
-        if self.minor >= 35 {
-            self.read_u64()?; // whether we are trusted
-        }
-        self.stderr_loop()
+        self.replies.read_hello_end()
     }
 
     fn write_u64(&mut self, n: u64) -> io::Result<()> {
@@ -194,6 +178,53 @@ impl Connection {
         let pad = (8 - s.len() % 8) % 8;
         self.writer.write_all(&[0u8; 8][..pad])
     }
+}
+
+/// The daemon-to-client half of the protocol, over any reader: the pool
+/// reads a socket with it, the fuzz target (tests/fuzz) recorded bytes.
+pub struct ReplyReader<R> {
+    reader: R,
+    /// The negotiated protocol minor version (0 before the hello).
+    minor: u64,
+}
+
+impl<R: Read> ReplyReader<R> {
+    pub fn new(reader: R) -> ReplyReader<R> {
+        ReplyReader { reader, minor: 0 }
+    }
+
+    /// The negotiated protocol minor version.
+    pub fn minor(&self) -> u64 {
+        self.minor
+    }
+
+    /// The daemon's magic and version; sets the negotiated version.
+    pub fn read_hello(&mut self) -> FaultResult<()> {
+        if self.read_u64()? != WORKER_MAGIC_2 {
+            return Err(Fault::Protocol("wrong magic from daemon".into()));
+        }
+        let daemon_version = self.read_u64()?;
+        if daemon_version >> 8 != 1 || daemon_version & 0xff < MIN_DAEMON_MINOR {
+            return Err(Fault::Protocol(format!(
+                "unsupported daemon protocol version {}.{}",
+                daemon_version >> 8,
+                daemon_version & 0xff
+            )));
+        }
+        self.minor = daemon_version.min(CLIENT_VERSION) & 0xff;
+        Ok(())
+    }
+
+    /// The rest of the handshake, after the client sent its version.
+    pub fn read_hello_end(&mut self) -> FaultResult<()> {
+        if self.minor >= 33 {
+            self.read_string()?; // the daemon's Nix version
+        }
+        if self.minor >= 35 {
+            self.read_u64()?; // whether we are trusted
+        }
+        self.stderr_loop()
+    }
 
     fn read_u64(&mut self) -> io::Result<u64> {
         let mut buf = [0u8; 8];
@@ -201,7 +232,7 @@ impl Connection {
         Ok(u64::from_le_bytes(buf))
     }
 
-    fn read_bool(&mut self) -> FaultResult<bool> {
+    pub fn read_bool(&mut self) -> FaultResult<bool> {
         match self.read_u64()? {
             0 => Ok(false),
             1 => Ok(true),
@@ -225,12 +256,12 @@ impl Connection {
         Ok(buf)
     }
 
-    fn read_string(&mut self) -> FaultResult<String> {
+    pub fn read_string(&mut self) -> FaultResult<String> {
         String::from_utf8(self.read_bytes()?)
             .map_err(|_| Fault::Protocol("string is not UTF-8".into()))
     }
 
-    fn read_string_list(&mut self) -> FaultResult<Vec<String>> {
+    pub fn read_string_list(&mut self) -> FaultResult<Vec<String>> {
         let count = self.read_u64()?;
         if count > MAX_LIST {
             return Err(Fault::Protocol(format!("list of {count} entries")));
@@ -263,7 +294,7 @@ impl Connection {
     }
 
     /// Reads log messages until STDERR_LAST; an error frame becomes `Fault::Remote`.
-    fn stderr_loop(&mut self) -> FaultResult<()> {
+    pub fn stderr_loop(&mut self) -> FaultResult<()> {
         loop {
             match self.read_u64()? {
                 STDERR_LAST => return Ok(()),
@@ -316,7 +347,7 @@ impl Connection {
         Ok(message)
     }
 
-    fn read_path_info(&mut self, path: &str) -> FaultResult<Option<PathInfo>> {
+    pub fn read_path_info(&mut self, path: &str) -> FaultResult<Option<PathInfo>> {
         if self.minor >= 17 && !self.read_bool()? {
             return Ok(None);
         }
@@ -518,8 +549,8 @@ impl DaemonPool {
             c.write_u64(OP_IS_VALID_PATH)?;
             c.write_string(path)?;
             c.writer.flush()?;
-            c.stderr_loop()?;
-            c.read_bool()
+            c.replies.stderr_loop()?;
+            c.replies.read_bool()
         })
     }
 
@@ -527,8 +558,8 @@ impl DaemonPool {
         self.run("QueryAllValidPaths", |c| {
             c.write_u64(OP_QUERY_ALL_VALID_PATHS)?;
             c.writer.flush()?;
-            c.stderr_loop()?;
-            c.read_string_list()
+            c.replies.stderr_loop()?;
+            c.replies.read_string_list()
         })
     }
 
@@ -539,8 +570,8 @@ impl DaemonPool {
             c.write_u64(OP_QUERY_PATH_INFO)?;
             c.write_string(path)?;
             c.writer.flush()?;
-            c.stderr_loop()?;
-            c.read_path_info(path)
+            c.replies.stderr_loop()?;
+            c.replies.read_path_info(path)
         });
         match result {
             // Before 1.17 a missing path comes back as an error frame.
@@ -557,8 +588,8 @@ impl DaemonPool {
             c.write_u64(OP_QUERY_PATH_FROM_HASH_PART)?;
             c.write_string(hash)?;
             c.writer.flush()?;
-            c.stderr_loop()?;
-            c.read_string()
+            c.replies.stderr_loop()?;
+            c.replies.read_string()
         })?;
         Ok((!path.is_empty()).then_some(path))
     }
@@ -573,12 +604,12 @@ impl DaemonPool {
             for path in paths {
                 c.write_string(path)?;
             }
-            if c.minor >= 27 {
+            if c.replies.minor() >= 27 {
                 c.write_u64(0)?; // never substitute: we only ask what is here
             }
             c.writer.flush()?;
-            c.stderr_loop()?;
-            c.read_string_list()
+            c.replies.stderr_loop()?;
+            c.replies.read_string_list()
         })
     }
 }

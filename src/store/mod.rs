@@ -17,7 +17,7 @@ use std::sync::{Arc, RwLock};
 use crate::http::route::nar_file_name;
 use crate::nix::hash::NarHash;
 use crate::nix::keys::{SecretKey, fingerprint};
-use crate::nix::narinfo::NarInfo;
+use crate::nix::narinfo::{NarInfo, is_printable_value};
 use crate::nix::store_path::{HashPart, StorePath};
 
 use cache::PathCache;
@@ -52,6 +52,24 @@ impl LocalPathInfo {
             .iter()
             .map(|r| StorePath::parse(r).map_err(|_| bad("an invalid reference", r)))
             .collect::<Result<Vec<_>, _>>()?;
+        // Nix refuses a narinfo without a size; only an old database that
+        // never recorded it would give 0.
+        if info.nar_size == 0 {
+            return Err(bad("NarSize", "0"));
+        }
+        // Signatures and the CA field go into the narinfo as they are: a line
+        // break or other control character would corrupt it.
+        if let Some(value) = info
+            .sigs
+            .iter()
+            .chain(&info.ca)
+            .find(|v| !is_printable_value(v))
+        {
+            return Err(bad(
+                "a signature or CA field a narinfo cannot carry",
+                &format!("{value:?}"),
+            ));
+        }
         // A deriver Nix cannot parse is dropped: it is informative only and not signed.
         let deriver = info
             .deriver
@@ -256,4 +274,56 @@ impl LocalStore {
 
 pub fn physical_path(store_root: &Path, path: &StorePath) -> PathBuf {
     store_root.join("nix/store").join(path.base_name())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn daemon_info() -> PathInfo {
+        PathInfo {
+            path: "/nix/store/0c4kzwq7qxdkaz2zd6ibpcrl5dl8bm1d-x".into(),
+            deriver: None,
+            nar_hash: [7; 32],
+            references: vec!["/nix/store/0c4kzwq7qxdkaz2zd6ibpcrl5dl8bm1d-x".into()],
+            registration_time: 1,
+            nar_size: 144,
+            ultimate: false,
+            sigs: vec!["peerix-test-1:Emk8t3nc8FKm0pvRLd3G415X==".into()],
+            ca: Some("fixed:r:sha256:09fc5jwx6phgryil45cpp14x780x6jdcbxbddjaxgwh1bzw9557i".into()),
+        }
+    }
+
+    #[test]
+    fn daemon_metadata_becomes_a_narinfo_that_parses_back() {
+        let info = LocalPathInfo::from_daemon(daemon_info()).unwrap();
+        let narinfo = info.to_narinfo(None);
+        assert_eq!(NarInfo::parse(&narinfo.render()), Ok(narinfo));
+    }
+
+    #[test]
+    fn a_nar_size_of_0_is_refused() {
+        // Found by the `daemon` fuzz target: NarSize 0 was accepted and
+        // rendered into a narinfo that nix and peerix refuse.
+        let mut info = daemon_info();
+        info.nar_size = 0;
+        let e = LocalPathInfo::from_daemon(info).unwrap_err().to_string();
+        assert!(e.contains("NarSize `0`"), "{e}");
+    }
+
+    #[test]
+    fn values_a_narinfo_cannot_carry_are_refused() {
+        // Found by the `daemon` fuzz target: a CA field with NUL bytes was
+        // accepted and rendered into a narinfo that no one could parse.
+        let mut nul_ca = daemon_info();
+        nul_ca.ca =
+            Some("fixed:LGVKZtOeGb26vceQtCUBhf6dZEt1jZvZN7bmAAivo24qqFBNumzbqCg==\0\0C\0".into());
+        let mut injected_sig = daemon_info();
+        injected_sig.sigs =
+            vec!["k:sig\nStorePath: /nix/store/0c4kzwq7qxdkaz2zd6ibpcrl5dl8bm1d-y".into()];
+        for info in [nul_ca, injected_sig] {
+            let e = LocalPathInfo::from_daemon(info).unwrap_err().to_string();
+            assert!(e.contains("cannot carry") && e.contains("\\"), "{e}");
+        }
+    }
 }
