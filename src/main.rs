@@ -8,11 +8,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use peerix::config::{self, Command, Config};
+use peerix::fetch::client::PeerClient;
 use peerix::fetch::resolver::Resolver;
 use peerix::fetch::transfer::MemoryBudget;
 use peerix::http::{Lanes, Server, ServerContext};
 use peerix::lan::Lan;
 use peerix::nix::keys::{PublicKey, SecretKey};
+use peerix::peers::Discovery;
 use peerix::store::daemon::DaemonPool;
 use peerix::store::policy::SharePolicy;
 use peerix::store::{LocalStore, scanner};
@@ -151,14 +153,28 @@ fn run(config: &Config) -> Result<(), String> {
         .spawn(move || scanner::run(scan_store, interval, wakeup))
         .map_err(|e| format!("cannot start the scanner thread: {e}"))?;
 
-    let resolver = start_lan(config, &store)
-        .map(|lan| Arc::new(Resolver::new(Some(lan), trusted_keys, config.peer_timeout)));
+    // Every source of peers joins the one resolver; HTTP reaches them all.
+    let lan = start_lan(config, &store);
+    let mut sources: Vec<Arc<dyn Discovery>> = Vec::new();
+    if let Some(lan) = &lan {
+        sources.push(Arc::clone(lan) as Arc<dyn Discovery>);
+    }
+    let resolver = (!sources.is_empty()).then(|| {
+        let transport = Arc::new(PeerClient::new(config.peer_timeout));
+        Arc::new(Resolver::new(
+            sources,
+            transport,
+            trusted_keys,
+            config.peer_timeout,
+        ))
+    });
     let context = ServerContext {
         store,
         priority: config.priority,
         started: Instant::now(),
         bind: config.bind,
         resolver,
+        lan,
         verify_before_send: config.verify_before_send,
         held_nars: MemoryBudget::new(config.verify_before_send.max(HELD_NARS_MIN_BUDGET)),
     };

@@ -9,7 +9,7 @@
 //! What the tests prove:
 //! - B fetches A's signed closure through its own peerix, `nix store verify`
 //!   passes with the upstream key alone, and B's narinfo keeps A's signatures
-//!   and points at `lan/<A>/nar/...`.
+//!   and points at `peer/http:<A>/nar/...`.
 //! - Lying peers never get their bytes into B: an unsigned or forged narinfo
 //!   is skipped, a garbage NAR or a well-formed NAR with one byte changed
 //!   falls through to the honest A (small NARs before nix sees a byte; large
@@ -128,7 +128,7 @@ fn lan_narinfo(host: &LanHost, path: &str) -> NarInfoText {
 }
 
 /// The narinfo `host` serves for `path` came from `peer`: the URL names
-/// `lan/<peer>/nar/<hash>-<narhash>.nar`, and the fields and signatures are
+/// `peer/http:<peer>/nar/<hash>-<narhash>.nar`, and the fields and signatures are
 /// those of `peer`'s store.
 fn assert_narinfo_from(host: &LanHost, path: &str, peer: &LanHost) {
     let served = lan_narinfo(host, path);
@@ -137,7 +137,7 @@ fn assert_narinfo_from(host: &LanHost, path: &str, peer: &LanHost) {
         .path_infos(&[path], false)
         .pop()
         .expect("path info");
-    let expected_url = format!("lan/{}/nar/{}", peer.peer_addr(), nar_file(&info));
+    let expected_url = format!("peer/http:{}/nar/{}", peer.peer_addr(), nar_file(&info));
     let what = format!("narinfo of {path} served by {}", host.name());
     assert_eq!(
         served.field("URL"),
@@ -278,7 +278,7 @@ fn the_test_lan_carries_broadcast_and_unicast() {
 /// B has nothing, A has a signed realistic closure (with a 50 MiB file, so
 /// one NAR streams and the others are verified whole): nix in B fetches it
 /// all through B's peerix, and it verifies with the upstream key alone. B's
-/// narinfo keeps A's Sig lines and names A in a `lan/` URL.
+/// narinfo keeps A's Sig lines and names A in a `peer/` URL.
 #[test]
 fn a_closure_on_one_host_is_fetched_by_another_over_the_lan() {
     let fx = realistic_fixture();

@@ -1,14 +1,15 @@
-//! HTTP requests to a peer's `/local` cache, with connect and read
-//! timeouts, and what each kind of bad answer says about the peer.
+//! The HTTP transport: requests to a peer's `/local` cache, with connect
+//! and read timeouts, and what each kind of bad answer says about the peer.
 
 use std::fmt;
-use std::io::{self, Read};
+use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use super::transport::{NarBody, Transport};
 use crate::nix::narinfo::{MAX_NARINFO_LEN, NarInfo};
 use crate::nix::store_path::HashPart;
-use crate::peers::{Failure, PeerTable};
+use crate::peers::{Failure, PeerId, PeerTable};
 
 /// What went wrong with a request to a peer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,7 +37,7 @@ impl PeerError {
 
 impl PeerError {
     /// Logs what `peer` did while serving `what`, and counts it in `peers`.
-    pub fn record(&self, peers: &PeerTable, peer: SocketAddr, what: &str) {
+    pub fn record(&self, peers: &PeerTable, peer: PeerId, what: &str) {
         match self {
             PeerError::Lied(_) => log::warn!("peer {peer} lied about {what}: {self}; banned"),
             _ => log::info!("peer {peer}, {what}: {self}"),
@@ -57,9 +58,6 @@ impl fmt::Display for PeerError {
         }
     }
 }
-
-/// A NAR body as it comes from a peer.
-pub type NarBody = Box<dyn Read + Send>;
 
 /// Bytes skipped at a time when a peer ignores Range: the same chunk, and
 /// so the same floor rate, as a NAR transfer reads.
@@ -100,7 +98,7 @@ impl PeerClient {
     /// `GET http://<peer>/local/<hash>.narinfo`, parsed; a narinfo for
     /// another path is a lie. The whole exchange ends by `deadline`, and
     /// within the timeout.
-    pub fn narinfo(
+    fn http_narinfo(
         &self,
         peer: SocketAddr,
         hash: &HashPart,
@@ -149,7 +147,7 @@ impl PeerClient {
     /// Content-Length (the original peerix streams it chunked): the NAR's
     /// own structure and its NarHash tell when it is complete and right. Everything, from connecting to the body's last byte and
     /// the bytes skipped when the peer ignores the Range, ends by `deadline`.
-    pub fn nar(
+    fn http_nar(
         &self,
         peer: SocketAddr,
         path: &str,
@@ -216,6 +214,41 @@ impl PeerClient {
             .build()
             .call()
             .map_err(|e| PeerError::Unavailable(format!("{url}: {e}")))
+    }
+}
+
+impl Transport for PeerClient {
+    fn narinfo(
+        &self,
+        peer: &PeerId,
+        hash: &HashPart,
+        deadline: Instant,
+    ) -> Result<NarInfo, PeerError> {
+        match peer {
+            PeerId::Http(addr) => self.http_narinfo(*addr, hash, deadline),
+        }
+    }
+
+    fn locate_nar(&self, peer: &PeerId, url: &str) -> Option<String> {
+        match peer {
+            PeerId::Http(_) => nar_path_on_peer(url),
+        }
+    }
+
+    fn nar(
+        &self,
+        peer: &PeerId,
+        location: &str,
+        offset: u64,
+        deadline: Instant,
+    ) -> Result<NarBody, PeerError> {
+        match peer {
+            PeerId::Http(addr) => self.http_nar(*addr, location, offset, deadline),
+        }
+    }
+
+    fn chunk_timeout(&self) -> Duration {
+        self.timeout
     }
 }
 

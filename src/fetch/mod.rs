@@ -13,3 +13,4 @@ pub mod check;
 pub mod client;
 pub mod resolver;
 pub mod transfer;
+pub mod transport;

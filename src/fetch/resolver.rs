@@ -1,26 +1,26 @@
-//! Resolving a path this host lacks: ask the LAN who has it, and take the
-//! best-ranked answer whose narinfo a trusted key signed; not simply the
-//! first reply.
+//! Resolving a path this host lacks: ask every discovery source who has it,
+//! rank the holders in one place, and take the best-ranked one whose narinfo
+//! a trusted key signed; not simply the first reply.
 //!
 //! Answers are cached briefly, found and missing alike, so the many queries
-//! of one `nix-store -r` (and nix's HEAD-then-GET) do not each broadcast.
-//! The peers that answered but were not needed are kept with the answer:
-//! they are the fallback holders when the chosen peer fails mid-NAR, and
-//! their narinfos are fetched only then.
+//! of one `nix-store -r` (and nix's HEAD-then-GET) do not each ask again;
+//! concurrent lookups of one hash share one lookup. The peers that answered
+//! but were not needed are kept with the answer: they are the fallback
+//! holders when the chosen peer fails mid-NAR, and their narinfos are
+//! fetched only then.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use super::client::{PeerClient, PeerError, nar_path_on_peer};
+use super::client::PeerError;
 use super::transfer::{BufferPool, Holder, transfer_budget};
-use crate::lan::Lan;
+use super::transport::Transport;
 use crate::nix::hash::NarHash;
 use crate::nix::keys::{PublicKey, any_valid_signature};
 use crate::nix::narinfo::NarInfo;
 use crate::nix::store_path::HashPart;
-use crate::peers::PeerTable;
+use crate::peers::{Discovery, PeerId, PeerTable, Search};
 
 /// How long a found path is remembered; after that the next request asks
 /// again, which is cheap.
@@ -36,10 +36,10 @@ const MAX_ANSWERS: usize = 4096;
 pub struct Offer {
     /// The narinfo as the peer served it, signatures and all.
     pub narinfo: NarInfo,
-    /// The peer that served it, and its NAR's URL.
+    /// The peer that served it, and where on it the NAR is.
     pub source: Holder,
     /// Other peers that said they have the path, best first.
-    pub others: Vec<SocketAddr>,
+    pub others: Vec<PeerId>,
 }
 
 struct Answer {
@@ -47,41 +47,52 @@ struct Answer {
     expires: Instant,
 }
 
+/// A lookup under way, which later lookups of the same hash wait for.
+#[derive(Default)]
+struct Flight {
+    result: Mutex<Option<Option<Arc<Offer>>>>,
+    done: Condvar,
+}
+
 pub struct Resolver {
-    lan: Option<Arc<Lan>>,
-    client: PeerClient,
+    sources: Vec<Arc<dyn Discovery>>,
+    transport: Arc<dyn Transport>,
     peers: PeerTable,
     trusted_keys: Vec<PublicKey>,
     timeout: Duration,
     answers: Mutex<HashMap<HashPart, Answer>>,
+    in_flight: Mutex<HashMap<HashPart, Arc<Flight>>>,
     buffers: BufferPool,
 }
 
 impl Resolver {
-    /// `trusted_keys`: a peer's narinfo must carry a signature by one of
-    /// these. `timeout`: connect and read timeout towards peers.
-    pub fn new(lan: Option<Arc<Lan>>, trusted_keys: Vec<PublicKey>, timeout: Duration) -> Resolver {
+    /// `sources`: who to ask who has a path. `transport`: how peers are
+    /// reached. `trusted_keys`: a peer's narinfo must carry a signature by
+    /// one of these. `timeout`: the timeout towards peers.
+    pub fn new(
+        sources: Vec<Arc<dyn Discovery>>,
+        transport: Arc<dyn Transport>,
+        trusted_keys: Vec<PublicKey>,
+        timeout: Duration,
+    ) -> Resolver {
         Resolver {
-            lan,
-            client: PeerClient::new(timeout),
+            sources,
+            transport,
             peers: PeerTable::new(),
             trusted_keys,
             timeout,
             answers: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(HashMap::new()),
             buffers: BufferPool::default(),
         }
-    }
-
-    pub fn lan(&self) -> Option<&Lan> {
-        self.lan.as_deref()
     }
 
     pub fn peers(&self) -> &PeerTable {
         &self.peers
     }
 
-    pub fn client(&self) -> &PeerClient {
-        &self.client
+    pub fn transport(&self) -> &dyn Transport {
+        &*self.transport
     }
 
     /// Read buffers for NAR transfers.
@@ -98,7 +109,7 @@ impl Resolver {
     /// expired, and not from a peer that has failed or lied since.
     fn cached(&self, hash: &HashPart) -> Option<Option<Arc<Offer>>> {
         let now = Instant::now();
-        let answers = self.lock_answers();
+        let answers = lock(&self.answers);
         let answer = answers.get(hash).filter(|answer| answer.expires > now)?;
         match &answer.offer {
             Some(offer) if !self.peers.is_available(&offer.source.peer, now) => None,
@@ -106,15 +117,45 @@ impl Resolver {
         }
     }
 
-    /// Asks the peers now, bypassing (and then refreshing) the cache.
+    /// Asks the peers now, bypassing (and then refreshing) the cache. A
+    /// lookup of the same hash already under way is waited for instead:
+    /// nix asks for a narinfo with HEAD and GET, often at once.
     fn resolve(&self, hash: &HashPart) -> Option<Arc<Offer>> {
+        let (flight, leader) = {
+            let mut in_flight = lock(&self.in_flight);
+            match in_flight.get(hash) {
+                Some(flight) => (Arc::clone(flight), false),
+                None => {
+                    let flight = Arc::new(Flight::default());
+                    in_flight.insert(*hash, Arc::clone(&flight));
+                    (flight, true)
+                }
+            }
+        };
+        if !leader {
+            return wait_for(&flight);
+        }
+        // Lands the result (nothing, should `find` panic) and lets the
+        // waiters go, whatever happens.
+        let mut landing = Landing {
+            resolver: self,
+            hash: *hash,
+            flight,
+            offer: None,
+        };
         let offer = self.find(hash).map(Arc::new);
+        self.remember(hash, offer.clone());
+        landing.offer = offer.clone();
+        offer
+    }
+
+    fn remember(&self, hash: &HashPart, offer: Option<Arc<Offer>>) {
         let ttl = if offer.is_some() {
             FOUND_TTL
         } else {
             MISSING_TTL
         };
-        let mut answers = self.lock_answers();
+        let mut answers = lock(&self.answers);
         if answers.len() >= MAX_ANSWERS {
             let now = Instant::now();
             answers.retain(|_, a| a.expires > now);
@@ -125,21 +166,29 @@ impl Resolver {
         answers.insert(
             *hash,
             Answer {
-                offer: offer.clone(),
+                offer,
                 expires: Instant::now() + ttl,
             },
         );
-        offer
     }
 
     fn find(&self, hash: &HashPart) -> Option<Offer> {
-        let lan = self.lan.as_ref()?;
-        let mut query = lan.query(hash);
+        if self.sources.is_empty() {
+            return None;
+        }
+        // Directories first: they answer at once.
+        let mut searches: Vec<Box<dyn Search + '_>> = self
+            .sources
+            .iter()
+            .map(|source| source.search(hash))
+            .collect();
+        searches.sort_by_key(|search| !search.is_directory());
+        let mut exhausted = vec![false; searches.len()];
         // Peers in backoff or banned are not heard at all.
-        let usable = |peer: &SocketAddr| self.peers.is_available(peer, Instant::now());
+        let usable = |peer: &PeerId| self.peers.is_available(peer, Instant::now());
         // A peer that has served us well is answer enough: no need to wait
         // for the others.
-        let proven = |so_far: &[SocketAddr]| {
+        let proven = |so_far: &[PeerId]| {
             so_far
                 .iter()
                 .any(|peer| self.peers.is_proven(peer, Instant::now()))
@@ -151,9 +200,9 @@ impl Resolver {
         // gone bad and hangs.
         let mut deadline: Option<Instant> = None;
         loop {
-            let answered = query.next_answers(&usable, &proven);
+            let answered = next_holders(&mut searches, &mut exhausted, &usable, &proven);
             if answered.is_empty() {
-                // The window is over, and every peer heard has failed.
+                // Every source is done, and every peer heard has failed.
                 return None;
             }
             let deadline = *deadline.get_or_insert_with(|| {
@@ -166,8 +215,8 @@ impl Resolver {
             if let Some(offer) = self.best_verified(hash, &answered, deadline) {
                 return Some(offer);
             }
-            // Every peer of a shortened wait failed: keep listening for the
-            // rest of the window, for a later, honest one.
+            // Every holder so far failed: keep listening, for a later,
+            // honest one.
         }
     }
 
@@ -176,7 +225,7 @@ impl Resolver {
     fn best_verified(
         &self,
         hash: &HashPart,
-        answered: &[SocketAddr],
+        answered: &[PeerId],
         deadline: Instant,
     ) -> Option<Offer> {
         let ranked = self.peers.rank(answered, Instant::now());
@@ -191,8 +240,8 @@ impl Resolver {
                 break;
             }
             match self.verified_narinfo(peer, hash, deadline) {
-                Ok((narinfo, path)) => {
-                    let source = Holder { peer, path };
+                Ok((narinfo, location)) => {
+                    let source = Holder { peer, location };
                     return Some(Offer {
                         narinfo,
                         source,
@@ -206,15 +255,15 @@ impl Resolver {
     }
 
     /// A peer's narinfo for `hash`, if a trusted key signed it and its NAR
-    /// can be fetched and checked here, with the NAR's path on the peer.
+    /// can be fetched and checked here, with where on the peer the NAR is.
     fn verified_narinfo(
         &self,
-        peer: SocketAddr,
+        peer: PeerId,
         hash: &HashPart,
         deadline: Instant,
     ) -> Result<(NarInfo, String), PeerError> {
         let asked = Instant::now();
-        let narinfo = self.client.narinfo(peer, hash, deadline)?;
+        let narinfo = self.transport.narinfo(&peer, hash, deadline)?;
         if !any_valid_signature(&self.trusted_keys, &narinfo.fingerprint(), &narinfo.sigs) {
             // A signature that claims a trusted key and fails is forged; a
             // path that no trusted key signed is honest, just of no use here
@@ -241,9 +290,9 @@ impl Resolver {
                 narinfo.compression
             )));
         }
-        let Some(path) = nar_path_on_peer(&narinfo.url) else {
+        let Some(location) = self.transport.locate_nar(&peer, &narinfo.url) else {
             return Err(PeerError::Unusable(format!(
-                "NAR URL {:?} is neither nar/<name> nor local/nar/<name>",
+                "NAR URL {:?} is not one this host fetches",
                 narinfo.url
             )));
         };
@@ -251,10 +300,10 @@ impl Resolver {
         // for other replies (see `find`).
         // (Its bytes are not counted: the table counts NAR bytes.)
         self.peers.record_success(peer, 0, asked.elapsed());
-        Ok((narinfo, path))
+        Ok((narinfo, location))
     }
 
-    fn note(&self, peer: SocketAddr, hash: &HashPart, error: &PeerError) {
+    fn note(&self, peer: PeerId, hash: &HashPart, error: &PeerError) {
         error.record(&self.peers, peer, &format!("narinfo of {hash}"));
     }
 
@@ -265,7 +314,7 @@ impl Resolver {
         &self,
         hash: &HashPart,
         nar_hash: &NarHash,
-        named: SocketAddr,
+        named: PeerId,
     ) -> Option<NarSource<'_>> {
         let offer = match self.cached(hash) {
             Some(Some(offer)) if offer.narinfo.nar_hash == *nar_hash => offer,
@@ -297,16 +346,79 @@ impl Resolver {
             refreshed: false,
         })
     }
+}
 
-    fn lock_answers(&self) -> std::sync::MutexGuard<'_, HashMap<HashPart, Answer>> {
-        self.answers.lock().unwrap_or_else(|e| e.into_inner())
+/// The next holders from the sources: every directory's answers at once,
+/// and the broadcast's only when no directory had any (merged, and ranked
+/// by the caller in one place).
+fn next_holders(
+    searches: &mut [Box<dyn Search + '_>],
+    exhausted: &mut [bool],
+    usable: &dyn Fn(&PeerId) -> bool,
+    enough: &dyn Fn(&[PeerId]) -> bool,
+) -> Vec<PeerId> {
+    let mut holders: Vec<PeerId> = Vec::new();
+    for (search, exhausted) in searches.iter_mut().zip(exhausted.iter_mut()) {
+        if *exhausted || (!holders.is_empty() && !search.is_directory()) {
+            continue;
+        }
+        let found = search.next_holders(usable, enough);
+        if found.is_empty() {
+            *exhausted = true;
+        }
+        for peer in found {
+            if !holders.contains(&peer) {
+                holders.push(peer);
+            }
+        }
     }
+    holders
+}
+
+/// Ends a lookup others may wait for: on drop, takes it off the flights
+/// and hands its result to the waiters.
+struct Landing<'r> {
+    resolver: &'r Resolver,
+    hash: HashPart,
+    flight: Arc<Flight>,
+    offer: Option<Arc<Offer>>,
+}
+
+impl Drop for Landing<'_> {
+    fn drop(&mut self) {
+        lock(&self.resolver.in_flight).remove(&self.hash);
+        *lock(&self.flight.result) = Some(self.offer.take());
+        self.flight.done.notify_all();
+    }
+}
+
+/// The result of another thread's lookup. It is bounded by that lookup's
+/// own deadlines; should the thread die, the waiter finds nothing.
+fn wait_for(flight: &Flight) -> Option<Arc<Offer>> {
+    let mut result = lock(&flight.result);
+    loop {
+        if let Some(offer) = result.as_ref() {
+            return offer.clone();
+        }
+        let (next, timeout) = flight
+            .done
+            .wait_timeout(result, Duration::from_secs(60))
+            .unwrap_or_else(|e| e.into_inner());
+        result = next;
+        if timeout.timed_out() && result.is_none() {
+            return None;
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 enum Pending {
     Known(Holder),
     /// Said it has the path; its narinfo is checked when it is needed.
-    Candidate(SocketAddr),
+    Candidate(PeerId),
 }
 
 impl Pending {
@@ -333,7 +445,7 @@ pub struct NarSource<'r> {
     /// When the whole transfer must be over, whichever holders serve it.
     pub deadline: Instant,
     queue: VecDeque<Pending>,
-    tried: Vec<SocketAddr>,
+    tried: Vec<PeerId>,
     /// Whether the LAN was asked again during this transfer.
     refreshed: bool,
 }
@@ -373,11 +485,11 @@ impl NarSource<'_> {
                         .resolver
                         .verified_narinfo(peer, &self.hash, self.deadline)
                     {
-                        Ok((narinfo, path))
+                        Ok((narinfo, location))
                             if narinfo.nar_hash == self.nar_hash
                                 && narinfo.nar_size == self.nar_size =>
                         {
-                            return Some(Holder { peer, path });
+                            return Some(Holder { peer, location });
                         }
                         Ok(_) => log::info!("peer {peer} has another build of {}", self.hash),
                         Err(e) => self.resolver.note(peer, &self.hash, &e),

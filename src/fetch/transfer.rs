@@ -12,7 +12,6 @@
 //! Range request.
 
 use std::io;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,21 +19,22 @@ use crossbeam_channel::{Receiver, Sender, bounded};
 use sha2::{Digest, Sha256};
 
 use super::check::NarCheck;
-use super::client::{PeerClient, PeerError, read_full};
+use super::client::{PeerError, read_full};
+use super::transport::Transport;
 use crate::nix::hash::NarHash;
-use crate::peers::{Failure, PeerTable};
+use crate::peers::{Failure, PeerId, PeerTable};
 
 /// Bytes read from a peer at a time. A transfer holds four such buffers;
 /// 256 KiB ones moved no more bytes per second through B but raised its
 /// peak RSS by about 1 MB per transfer.
 const CHUNK: usize = 128 * 1024;
 
-/// A peer that offers the NAR, and where on it the NAR is (an absolute
-/// path from [`super::client::nar_path_on_peer`]).
+/// A peer that offers the NAR, and where on it the NAR is (from
+/// [`Transport::locate_nar`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Holder {
-    pub peer: SocketAddr,
-    pub path: String,
+    pub peer: PeerId,
+    pub location: String,
 }
 
 /// The slowest average rate a whole transfer may take, from whichever
@@ -132,13 +132,13 @@ pub enum Outcome {
 pub fn copy(
     plan: &Plan,
     next_holder: &mut dyn FnMut() -> Option<Holder>,
-    client: &PeerClient,
+    transport: &dyn Transport,
     peers: &PeerTable,
     buffers: &BufferPool,
     sink: &mut dyn Sink,
 ) -> Outcome {
     if plan.verify_whole.is_some() {
-        return Copier::new(plan, buffers, None).run(next_holder, client, peers, sink);
+        return Copier::new(plan, buffers, None).run(next_holder, transport, peers, sink);
     }
     // A streamed NAR is hashed on a second thread while this one moves the
     // bytes: on a small board hashing alone would otherwise halve the rate.
@@ -155,7 +155,7 @@ pub fn copy(
                 None
             }
         };
-        Copier::new(plan, buffers, parallel).run(next_holder, client, peers, sink)
+        Copier::new(plan, buffers, parallel).run(next_holder, transport, peers, sink)
     })
 }
 
@@ -265,7 +265,7 @@ struct Copier<'p> {
     held_last: Option<(usize, std::ops::Range<usize>)>,
     begun: bool,
     /// Holders whose bytes are in `check`: all share the blame for a bad hash.
-    sources: Vec<SocketAddr>,
+    sources: Vec<PeerId>,
 }
 
 impl<'p> Copier<'p> {
@@ -317,7 +317,7 @@ impl<'p> Copier<'p> {
     fn run(
         mut self,
         next_holder: &mut dyn FnMut() -> Option<Holder>,
-        client: &PeerClient,
+        transport: &dyn Transport,
         peers: &PeerTable,
         sink: &mut dyn Sink,
     ) -> Outcome {
@@ -329,13 +329,14 @@ impl<'p> Copier<'p> {
             }
             let asked = Instant::now();
             let offset = self.check.received();
-            let mut body = match client.nar(holder.peer, &holder.path, offset, plan.deadline) {
-                Ok(body) => body,
-                Err(e) => {
-                    e.record(peers, holder.peer, &what);
-                    continue;
-                }
-            };
+            let mut body =
+                match transport.nar(&holder.peer, &holder.location, offset, plan.deadline) {
+                    Ok(body) => body,
+                    Err(e) => {
+                        e.record(peers, holder.peer, &what);
+                        continue;
+                    }
+                };
             let mut first_byte = None;
             // Read until the NAR is complete, or this holder fails.
             let failure = loop {
@@ -348,8 +349,8 @@ impl<'p> Copier<'p> {
                 let buf = Arc::get_mut(&mut self.buffers[i]).expect("a free buffer");
                 // Whole chunks: the first one decides whether nix gets a
                 // response at all, so it must be more than a stray byte.
-                let chunk_time = client
-                    .timeout()
+                let chunk_time = transport
+                    .chunk_timeout()
                     .min(plan.deadline.saturating_duration_since(Instant::now()));
                 let (n, read_error) = read_full(&mut body, &mut buf[..want], chunk_time);
                 if n > 0 {
@@ -538,9 +539,10 @@ fn window_range(plan: &Plan, chunk_start: u64, len: usize) -> std::ops::Range<us
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fetch::client::PeerClient;
     use crate::nix::testdata;
     use std::io::{BufRead, BufReader, Write};
-    use std::net::{TcpListener, TcpStream};
+    use std::net::{SocketAddr, TcpListener, TcpStream};
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::Duration;
@@ -595,10 +597,14 @@ mod tests {
             }
         }
 
+        fn id(&self) -> PeerId {
+            PeerId::Http(self.addr)
+        }
+
         fn holder(&self) -> Holder {
             Holder {
-                peer: self.addr,
-                path: "/local/nar/x.nar".into(),
+                peer: self.id(),
+                location: "/local/nar/x.nar".into(),
             }
         }
     }
@@ -789,7 +795,7 @@ mod tests {
             let (outcome, sink, peers) = run(&[&honest], verify_whole, chunk, whole());
             assert_eq!(outcome, Outcome::Done);
             assert!(sink.bytes == true_nar().0, "bytes differ");
-            assert_eq!(peers.record(&honest.addr).unwrap().successes, 1);
+            assert_eq!(peers.record(&honest.id()).unwrap().successes, 1);
         }
     }
 
@@ -812,9 +818,9 @@ mod tests {
                 let (outcome, sink, peers) = run(&[&liar, &honest], verify_whole, chunk, whole());
                 assert_eq!(outcome, Outcome::Done);
                 assert!(sink.bytes == true_nar().0, "bytes differ");
-                let record = peers.record(&liar.addr).unwrap();
+                let record = peers.record(&liar.id()).unwrap();
                 assert_eq!(record.lies, 1);
-                assert!(!peers.is_available(&liar.addr, std::time::Instant::now()));
+                assert!(!peers.is_available(&liar.id(), std::time::Instant::now()));
             }
         }
     }
@@ -830,7 +836,7 @@ mod tests {
         let nar = true_nar().0;
         assert!(sink.bytes.len() < nar.len(), "the last chunk went out");
         assert!(sink.bytes == served_bytes(Serves::Flipped)[..sink.bytes.len()]);
-        assert_eq!(peers.record(&liar.addr).unwrap().lies, 1);
+        assert_eq!(peers.record(&liar.id()).unwrap().lies, 1);
     }
 
     #[test]
@@ -845,7 +851,7 @@ mod tests {
         assert_eq!(outcome, Outcome::Done, "started over with the third");
         assert!(sink.bytes == true_nar().0, "bytes differ");
         for peer in [&flipped, &resumer] {
-            let record = peers.record(&peer.addr).unwrap();
+            let record = peers.record(&peer.id()).unwrap();
             assert_eq!(record.lies, 0, "nobody is banned on shared blame");
             assert!(record.failures >= 1);
         }
@@ -860,7 +866,7 @@ mod tests {
             sink.bytes.len() < 100,
             "the chunk with the range's end went out"
         );
-        assert_eq!(peers.record(&liar.addr).unwrap().lies, 1);
+        assert_eq!(peers.record(&liar.id()).unwrap().lies, 1);
     }
 
     #[test]
@@ -876,7 +882,7 @@ mod tests {
         );
         assert_eq!(outcome, Outcome::Done);
         assert!(sink.bytes == true_nar().0, "bytes differ");
-        let record = peers.record(&slow.addr).unwrap();
+        let record = peers.record(&slow.id()).unwrap();
         assert_eq!((record.failures, record.lies), (1, 0));
     }
 
@@ -896,7 +902,7 @@ mod tests {
             let (outcome, sink, peers) = run(&[&dying, &honest], verify_whole, chunk, whole());
             assert_eq!(outcome, Outcome::Done);
             assert!(sink.bytes == true_nar().0, "bytes differ");
-            let record = peers.record(&dying.addr).unwrap();
+            let record = peers.record(&dying.id()).unwrap();
             assert_eq!((record.failures, record.lies), (1, 0));
         }
         // Alone, it breaks the response once bytes went out.
@@ -921,7 +927,7 @@ mod tests {
         );
         assert!(matches!(outcome, Outcome::Broken(_)), "{outcome:?}");
         // Both holders are 127.0.0.1, one host to the table: both failed.
-        let record = peers.record(&trickler.addr).unwrap();
+        let record = peers.record(&trickler.id()).unwrap();
         assert_eq!((record.failures, record.lies), (2, 0));
     }
 
@@ -938,7 +944,7 @@ mod tests {
         );
         assert_eq!(outcome, Outcome::NoHolder);
         assert!(!sink.begun);
-        assert!(peers.record(&honest.addr).is_none(), "not blamed");
+        assert!(peers.record(&honest.id()).is_none(), "not blamed");
     }
 
     #[test]

@@ -20,8 +20,10 @@
 //! and LAN hosts, under the share policy.
 
 mod access;
+mod health;
 mod proxy;
 pub mod range;
+mod respond;
 pub mod route;
 mod serve;
 
@@ -36,6 +38,7 @@ use socket2::{Domain, Socket, Type};
 
 use crate::fetch::resolver::Resolver;
 use crate::fetch::transfer::MemoryBudget;
+use crate::lan::Lan;
 use crate::store::LocalStore;
 
 pub use access::is_loopback;
@@ -50,6 +53,8 @@ pub struct ServerContext {
     pub bind: IpAddr,
     /// Finds paths this host lacks on peers; `None` when no peer mode is on.
     pub resolver: Option<Arc<Resolver>>,
+    /// The LAN side, for its counters on `/health`.
+    pub lan: Option<Arc<Lan>>,
     /// Peer NARs up to this size are verified whole before nix gets a byte,
     pub verify_before_send: u64,
     /// while this budget for the memory they take lasts.
@@ -183,7 +188,7 @@ fn dispatch(
             Err(TrySendError::Full(request)) => {
                 // A small response into an empty send buffer: it does not
                 // wait on the client.
-                serve::respond(request, serve::text(503, "busy, try again later\n"));
+                respond::respond(request, respond::text(503, "busy, try again later\n"));
             }
             Err(TrySendError::Disconnected(_)) => return,
         }

@@ -6,31 +6,30 @@
 //! passes the NAR through this host, naming the peer and the NarHash.
 
 use std::io::{self, Write};
-use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use tiny_http::Request;
 
 use super::ServerContext;
+use super::respond::{abort, nar_head, nar_range, respond, text, unsatisfiable};
 use super::route::peer_nar_url;
-use super::serve::{abort, nar_head, nar_range, respond, text, unsatisfiable};
 use crate::fetch::transfer::{self, Outcome, Plan, Sink, is_client_gone};
 use crate::nix::hash::NarHash;
 use crate::nix::store_path::HashPart;
+use crate::peers::PeerId;
 
 /// The narinfo to give nix for a path found on a peer, or `None`.
 pub fn peer_narinfo(context: &ServerContext, hash: &HashPart) -> Option<String> {
     let offer = context.resolver.as_ref()?.offer(hash)?;
     let mut narinfo = offer.narinfo.clone();
-    narinfo.url = peer_nar_url(offer.source.peer, hash, &narinfo.nar_hash);
+    narinfo.url = peer_nar_url(&offer.source.peer, hash, &narinfo.nar_hash);
     Some(narinfo.render())
 }
 
 pub fn serve_peer_nar(
     context: &ServerContext,
     request: Request,
-    named: SocketAddr,
+    named: PeerId,
     hash: &HashPart,
     nar_hash: &NarHash,
     head: bool,
@@ -82,7 +81,7 @@ pub fn serve_peer_nar(
     let outcome = transfer::copy(
         &plan,
         &mut || source.next_holder(),
-        resolver.client(),
+        resolver.transport(),
         resolver.peers(),
         resolver.buffers(),
         &mut sink,
@@ -146,49 +145,4 @@ impl Sink for ResponseSink {
             None => Err(io::Error::other("response not begun")),
         }
     }
-}
-
-/// The LAN counters for `/health`.
-pub fn lan_health(context: &ServerContext) -> serde_json::Value {
-    let Some(lan) = context.resolver.as_ref().and_then(|r| r.lan()) else {
-        return serde_json::json!({ "enabled": false });
-    };
-    let stats = &lan.stats;
-    let get = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
-    serde_json::json!({
-        "enabled": true,
-        "port": lan.port(),
-        "queries": get(&stats.queries),
-        "replies_received": get(&stats.replies_received),
-        "replies_shunned": get(&stats.replies_shunned),
-        "replies_sent": get(&stats.replies_sent),
-        "replies_rate_limited": get(&stats.replies_rate_limited),
-        "packets_dropped": get(&stats.packets_dropped),
-    })
-}
-
-/// The peer table for `/health`.
-pub fn peers_health(context: &ServerContext) -> serde_json::Value {
-    let Some(resolver) = context.resolver.as_ref() else {
-        return serde_json::json!([]);
-    };
-    let now = Instant::now();
-    resolver
-        .peers()
-        .snapshot()
-        .into_iter()
-        .map(|(host, record)| {
-            serde_json::json!({
-                "host": host.to_string(),
-                "addr": record.last_addr.to_string(),
-                "successes": record.successes,
-                "failures": record.failures,
-                "lies": record.lies,
-                "bytes": record.bytes,
-                "latency_ms": record.latency_ms,
-                "available": record.is_available(now),
-                "banned": record.is_banned(now),
-            })
-        })
-        .collect()
 }

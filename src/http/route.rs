@@ -4,10 +4,10 @@
 //! characters and a NAR name must be `<hash part>-<52-char nix32 NarHash>.nar`.
 //! Anything else under a known prefix is a 400; an unknown path is a 404.
 
-use std::net::SocketAddr;
-
 use crate::nix::hash::NarHash;
+use crate::nix::narinfo::{nar_file_name, parse_nar_file_name};
 use crate::nix::store_path::HashPart;
+use crate::peers::PeerId;
 
 /// Who a route serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,8 +24,10 @@ pub enum Route {
     NarInfo(Scope, HashPart),
     Nar(Scope, HashPart, NarHash),
     /// A NAR fetched through this host from a peer (root only):
-    /// `/lan/<peer ip:port>/nar/<hash part>-<NarHash>.nar`.
-    PeerNar(SocketAddr, HashPart, NarHash),
+    /// `/peer/<peer id>/nar/<hash part>-<NarHash>.nar`, the peer named as
+    /// [`PeerId::to_token`] writes it. (`/lan/<ip:port>/nar/...`, the form of
+    /// earlier versions that nix may still have cached, is read too.)
+    PeerNar(PeerId, HashPart, NarHash),
     Health,
     /// A known prefix with a malformed name: 400.
     BadRequest(&'static str),
@@ -56,19 +58,24 @@ impl Route {
                 Err(_) => Route::BadRequest("malformed hash part in narinfo request"),
             };
         }
-        if scope == Scope::Root
-            && let Some(rest) = rest.strip_prefix("lan/")
-        {
-            let parsed = rest.split_once("/nar/").and_then(|(peer, file)| {
-                Some((peer.parse::<SocketAddr>().ok()?, parse_nar_file(file)?))
-            });
-            return match parsed {
-                Some((peer, (hash, nar_hash))) => Route::PeerNar(peer, hash, nar_hash),
-                None => Route::BadRequest("malformed peer NAR route"),
+        if scope == Scope::Root {
+            let peer_route = match (rest.strip_prefix("peer/"), rest.strip_prefix("lan/")) {
+                (Some(rest), _) => Some((rest, PeerId::parse as fn(&str) -> Option<PeerId>)),
+                (None, Some(rest)) => Some((rest, legacy_lan_peer as fn(&str) -> Option<PeerId>)),
+                (None, None) => None,
             };
+            if let Some((rest, parse_peer)) = peer_route {
+                let parsed = rest
+                    .split_once("/nar/")
+                    .and_then(|(peer, file)| Some((parse_peer(peer)?, parse_nar_file_name(file)?)));
+                return match parsed {
+                    Some((peer, (hash, nar_hash))) => Route::PeerNar(peer, hash, nar_hash),
+                    None => Route::BadRequest("malformed peer NAR route"),
+                };
+            }
         }
         if let Some(file) = rest.strip_prefix("nar/") {
-            return parse_nar_file(file).map_or(
+            return parse_nar_file_name(file).map_or(
                 Route::BadRequest("malformed NAR name"),
                 |(hash, nar_hash)| Route::Nar(scope, hash, nar_hash),
             );
@@ -77,27 +84,19 @@ impl Route {
     }
 }
 
-/// The NAR file name this daemon hands out: `<hash part>-<NarHash nix32>.nar`.
-pub fn nar_file_name(hash: &HashPart, nar_hash: &NarHash) -> String {
-    format!("{}-{}.nar", hash.as_str(), nar_hash.to_nix32())
-}
-
 /// The URL (relative to the cache root) under which this host passes a
 /// peer's NAR through to nix; it names the peer and the NarHash.
-pub fn peer_nar_url(peer: SocketAddr, hash: &HashPart, nar_hash: &NarHash) -> String {
-    format!("lan/{peer}/nar/{}", nar_file_name(hash, nar_hash))
+pub fn peer_nar_url(peer: &PeerId, hash: &HashPart, nar_hash: &NarHash) -> String {
+    format!(
+        "peer/{}/nar/{}",
+        peer.to_token(),
+        nar_file_name(hash, nar_hash)
+    )
 }
 
-fn parse_nar_file(file: &str) -> Option<(HashPart, NarHash)> {
-    let stem = file.strip_suffix(".nar")?;
-    let (hash, nar_hash) = stem.split_once('-')?;
-    // Only the nix32 form is ever handed out; `parse` would also take hex.
-    if nar_hash.len() != 52 {
-        return None;
-    }
-    let hash = HashPart::parse(hash).ok()?;
-    let nar_hash = NarHash::parse(&format!("sha256:{nar_hash}")).ok()?;
-    Some((hash, nar_hash))
+/// `ip:port` in the `lan/` route of earlier versions: an HTTP peer.
+fn legacy_lan_peer(text: &str) -> Option<PeerId> {
+    text.parse().ok().map(PeerId::Http)
 }
 
 #[cfg(test)]
@@ -133,17 +132,25 @@ mod tests {
             Route::Nar(Scope::Local, hash, nar_hash)
         );
         assert_eq!(nar_file_name(&hash, &nar_hash), format!("{HASH}-{NAR}.nar"));
-        let peer: SocketAddr = "10.77.0.2:12304".parse().unwrap();
-        let url = peer_nar_url(peer, &hash, &nar_hash);
-        assert_eq!(url, format!("lan/10.77.0.2:12304/nar/{HASH}-{NAR}.nar"));
+        let peer = PeerId::Http("10.77.0.2:12304".parse().unwrap());
+        let url = peer_nar_url(&peer, &hash, &nar_hash);
+        assert_eq!(
+            url,
+            format!("peer/http:10.77.0.2:12304/nar/{HASH}-{NAR}.nar")
+        );
         assert_eq!(
             Route::parse(&format!("/{url}")),
             Route::PeerNar(peer, hash, nar_hash)
         );
-        let v6: SocketAddr = "[fd00::2]:80".parse().unwrap();
+        let v6 = PeerId::Http("[fd00::2]:80".parse().unwrap());
         assert_eq!(
-            Route::parse(&format!("/{}", peer_nar_url(v6, &hash, &nar_hash))),
+            Route::parse(&format!("/{}", peer_nar_url(&v6, &hash, &nar_hash))),
             Route::PeerNar(v6, hash, nar_hash)
+        );
+        // The route of earlier versions, which nix may have cached.
+        assert_eq!(
+            Route::parse(&format!("/lan/10.77.0.2:12304/nar/{HASH}-{NAR}.nar")),
+            Route::PeerNar(peer, hash, nar_hash)
         );
     }
 
@@ -166,6 +173,11 @@ mod tests {
             &format!("/lan/evil.example:80/nar/{HASH}-{NAR}.nar"),
             &format!("/lan/10.77.0.2:80/nar/{HASH}.nar"),
             &format!("/lan/10.77.0.2:80/x/{HASH}-{NAR}.nar"),
+            &format!("/peer/10.77.0.2:80/nar/{HASH}-{NAR}.nar"),
+            &format!("/peer/http:10.77.0.2/nar/{HASH}-{NAR}.nar"),
+            &format!("/peer/iroh:abc/nar/{HASH}-{NAR}.nar"),
+            &format!("/peer/http:10.77.0.2:80/nar/{HASH}.nar"),
+            &format!("/peer/lan/10.77.0.2:80/nar/{HASH}-{NAR}.nar"),
             "no-slash",
         ] {
             assert!(
@@ -187,6 +199,7 @@ mod tests {
             "/etc/passwd",
             "/local/../nix-cache-info",
             &format!("/local/lan/10.77.0.2:80/nar/{HASH}-{NAR}.nar"),
+            &format!("/local/peer/http:10.77.0.2:80/nar/{HASH}-{NAR}.nar"),
         ] {
             assert_eq!(Route::parse(target), Route::NotFound, "{target}");
         }

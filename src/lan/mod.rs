@@ -27,6 +27,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::{LanConfig, PeerSpec};
 use crate::nix::store_path::HashPart;
+use crate::peers::{Discovery, PeerId, Search};
 use limit::ReplyLimiter;
 use packet::{MAX_PACKET, Packet};
 
@@ -253,7 +254,7 @@ pub struct Query<'l> {
     /// How long to wait for more once a first new answer is in.
     grace: Duration,
     /// One address per host heard so far.
-    heard: Vec<SocketAddr>,
+    heard: Vec<PeerId>,
 }
 
 impl Query<'_> {
@@ -272,13 +273,13 @@ impl Query<'_> {
     /// it claims, so one host cannot crowd out the others.
     pub fn next_answers(
         &mut self,
-        usable: &dyn Fn(&SocketAddr) -> bool,
-        enough: &dyn Fn(&[SocketAddr]) -> bool,
-    ) -> Vec<SocketAddr> {
+        usable: &dyn Fn(&PeerId) -> bool,
+        enough: &dyn Fn(&[PeerId]) -> bool,
+    ) -> Vec<PeerId> {
         let mut new = Vec::new();
         let mut until = self.deadline;
         while self.heard.len() < MAX_CANDIDATES {
-            match self.replies.recv_deadline(until) {
+            match self.replies.recv_deadline(until).map(PeerId::Http) {
                 Ok(peer) if !usable(&peer) => {
                     self.lan
                         .stats
@@ -286,7 +287,7 @@ impl Query<'_> {
                         .fetch_add(1, Ordering::Relaxed);
                 }
                 Ok(peer) => {
-                    if self.heard.iter().any(|p| p.ip() == peer.ip()) {
+                    if self.heard.iter().any(|p| p.host() == peer.host()) {
                         continue;
                     }
                     self.heard.push(peer);
@@ -302,6 +303,30 @@ impl Query<'_> {
             }
         }
         new
+    }
+}
+
+impl Discovery for Lan {
+    fn name(&self) -> &'static str {
+        "lan"
+    }
+
+    fn search(&self, hash: &HashPart) -> Box<dyn Search + '_> {
+        Box::new(self.query(hash))
+    }
+}
+
+impl Search for Query<'_> {
+    fn is_directory(&self) -> bool {
+        false
+    }
+
+    fn next_holders(
+        &mut self,
+        usable: &dyn Fn(&PeerId) -> bool,
+        enough: &dyn Fn(&[PeerId]) -> bool,
+    ) -> Vec<PeerId> {
+        self.next_answers(usable, enough)
     }
 }
 
@@ -467,7 +492,10 @@ mod tests {
         let found = asker
             .query(&HashPart::parse(HAVE).unwrap())
             .next_answers(&|_| true, &|_| false);
-        assert_eq!(found, [SocketAddr::from(([127, 0, 0, 1], 4321))]);
+        assert_eq!(
+            found,
+            [PeerId::Http(SocketAddr::from(([127, 0, 0, 1], 4321)))]
+        );
         assert_eq!(holder.stats.replies_sent.load(Ordering::Relaxed), 1);
         assert_eq!(asker.stats.replies_received.load(Ordering::Relaxed), 1);
 
@@ -505,7 +533,10 @@ mod tests {
         let found = asker
             .query(&HashPart::parse(HAVE).unwrap())
             .next_answers(&|_| true, &|_| false);
-        assert_eq!(found, [SocketAddr::from(([127, 0, 0, 1], 4321))]);
+        assert_eq!(
+            found,
+            [PeerId::Http(SocketAddr::from(([127, 0, 0, 1], 4321)))]
+        );
     }
 
     #[test]

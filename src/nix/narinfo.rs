@@ -9,7 +9,7 @@ use std::fmt;
 
 use super::hash::NarHash;
 use super::keys;
-use super::store_path::StorePath;
+use super::store_path::{HashPart, StorePath};
 
 /// No narinfo Nix writes comes near this; a larger one is refused unread.
 pub const MAX_NARINFO_LEN: usize = 64 * 1024;
@@ -199,6 +199,24 @@ fn parse_number(key: &str, value: &str) -> Result<u64, NarInfoError> {
     value
         .parse()
         .map_err(|_| NarInfoError(format!("{key} `{value}` is out of range")))
+}
+
+/// The NAR file name this daemon hands out: `<hash part>-<NarHash nix32>.nar`.
+pub fn nar_file_name(hash: &HashPart, nar_hash: &NarHash) -> String {
+    format!("{}-{}.nar", hash.as_str(), nar_hash.to_nix32())
+}
+
+/// Reads [`nar_file_name`]'s form back, strictly.
+pub fn parse_nar_file_name(file: &str) -> Option<(HashPart, NarHash)> {
+    let stem = file.strip_suffix(".nar")?;
+    let (hash, nar_hash) = stem.split_once('-')?;
+    // Only the nix32 form is ever handed out; `parse` would also take hex.
+    if nar_hash.len() != 52 {
+        return None;
+    }
+    let hash = HashPart::parse(hash).ok()?;
+    let nar_hash = NarHash::parse(&format!("sha256:{nar_hash}")).ok()?;
+    Some((hash, nar_hash))
 }
 
 #[cfg(test)]

@@ -14,9 +14,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
-use crate::http::route::nar_file_name;
 use crate::nix::hash::NarHash;
 use crate::nix::keys::{SecretKey, fingerprint};
+use crate::nix::narinfo::nar_file_name;
 use crate::nix::narinfo::{NarInfo, is_printable_value};
 use crate::nix::store_path::{HashPart, StorePath};
 

@@ -1,9 +1,10 @@
 //! The peer table: what this host has seen of each peer host, and whom to ask
 //! first.
 //!
-//! Every fetch outcome is recorded against the peer's host (its IP address),
-//! not its `ip:port`: a peer names its own HTTP port in its UDP replies, so a
-//! liar could otherwise shed a ban by naming a new port. A host that fails
+//! Every fetch outcome is recorded against the peer's [`HostKey`] (for an
+//! HTTP peer its IP address), not its `ip:port`: a peer names its own HTTP
+//! port in its UDP replies, so a liar could otherwise shed a ban by naming a
+//! new port. A host that fails
 //! (unreachable, slow, dead mid-stream) goes into exponential backoff, capped;
 //! a host that lies (a bad signature, a NAR whose hash or size is wrong,
 //! garbage bytes) is banned for far longer than any backoff. Hosts in backoff
@@ -11,9 +12,10 @@
 //! are tested without sleeping.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use super::{HostKey, PeerId};
 
 /// The first backoff after a failure; it doubles with each further failure.
 pub const FIRST_BACKOFF: Duration = Duration::from_secs(2);
@@ -35,8 +37,8 @@ pub enum Failure {
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct PeerRecord {
-    /// The address this host was last reached at.
-    pub last_addr: SocketAddr,
+    /// How this host was last reached.
+    pub last_seen_as: PeerId,
     pub successes: u64,
     pub failures: u64,
     pub lies: u64,
@@ -53,9 +55,9 @@ pub struct PeerRecord {
 }
 
 impl PeerRecord {
-    fn new(addr: SocketAddr, now: Instant) -> PeerRecord {
+    fn new(peer: PeerId, now: Instant) -> PeerRecord {
         PeerRecord {
-            last_addr: addr,
+            last_seen_as: peer,
             successes: 0,
             failures: 0,
             lies: 0,
@@ -96,14 +98,9 @@ impl PeerRecord {
     }
 }
 
-/// A peer's host: the key of its record. IPv4-mapped IPv6 counts as IPv4.
-fn host(peer: &SocketAddr) -> IpAddr {
-    peer.ip().to_canonical()
-}
-
 #[derive(Default)]
 pub struct PeerTable {
-    peers: Mutex<HashMap<IpAddr, PeerRecord>>,
+    peers: Mutex<HashMap<HostKey, PeerRecord>>,
 }
 
 impl PeerTable {
@@ -111,7 +108,7 @@ impl PeerTable {
         PeerTable::default()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, PeerRecord>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<HostKey, PeerRecord>> {
         self.peers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -121,11 +118,11 @@ impl PeerTable {
     /// the one whose shunning ends first, so flooding the table with new
     /// addresses never clears a ban.
     fn entry(
-        peers: &mut HashMap<IpAddr, PeerRecord>,
-        peer: SocketAddr,
+        peers: &mut HashMap<HostKey, PeerRecord>,
+        peer: PeerId,
         now: Instant,
     ) -> &mut PeerRecord {
-        let key = host(&peer);
+        let key = peer.host();
         if peers.len() >= MAX_PEERS && !peers.contains_key(&key) {
             let in_good_standing = peers
                 .iter()
@@ -149,12 +146,12 @@ impl PeerTable {
         let record = peers
             .entry(key)
             .or_insert_with(|| PeerRecord::new(peer, now));
-        record.last_addr = peer;
+        record.last_seen_as = peer;
         record.last_used = now;
         record
     }
 
-    pub fn record_success(&self, peer: SocketAddr, bytes: u64, latency: Duration) {
+    pub fn record_success(&self, peer: PeerId, bytes: u64, latency: Duration) {
         let mut peers = self.lock();
         let record = Self::entry(&mut peers, peer, Instant::now());
         record.successes += 1;
@@ -168,7 +165,7 @@ impl PeerTable {
         });
     }
 
-    pub fn record_failure(&self, peer: SocketAddr, failure: Failure, now: Instant) {
+    pub fn record_failure(&self, peer: PeerId, failure: Failure, now: Instant) {
         let mut peers = self.lock();
         let record = Self::entry(&mut peers, peer, now);
         let (slot, shun) = match failure {
@@ -189,29 +186,29 @@ impl PeerTable {
     }
 
     /// Whether a peer's host has served us and has not failed since.
-    pub fn is_proven(&self, peer: &SocketAddr, now: Instant) -> bool {
-        self.lock().get(&host(peer)).is_some_and(|r| {
+    pub fn is_proven(&self, peer: &PeerId, now: Instant) -> bool {
+        self.lock().get(&peer.host()).is_some_and(|r| {
             r.successes > 0 && r.consecutive_failures == 0 && r.lies == 0 && r.is_available(now)
         })
     }
 
     /// Whether a peer's host is neither in backoff nor banned.
-    pub fn is_available(&self, peer: &SocketAddr, now: Instant) -> bool {
+    pub fn is_available(&self, peer: &PeerId, now: Instant) -> bool {
         self.lock()
-            .get(&host(peer))
+            .get(&peer.host())
             .is_none_or(|r| r.is_available(now))
     }
 
     /// The available peers among `candidates`, best first and one per host.
     /// Stable for ties, so equal peers keep the order in which they answered.
-    pub fn rank(&self, candidates: &[SocketAddr], now: Instant) -> Vec<SocketAddr> {
+    pub fn rank(&self, candidates: &[PeerId], now: Instant) -> Vec<PeerId> {
         let peers = self.lock();
         let mut seen = std::collections::HashSet::new();
-        let unknown = PeerRecord::new(SocketAddr::from(([0, 0, 0, 0], 0)), now).score();
-        let mut ranked: Vec<(SocketAddr, f64)> = candidates
+        let unknown = PeerRecord::new(PeerId::Http(([0, 0, 0, 0], 0).into()), now).score();
+        let mut ranked: Vec<(PeerId, f64)> = candidates
             .iter()
-            .filter(|p| seen.insert(host(p)))
-            .filter_map(|p| match peers.get(&host(p)) {
+            .filter(|p| seen.insert(p.host()))
+            .filter_map(|p| match peers.get(&p.host()) {
                 None => Some((*p, unknown)),
                 Some(r) if r.is_available(now) => Some((*p, r.score())),
                 Some(_) => None,
@@ -221,12 +218,12 @@ impl PeerTable {
         ranked.into_iter().map(|(p, _)| p).collect()
     }
 
-    pub fn record(&self, peer: &SocketAddr) -> Option<PeerRecord> {
-        self.lock().get(&host(peer)).cloned()
+    pub fn record(&self, peer: &PeerId) -> Option<PeerRecord> {
+        self.lock().get(&peer.host()).cloned()
     }
 
     /// Every peer host seen, in address order.
-    pub fn snapshot(&self) -> Vec<(IpAddr, PeerRecord)> {
+    pub fn snapshot(&self) -> Vec<(HostKey, PeerRecord)> {
         let mut all: Vec<_> = self.lock().iter().map(|(a, r)| (*a, r.clone())).collect();
         all.sort_by_key(|(addr, _)| *addr);
         all
@@ -237,8 +234,10 @@ impl PeerTable {
 mod tests {
     use super::*;
 
-    fn addr(n: u8) -> SocketAddr {
-        SocketAddr::from(([10, 77, 0, n], 12304))
+    use std::net::SocketAddr;
+
+    fn addr(n: u8) -> PeerId {
+        PeerId::Http(SocketAddr::from(([10, 77, 0, n], 12304)))
     }
 
     #[test]
@@ -306,7 +305,7 @@ mod tests {
     fn a_ban_holds_for_every_port_of_the_host() {
         let table = PeerTable::new();
         let t0 = Instant::now();
-        let liar = |port| SocketAddr::from(([10, 77, 0, 9], port));
+        let liar = |port| PeerId::Http(SocketAddr::from(([10, 77, 0, 9], port)));
         table.record_failure(liar(1000), Failure::Lied, t0);
         for port in [1001, 2000, 65535] {
             assert!(!table.is_available(&liar(port), t0), "port {port}");
@@ -314,9 +313,9 @@ mod tests {
         assert!(table.rank(&[liar(1002), addr(1)], t0) == vec![addr(1)]);
         // Backoff is per host too.
         table.record_failure(addr(2), Failure::Unavailable, t0);
-        assert!(!table.is_available(&SocketAddr::from(([10, 77, 0, 2], 1)), t0));
+        assert!(!table.is_available(&PeerId::Http(SocketAddr::from(([10, 77, 0, 2], 1))), t0));
         // IPv4-mapped IPv6 is the same host.
-        let mapped: SocketAddr = "[::ffff:10.77.0.9]:7".parse().unwrap();
+        let mapped = PeerId::Http("[::ffff:10.77.0.9]:7".parse().unwrap());
         assert!(!table.is_available(&mapped, t0));
     }
 
@@ -324,7 +323,7 @@ mod tests {
     fn ranking_takes_one_address_per_host() {
         let table = PeerTable::new();
         let t0 = Instant::now();
-        let same_host = SocketAddr::from(([10, 77, 0, 1], 999));
+        let same_host = PeerId::Http(SocketAddr::from(([10, 77, 0, 1], 999)));
         assert_eq!(
             table.rank(&[addr(1), same_host, addr(2)], t0),
             vec![addr(1), addr(2)]
@@ -335,7 +334,12 @@ mod tests {
     fn a_full_table_forgets_the_least_useful_and_keeps_bans() {
         let table = PeerTable::new();
         let t0 = Instant::now();
-        let host_n = |n: u32| SocketAddr::from((std::net::Ipv4Addr::from(0x0a00_0000 + n), 1));
+        let host_n = |n: u32| {
+            PeerId::Http(SocketAddr::from((
+                std::net::Ipv4Addr::from(0x0a00_0000 + n),
+                1,
+            )))
+        };
         table.record_failure(host_n(0), Failure::Lied, t0);
         table.record_success(host_n(1), 5, Duration::from_millis(1));
         // Far more unreachable hosts than the table holds.

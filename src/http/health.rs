@@ -1,0 +1,75 @@
+//! `/health`: whether this host's store is reachable, its index, the LAN
+//! counters and, for this host only, the peer table.
+
+use std::io::Cursor;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use tiny_http::Response;
+
+use super::ServerContext;
+use super::respond::body;
+
+pub(super) fn health(context: &ServerContext, with_peers: bool) -> Response<Cursor<Vec<u8>>> {
+    let store = &context.store;
+    let index = store.index();
+    let daemon = store.daemon_reachable();
+    let mut json = serde_json::json!({
+        "status": if daemon { "healthy" } else { "degraded" },
+        "uptime_seconds": context.started.elapsed().as_secs(),
+        "daemon": if daemon { "connected" } else { "unreachable" },
+        "scans": store.completed_scans(),
+        "indexed_paths": index.len(),
+        "shared_paths": index.shared_len(),
+        "lan": lan_health(context),
+    });
+    if with_peers {
+        json["peers"] = peers_health(context);
+    }
+    body(200, format!("{json}\n").into_bytes(), "application/json")
+}
+
+/// The LAN counters for `/health`.
+fn lan_health(context: &ServerContext) -> serde_json::Value {
+    let Some(lan) = context.lan.as_ref() else {
+        return serde_json::json!({ "enabled": false });
+    };
+    let stats = &lan.stats;
+    let get = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
+    serde_json::json!({
+        "enabled": true,
+        "port": lan.port(),
+        "queries": get(&stats.queries),
+        "replies_received": get(&stats.replies_received),
+        "replies_shunned": get(&stats.replies_shunned),
+        "replies_sent": get(&stats.replies_sent),
+        "replies_rate_limited": get(&stats.replies_rate_limited),
+        "packets_dropped": get(&stats.packets_dropped),
+    })
+}
+
+/// The peer table for `/health`.
+fn peers_health(context: &ServerContext) -> serde_json::Value {
+    let Some(resolver) = context.resolver.as_ref() else {
+        return serde_json::json!([]);
+    };
+    let now = Instant::now();
+    resolver
+        .peers()
+        .snapshot()
+        .into_iter()
+        .map(|(host, record)| {
+            serde_json::json!({
+                "host": host.to_string(),
+                "addr": record.last_seen_as.to_string(),
+                "successes": record.successes,
+                "failures": record.failures,
+                "lies": record.lies,
+                "bytes": record.bytes,
+                "latency_ms": record.latency_ms,
+                "available": record.is_available(now),
+                "banned": record.is_banned(now),
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,35 @@
+//! The seam between the resolver and the ways peers are found: a
+//! [`Discovery`] source answers "who may have hash H?".
+//!
+//! Two kinds of source answer it. A directory (the LAN store summaries, the
+//! tracker) knows at once. The LAN broadcast asks and waits for replies. A
+//! [`Search`] says which it is, and the resolver takes a directory's answers
+//! first, merges the holders from every source and ranks them in one place.
+
+use super::PeerId;
+use crate::nix::store_path::HashPart;
+
+pub trait Discovery: Send + Sync {
+    /// A short name for logs and `/health`: `lan`, `tracker`.
+    fn name(&self) -> &'static str;
+
+    /// Starts looking for the holders of `hash`.
+    fn search(&self, hash: &HashPart) -> Box<dyn Search + '_>;
+}
+
+/// One search for the holders of one hash.
+pub trait Search {
+    /// Whether this source answers at once, from what it already knows.
+    fn is_directory(&self) -> bool;
+
+    /// The next holders to try, none given before. A directory gives all it
+    /// knows at the first call; a broadcast waits for answers, as long as
+    /// its rules say, and stops early once `enough` says the holders so far
+    /// will do. Holders `usable` refuses (in backoff, banned) are left out.
+    /// Empty once the source has nothing more to say.
+    fn next_holders(
+        &mut self,
+        usable: &dyn Fn(&PeerId) -> bool,
+        enough: &dyn Fn(&[PeerId]) -> bool,
+    ) -> Vec<PeerId>;
+}
