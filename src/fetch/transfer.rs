@@ -561,7 +561,8 @@ mod tests {
         FlippedDiesAfter(usize),
         /// Sends this many bytes at once, then one byte every 50 ms.
         Trickles(usize),
-        /// Ignores Range: the whole NAR with a 200, one byte every 50 ms.
+        /// Ignores Range: the whole NAR with a 200, one byte every 10 ms,
+        /// fast enough for every per-read and per-chunk floor.
         IgnoresRangeAndTrickles,
     }
 
@@ -679,13 +680,13 @@ mod tests {
                 stream.write_all(&body[..n.min(body.len())])
             }
             Serves::Trickles(_) | Serves::IgnoresRangeAndTrickles => {
-                let n = match serves {
-                    Serves::Trickles(n) => n,
-                    _ => 0,
+                let (n, pause) = match serves {
+                    Serves::Trickles(n) => (n, Duration::from_millis(50)),
+                    _ => (0, Duration::from_millis(10)),
                 };
                 stream.write_all(&body[..n.min(body.len())])?;
                 for byte in body.iter().skip(n) {
-                    std::thread::sleep(Duration::from_millis(50));
+                    std::thread::sleep(pause);
                     stream.write_all(&[*byte])?;
                 }
                 Ok(())
@@ -913,8 +914,9 @@ mod tests {
     #[test]
     fn a_resume_from_a_holder_that_ignores_range_and_trickles_ends_in_time() {
         // The first holder dies mid-NAR; the second must skip to that byte
-        // and trickles while it does. Only the transfer's deadline ends it:
-        // each byte comes well within the per-read and per-chunk timeouts.
+        // and trickles while it does, and after. Only the transfer's
+        // deadline ends it: each byte comes well within the per-read and
+        // per-chunk timeouts, and the whole NAR would arrive in about 11 s.
         let dying = TestPeer::start(Serves::DiesAfter(200));
         let trickler = TestPeer::start(Serves::IgnoresRangeAndTrickles);
         let (outcome, _, peers) = run_within(
