@@ -869,6 +869,51 @@ fn bad_requests_get_4xx_and_never_break_the_daemon() {
     peerix.assert_alive_without_panic();
 }
 
+/// Once the first scan has listed every valid path, a narinfo miss is
+/// answered from the index, without a nix-daemon round trip: with the
+/// daemon stopped, a miss is still a plain 404 ("not found", not "local
+/// store unavailable"), and `/health` still finds the daemon reachable,
+/// since nothing asked it.
+#[test]
+fn misses_after_a_scan_are_answered_without_the_daemon() {
+    let dir = TestDir::new("miss_no_daemon");
+    let many = many_fixture();
+    let mut a = Host::with_paths(&dir, "a", &[&many.first]);
+    let peerix = Peerix::start(&dir, &a, &["--no-filter"]);
+    let missing = "00000000000000000000000000000000";
+    http::expect_status(peerix.addr, &format!("/{missing}.narinfo"), 404);
+    a.stop_daemon();
+    // The daemon's workers outlive it, peerix's pooled connections with
+    // them: end those too, so that asking the daemon would fail.
+    let killed = std::process::Command::new("pkill")
+        // A worker names itself `nix-daemon <client pid> <store>`.
+        .args([
+            "-KILL",
+            "-f",
+            &format!("^nix-daemon [0-9]+ +{}$", a.root.display()),
+        ])
+        .status()
+        .expect("running pkill");
+    assert!(
+        killed.success(),
+        "expected a nix-daemon worker of A to kill"
+    );
+    for path in [
+        format!("/{missing}.narinfo"),
+        format!("/local/{missing}.narinfo"),
+    ] {
+        let response = http::must_get(peerix.addr, &path);
+        assert_eq!(response.status, 404, "GET {path}: {}", response.describe());
+        assert_eq!(
+            response.text(),
+            "not found\n",
+            "GET {path} with the daemon stopped: expected a miss from the index"
+        );
+    }
+    let health = peerix.health().expect("/health");
+    assert_eq!(health["daemon"], "connected", "{health}");
+}
+
 /// peerix must not need the nix-daemon at start: with the default hourly scan
 /// interval, it is the scanner's own background retry that finds the daemon.
 #[test]

@@ -303,6 +303,9 @@ fn content_range_start(value: Option<&str>) -> Option<u64> {
     range.split_once('-')?.0.parse().ok()
 }
 
+/// The longest NAR URL taken from a peer's narinfo.
+const MAX_NAR_URL: usize = 512;
+
 /// Where on a peer the NAR its narinfo's `URL:` names is, as an absolute
 /// path, if this host may fetch it. Two forms are taken, both meaning
 /// `/local/nar/<name>` on the peer:
@@ -317,8 +320,10 @@ pub fn nar_path_on_peer(url: &str) -> Option<String> {
     let name = url
         .strip_prefix("nar/")
         .or_else(|| url.strip_prefix("local/nar/"))?;
+    // The original's name is the base64 of the store path: 354 bytes of
+    // URL for the longest name nix allows (211 characters).
     let safe = !name.is_empty()
-        && url.len() <= 256
+        && url.len() <= MAX_NAR_URL
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-._+=/".contains(&b))
@@ -349,6 +354,16 @@ mod tests {
         ] {
             assert_eq!(nar_path_on_peer(good).as_deref(), Some(path), "{good}");
         }
+        // The longest store path name nix allows, as the original names it.
+        let longest = format!("/nix/store/{}-{}", "0".repeat(32), "x".repeat(211));
+        let name = base64_like(longest.len());
+        let url = format!("local/nar/{name}.nar");
+        assert!(url.len() >= 354, "{}", url.len());
+        assert!(nar_path_on_peer(&url).is_some());
+        assert!(nar_path_on_peer(&format!("local/nar/{}.nar", "A".repeat(600))).is_none());
+        for (good, path) in [("nar/a.nar", "/local/nar/a.nar")] {
+            assert_eq!(nar_path_on_peer(good).as_deref(), Some(path), "{good}");
+        }
         for bad in [
             "",
             "/nar/x.nar",
@@ -370,6 +385,11 @@ mod tests {
         ] {
             assert_eq!(nar_path_on_peer(bad), None, "{bad}");
         }
+    }
+
+    /// A base64-length name (`4 * ceil(len / 3)` characters) of `A`s.
+    fn base64_like(len: usize) -> String {
+        "A".repeat(len.div_ceil(3) * 4)
     }
 
     #[test]

@@ -246,6 +246,12 @@ impl LocalStore {
     fn lookup_uncached(&self, hash: &HashPart) -> Result<Option<LocalPath>, StoreError> {
         let path = match self.index().get(hash) {
             Some(entry) => entry.path.to_string(),
+            // Once a scan has listed every valid path, a hash it did not
+            // list is a miss without asking the daemon: most narinfo
+            // requests are misses (nix asks every substituter), and each
+            // round trip cost a worker a daemon connection. A path that
+            // became valid since is found after the next scan.
+            None if self.completed_scans() > 0 => return Ok(None),
             None => match self.daemon.query_path_from_hash_part(hash.as_str())? {
                 Some(path) => path,
                 None => return Ok(None),
