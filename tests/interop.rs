@@ -1080,11 +1080,9 @@ fn a_nar_cut_short_elsewhere_is_resumed_from_the_original_which_ignores_range() 
 }
 
 /// The original's URLs grow with the store path's name: base64 of a path
-/// with a 180-character name (nix allows 211) makes a 314-byte URL. Any name
-/// over 136 characters makes the URL longer than 256 bytes.
+/// with a 180-character name (nix allows 211) makes a 314-byte URL; a limit
+/// of 256 bytes refused every name over 136 characters.
 #[test]
-#[ignore = "peerix-rs refuses NAR URLs over 256 bytes (nar_path_on_peer), so the original's \
-            URLs for store names over 136 characters are unusable; run with --ignored"]
 fn a_path_with_a_long_name_comes_from_the_original() {
     let (dir, lan, up) = world("interop_long_name", 2);
     let src = Host::new(&dir, "src");

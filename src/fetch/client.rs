@@ -361,9 +361,10 @@ mod tests {
         assert!(url.len() >= 354, "{}", url.len());
         assert!(nar_path_on_peer(&url).is_some());
         assert!(nar_path_on_peer(&format!("local/nar/{}.nar", "A".repeat(600))).is_none());
-        for (good, path) in [("nar/a.nar", "/local/nar/a.nar")] {
-            assert_eq!(nar_path_on_peer(good).as_deref(), Some(path), "{good}");
-        }
+        assert_eq!(
+            nar_path_on_peer("nar/a.nar").as_deref(),
+            Some("/local/nar/a.nar")
+        );
         for bad in [
             "",
             "/nar/x.nar",
