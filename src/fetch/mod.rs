@@ -9,7 +9,7 @@
 //! - [`transfer`]: copy one NAR from its holders, resuming from the next
 //!   holder when one fails.
 
-pub mod check;
+pub(crate) mod check;
 pub mod client;
 pub mod resolver;
 pub mod transfer;

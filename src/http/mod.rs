@@ -22,7 +22,7 @@
 mod access;
 mod health;
 mod proxy;
-pub mod range;
+mod range;
 mod respond;
 pub mod route;
 mod serve;

@@ -11,7 +11,7 @@
 //! nodes interoperate. Queries go to the broadcast address of every up,
 //! private IPv4 interface, and by unicast to the configured extra peers.
 
-pub mod interfaces;
+mod interfaces;
 mod limit;
 pub mod packet;
 

@@ -70,13 +70,4 @@ impl PathCache {
     pub fn clear(&self) {
         *self.lock() = Generations::default();
     }
-
-    pub fn len(&self) -> usize {
-        let g = self.lock();
-        g.young.len() + g.old.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }

@@ -51,7 +51,6 @@ pub struct PathInfo {
     pub deriver: Option<String>,
     pub nar_hash: [u8; 32],
     pub references: Vec<String>,
-    pub registration_time: u64,
     pub nar_size: u64,
     pub ultimate: bool,
     pub sigs: Vec<String>,
@@ -357,7 +356,7 @@ impl<R: Read> ReplyReader<R> {
             .map_err(|e| Fault::Protocol(format!("narHash: {e}")))?
             .0;
         let references = self.read_string_list()?;
-        let registration_time = self.read_u64()?;
+        let _registration_time = self.read_u64()?;
         let nar_size = self.read_u64()?;
         let (ultimate, sigs, ca) = if self.minor >= 16 {
             (
@@ -373,7 +372,6 @@ impl<R: Read> ReplyReader<R> {
             deriver: (!deriver.is_empty()).then_some(deriver),
             nar_hash,
             references,
-            registration_time,
             nar_size,
             ultimate,
             sigs,

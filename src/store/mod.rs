@@ -2,10 +2,10 @@
 //! policy, the index of hash parts, and [`LocalStore`], which ties them together
 //! for the request handlers.
 
-pub mod cache;
+mod cache;
 pub mod daemon;
-pub mod dump;
-pub mod index;
+pub(crate) mod dump;
+pub(crate) mod index;
 pub mod policy;
 pub mod scanner;
 
@@ -292,7 +292,6 @@ mod tests {
             deriver: None,
             nar_hash: [7; 32],
             references: vec!["/nix/store/0c4kzwq7qxdkaz2zd6ibpcrl5dl8bm1d-x".into()],
-            registration_time: 1,
             nar_size: 144,
             ultimate: false,
             sigs: vec!["peerix-test-1:Emk8t3nc8FKm0pvRLd3G415X==".into()],

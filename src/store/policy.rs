@@ -61,11 +61,6 @@ impl SharePolicy {
         }
     }
 
-    /// Whether the policy needs each path's signatures (and so its path info) to decide.
-    pub fn needs_path_info(&self) -> bool {
-        matches!(self, SharePolicy::Signed(_))
-    }
-
     /// Decides by name alone; `None` when the signatures are needed.
     pub fn allows_name(&self, path: &StorePath) -> Option<bool> {
         match self {
@@ -179,6 +174,5 @@ mod tests {
         let p = path("0c4kzwq7qxdkaz2zd6ibpcrl5dl8bm1d-hello");
         assert_eq!(SharePolicy::All.allows_name(&p), Some(true));
         assert_eq!(SharePolicy::Signed(vec![]).allows_name(&p), None);
-        assert!(SharePolicy::Signed(vec![]).needs_path_info());
     }
 }
