@@ -13,8 +13,10 @@ use peerix::fetch::resolver::Resolver;
 use peerix::fetch::transfer::MemoryBudget;
 use peerix::http::{Lanes, Server, ServerContext};
 use peerix::lan::Lan;
+use peerix::lan::summaries::Summaries;
+use peerix::lan::summary::Publisher;
 use peerix::nix::keys::{PublicKey, SecretKey};
-use peerix::peers::Discovery;
+use peerix::peers::{Discovery, PeerTable};
 use peerix::store::daemon::DaemonPool;
 use peerix::store::policy::SharePolicy;
 use peerix::store::{LocalStore, scanner};
@@ -56,9 +58,14 @@ fn main() -> ExitCode {
     }
 }
 
-/// Starts LAN discovery if it is on. Failing to start it is not fatal: this
-/// host's own cache still works, which is what its nix needs most.
-fn start_lan(config: &Config, store: &Arc<LocalStore>) -> Option<Arc<Lan>> {
+/// The LAN side of this host: the UDP thread, the peers' store summaries,
+/// and this host's own summary when it answers peers.
+type LanSide = (Arc<Lan>, Arc<Summaries>, Option<Arc<Publisher>>);
+
+/// Starts LAN discovery if it is on: the UDP side, and the directory of
+/// the peers' store summaries. Failing to start it is not fatal: this host's
+/// own cache still works, which is what its nix needs most.
+fn start_lan(config: &Config, store: &Arc<LocalStore>, peers: &Arc<PeerTable>) -> Option<LanSide> {
     if !config.lan.enabled {
         log::info!("LAN discovery is off");
         return None;
@@ -79,7 +86,28 @@ fn start_lan(config: &Config, store: &Arc<LocalStore>) -> Option<Arc<Lan>> {
     let index_store = Arc::clone(store);
     let shares =
         Box::new(move |hash: &_| answer_peers && index_store.index().get_shared(hash).is_some());
-    match Lan::start(&config.lan, config.port, config.port, shares) {
+    let publisher = answer_peers.then(|| {
+        let (versioned, listed) = (Arc::clone(store), Arc::clone(store));
+        Arc::new(Publisher::new(
+            Box::new(move || versioned.completed_scans()),
+            Box::new(move |each| listed.index().for_each_shared(each)),
+        ))
+    });
+    let summaries = match Summaries::start(Arc::clone(peers), config.peer_timeout) {
+        Ok(summaries) => summaries,
+        Err(e) => {
+            log::error!("LAN discovery could not start: {e}; serving this host's store only");
+            return None;
+        }
+    };
+    match Lan::start(
+        &config.lan,
+        config.port,
+        config.port,
+        shares,
+        publisher.clone(),
+        Some(Arc::clone(&summaries)),
+    ) {
         Ok(lan) => {
             log::info!(
                 "LAN discovery on UDP port {} (broadcast {}, {} extra peer(s), timeout {:?})",
@@ -88,7 +116,7 @@ fn start_lan(config: &Config, store: &Arc<LocalStore>) -> Option<Arc<Lan>> {
                 config.lan.extra_peers.len(),
                 config.lan.timeout
             );
-            Some(lan)
+            Some((lan, summaries, publisher))
         }
         Err(e) => {
             log::error!("LAN discovery could not start: {e}; serving this host's store only");
@@ -153,10 +181,13 @@ fn run(config: &Config) -> Result<(), String> {
         .spawn(move || scanner::run(scan_store, interval, wakeup))
         .map_err(|e| format!("cannot start the scanner thread: {e}"))?;
 
-    // Every source of peers joins the one resolver; HTTP reaches them all.
-    let lan = start_lan(config, &store);
+    // Every source of peers joins the one resolver, with one peer table;
+    // HTTP reaches them all.
+    let peers = Arc::new(PeerTable::new());
+    let lan_side = start_lan(config, &store, &peers);
     let mut sources: Vec<Arc<dyn Discovery>> = Vec::new();
-    if let Some(lan) = &lan {
+    if let Some((lan, summaries, _)) = &lan_side {
+        sources.push(Arc::clone(summaries) as Arc<dyn Discovery>);
         sources.push(Arc::clone(lan) as Arc<dyn Discovery>);
     }
     let resolver = (!sources.is_empty()).then(|| {
@@ -164,10 +195,15 @@ fn run(config: &Config) -> Result<(), String> {
         Arc::new(Resolver::new(
             sources,
             transport,
+            peers,
             trusted_keys,
             config.peer_timeout,
         ))
     });
+    let (lan, summaries, publisher) = match lan_side {
+        Some((lan, summaries, publisher)) => (Some(lan), Some(summaries), publisher),
+        None => (None, None, None),
+    };
     let context = ServerContext {
         store,
         priority: config.priority,
@@ -175,6 +211,8 @@ fn run(config: &Config) -> Result<(), String> {
         bind: config.bind,
         resolver,
         lan,
+        summaries,
+        publisher,
         verify_before_send: config.verify_before_send,
         held_nars: MemoryBudget::new(config.verify_before_send.max(HELD_NARS_MIN_BUDGET)),
     };

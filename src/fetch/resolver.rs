@@ -57,7 +57,7 @@ struct Flight {
 pub struct Resolver {
     sources: Vec<Arc<dyn Discovery>>,
     transport: Arc<dyn Transport>,
-    peers: PeerTable,
+    peers: Arc<PeerTable>,
     trusted_keys: Vec<PublicKey>,
     timeout: Duration,
     answers: Mutex<HashMap<HashPart, Answer>>,
@@ -67,18 +67,20 @@ pub struct Resolver {
 
 impl Resolver {
     /// `sources`: who to ask who has a path. `transport`: how peers are
-    /// reached. `trusted_keys`: a peer's narinfo must carry a signature by
-    /// one of these. `timeout`: the timeout towards peers.
+    /// reached. `peers`: the one peer table, which sources may also judge
+    /// by. `trusted_keys`: a peer's narinfo must carry a signature by one of
+    /// these. `timeout`: the timeout towards peers.
     pub fn new(
         sources: Vec<Arc<dyn Discovery>>,
         transport: Arc<dyn Transport>,
+        peers: Arc<PeerTable>,
         trusted_keys: Vec<PublicKey>,
         timeout: Duration,
     ) -> Resolver {
         Resolver {
             sources,
             transport,
-            peers: PeerTable::new(),
+            peers,
             trusted_keys,
             timeout,
             answers: Mutex::new(HashMap::new()),
@@ -212,7 +214,12 @@ impl Resolver {
             if Instant::now() >= deadline {
                 return None;
             }
-            if let Some(offer) = self.best_verified(hash, &answered, deadline) {
+            let mut checked = |peer: &PeerId, held: bool| {
+                for search in searches.iter_mut() {
+                    search.checked(peer, held);
+                }
+            };
+            if let Some(offer) = self.best_verified(hash, &answered, deadline, &mut checked) {
                 return Some(offer);
             }
             // Every holder so far failed: keep listening, for a later,
@@ -227,6 +234,7 @@ impl Resolver {
         hash: &HashPart,
         answered: &[PeerId],
         deadline: Instant,
+        checked: &mut dyn FnMut(&PeerId, bool),
     ) -> Option<Offer> {
         let ranked = self.peers.rank(answered, Instant::now());
         log::debug!(
@@ -239,7 +247,13 @@ impl Resolver {
                 log::warn!("{hash}: peers too slow to answer; giving up");
                 break;
             }
-            match self.verified_narinfo(peer, hash, deadline) {
+            let result = self.verified_narinfo(peer, hash, deadline);
+            match &result {
+                Ok(_) => checked(&peer, true),
+                Err(PeerError::NotFound) => checked(&peer, false),
+                Err(_) => {}
+            }
+            match result {
                 Ok((narinfo, location)) => {
                     let source = Holder { peer, location };
                     return Some(Offer {
@@ -348,18 +362,22 @@ impl Resolver {
     }
 }
 
-/// The next holders from the sources: every directory's answers at once,
-/// and the broadcast's only when no directory had any (merged, and ranked
-/// by the caller in one place).
+/// The next holders from the sources, merged (the caller ranks them in one
+/// place): every directory's at once, and the waited sources' too, unless
+/// a directory answers for every peer there is: then what it does not
+/// name, nobody has, and nothing is broadcast or waited for.
 fn next_holders(
     searches: &mut [Box<dyn Search + '_>],
     exhausted: &mut [bool],
     usable: &dyn Fn(&PeerId) -> bool,
     enough: &dyn Fn(&[PeerId]) -> bool,
 ) -> Vec<PeerId> {
+    let covered = searches
+        .iter()
+        .any(|search| search.is_directory() && search.covers_all());
     let mut holders: Vec<PeerId> = Vec::new();
     for (search, exhausted) in searches.iter_mut().zip(exhausted.iter_mut()) {
-        if *exhausted || (!holders.is_empty() && !search.is_directory()) {
+        if *exhausted || (covered && !search.is_directory()) {
             continue;
         }
         let found = search.next_holders(usable, enough);

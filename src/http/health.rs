@@ -34,6 +34,29 @@ fn lan_health(context: &ServerContext) -> serde_json::Value {
     let Some(lan) = context.lan.as_ref() else {
         return serde_json::json!({ "enabled": false });
     };
+    let summaries = context.summaries.as_ref().map(|summaries| {
+        let (hosts, fresh, bytes) = summaries.coverage();
+        let stats = &summaries.stats;
+        let get = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
+        serde_json::json!({
+            "hosts_heard": hosts,
+            "hosts_with_summary": fresh,
+            "covers_lan": summaries.cover_all(),
+            "bytes": bytes,
+            "fetched": get(&stats.fetched),
+            "dropped": get(&stats.dropped),
+            "fetch_failures": get(&stats.fetch_failures),
+            "misses_answered": get(&stats.misses_answered),
+        })
+    });
+    let published = context.publisher.as_ref().map(|p| {
+        let published = p.current();
+        serde_json::json!({
+            "generation": published.generation,
+            "paths": published.paths,
+            "bytes": published.bytes.len(),
+        })
+    });
     let stats = &lan.stats;
     let get = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
     serde_json::json!({
@@ -45,6 +68,8 @@ fn lan_health(context: &ServerContext) -> serde_json::Value {
         "replies_sent": get(&stats.replies_sent),
         "replies_rate_limited": get(&stats.replies_rate_limited),
         "packets_dropped": get(&stats.packets_dropped),
+        "summaries": summaries,
+        "summary": published,
     })
 }
 

@@ -39,6 +39,8 @@ use socket2::{Domain, Socket, Type};
 use crate::fetch::resolver::Resolver;
 use crate::fetch::transfer::MemoryBudget;
 use crate::lan::Lan;
+use crate::lan::summaries::Summaries;
+use crate::lan::summary::Publisher;
 use crate::store::LocalStore;
 
 pub use access::is_loopback;
@@ -55,6 +57,11 @@ pub struct ServerContext {
     pub resolver: Option<Arc<Resolver>>,
     /// The LAN side, for its counters on `/health`.
     pub lan: Option<Arc<Lan>>,
+    /// The peers' store summaries, for `/health`.
+    pub summaries: Option<Arc<Summaries>>,
+    /// This host's store summary, for `/local/summary`; `None` when this
+    /// host does not answer peers.
+    pub publisher: Option<Arc<Publisher>>,
     /// Peer NARs up to this size are verified whole before nix gets a byte,
     pub verify_before_send: u64,
     /// while this budget for the memory they take lasts.

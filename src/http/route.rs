@@ -29,6 +29,8 @@ pub enum Route {
     /// earlier versions that nix may still have cached, is read too.)
     PeerNar(PeerId, HashPart, NarHash),
     Health,
+    /// This host's store summary: `/local/summary`.
+    Summary,
     /// A known prefix with a malformed name: 400.
     BadRequest(&'static str),
     /// 404.
@@ -51,6 +53,9 @@ impl Route {
         }
         if rest == "nix-cache-info" {
             return Route::CacheInfo(scope);
+        }
+        if scope == Scope::Local && rest == "summary" {
+            return Route::Summary;
         }
         if let Some(name) = rest.strip_suffix(".narinfo") {
             return match HashPart::parse(name) {
@@ -117,6 +122,8 @@ mod tests {
             Route::parse("/local/nix-cache-info"),
             Route::CacheInfo(Scope::Local)
         );
+        assert_eq!(Route::parse("/local/summary"), Route::Summary);
+        assert_eq!(Route::parse("/local/summary?x"), Route::Summary);
         assert_eq!(Route::parse("/health"), Route::Health);
         assert_eq!(
             Route::parse(&format!("/{HASH}.narinfo")),
@@ -196,6 +203,8 @@ mod tests {
             "/local",
             "/local/",
             "/local/health",
+            "/summary",
+            "/local/summary/",
             "/etc/passwd",
             "/local/../nix-cache-info",
             &format!("/local/lan/10.77.0.2:80/nar/{HASH}-{NAR}.nar"),

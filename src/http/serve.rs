@@ -106,6 +106,7 @@ pub(super) fn handle(context: &ServerContext, request: Request, lane: &Lane) {
                 proxy::serve_peer_nar(context, request, peer, &hash, &nar_hash, head)
             }
         }
+        Route::Summary => serve_summary(context, request),
         Route::BadRequest(why) => respond(request, text(400, &format!("bad request: {why}\n"))),
         Route::NotFound => respond(request, text(404, "not found\n")),
     }
@@ -273,6 +274,28 @@ fn copy_exact(
         left -= n as u64;
     }
     Ok(())
+}
+
+/// `/local/summary`: this host's store summary, with its generation as the
+/// `ETag`, so a peer that has it gets a 304.
+fn serve_summary(context: &ServerContext, request: Request) {
+    let Some(publisher) = &context.publisher else {
+        return respond(request, text(404, "this host publishes no summary\n"));
+    };
+    let published = publisher.current();
+    let etag = format!("\"{}\"", published.generation);
+    let matches = request
+        .headers()
+        .iter()
+        .filter(|h| h.field.equiv("If-None-Match"))
+        .flat_map(|h| h.value.as_str().split(','))
+        .any(|tag| tag.trim() == etag || tag.trim() == "*");
+    let response = if matches {
+        body(304, Vec::new(), "application/octet-stream")
+    } else {
+        body(200, published.bytes.clone(), "application/octet-stream")
+    };
+    respond(request, response.with_header(header("ETag", &etag)))
 }
 
 fn narinfo(text: String) -> Response<Cursor<Vec<u8>>> {

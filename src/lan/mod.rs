@@ -14,6 +14,8 @@
 mod interfaces;
 mod limit;
 pub mod packet;
+pub mod summaries;
+pub mod summary;
 
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -30,6 +32,8 @@ use crate::nix::store_path::HashPart;
 use crate::peers::{Discovery, PeerId, Search};
 use limit::ReplyLimiter;
 use packet::{MAX_PACKET, Packet};
+use summaries::Summaries;
+use summary::Publisher;
 
 /// At most this many peers are taken from one query's replies.
 const MAX_CANDIDATES: usize = 8;
@@ -82,11 +86,19 @@ pub struct Lan {
 impl Lan {
     /// Binds UDP `0.0.0.0:port` and starts the thread that answers peers on
     /// behalf of the HTTP server on `http_port`.
+    ///
+    /// With a `publisher` (this host answers peers), it announces this
+    /// host's store summary after each change and every
+    /// [`summaries::ANNOUNCE_INTERVAL`], and to any host that solicits it.
+    /// With `summaries`, it tells them every host it hears from and every
+    /// summary announced, and solicits announcements at once.
     pub fn start(
         config: &LanConfig,
         port: u16,
         http_port: u16,
         shares: Shares,
+        publisher: Option<Arc<Publisher>>,
+        summaries: Option<Arc<Summaries>>,
     ) -> io::Result<Arc<Lan>> {
         let socket = bind(port)?;
         let receiver = socket.try_clone()?;
@@ -121,6 +133,9 @@ impl Lan {
             limiter: ReplyLimiter::new(REPLY_RATE_TOTAL, REPLY_RATE_PER_SOURCE, Instant::now()),
             own: HashSet::new(),
             own_refreshed: None,
+            publisher,
+            summaries,
+            announced: None,
         };
         std::thread::Builder::new()
             .name("lan".into())
@@ -356,16 +371,44 @@ struct Responder {
     limiter: ReplyLimiter,
     own: HashSet<IpAddr>,
     own_refreshed: Option<Instant>,
+    publisher: Option<Arc<Publisher>>,
+    summaries: Option<Arc<Summaries>>,
+    /// The generation last announced, and when.
+    announced: Option<(u64, Instant)>,
 }
+
+/// The UDP thread wakes at least this often, to announce on time.
+const TICK: Duration = Duration::from_secs(1);
 
 impl Responder {
     fn run(mut self) {
+        if self.summaries.is_some() {
+            // Our first moments must not pass for a quiet LAN: ask every
+            // host to announce itself now. Twice, as UDP may drop one.
+            for _ in 0..2 {
+                self.broadcast(&Packet::Solicit);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        if let Err(e) = self.socket.set_read_timeout(Some(TICK)) {
+            log::warn!("LAN socket: no read timeout ({e}); announcing only when packets come");
+        }
         // One byte more than any valid packet, so an oversized one shows.
         let mut buf = [0u8; MAX_PACKET + 1];
         loop {
+            self.announce_if_due();
             let (len, from) = match self.socket.recv_from(&mut buf) {
                 Ok(received) => received,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::Interrupted
+                            | io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    continue;
+                }
                 Err(e) => {
                     log::error!("LAN socket: {e}");
                     std::thread::sleep(Duration::from_millis(100));
@@ -390,7 +433,21 @@ impl Responder {
                 return;
             }
         };
+        if let Some(summaries) = &self.summaries {
+            match packet {
+                Packet::Announce {
+                    generation, port, ..
+                } => summaries.announced(from.ip(), generation, port),
+                _ => summaries.heard(from.ip()),
+            }
+        }
         match packet {
+            Packet::Announce { .. } => {}
+            Packet::Solicit => {
+                if self.publisher.is_some() && self.limiter.allow(from.ip(), Instant::now()) {
+                    self.send_announcement(from);
+                }
+            }
             Packet::Request { id, hash } => {
                 if !(self.shares)(&hash) {
                     return;
@@ -427,6 +484,52 @@ impl Responder {
                     stats.packets_dropped.fetch_add(1, Ordering::Relaxed);
                     log::debug!("dropped a LAN reply from {from} that nobody waits for");
                 }
+            }
+        }
+    }
+
+    /// Announces this host's summary to the LAN when it has changed (at
+    /// most once a [`TICK`]) or every announcement interval.
+    fn announce_if_due(&mut self) {
+        let Some(publisher) = &self.publisher else {
+            return;
+        };
+        let generation = publisher.current().generation;
+        let due = match self.announced {
+            None => true,
+            Some((last, at)) => {
+                let since = at.elapsed();
+                since >= summaries::ANNOUNCE_INTERVAL || (last != generation && since >= TICK)
+            }
+        };
+        if due {
+            let packet = self.announcement();
+            self.broadcast(&packet);
+            self.announced = Some((generation, Instant::now()));
+        }
+    }
+
+    fn announcement(&self) -> Packet {
+        let published = self.publisher.as_ref().map(|p| p.current());
+        Packet::Announce {
+            generation: published.as_ref().map_or(0, |p| p.generation),
+            paths: published.as_ref().map_or(0, |p| p.paths),
+            port: self.http_port,
+        }
+    }
+
+    fn send_announcement(&self, to: SocketAddr) {
+        if let Err(e) = self.socket.send_to(&self.announcement().encode(), to) {
+            log::debug!("LAN announcement to {to}: {e}");
+        }
+    }
+
+    /// Sends `packet` to every target a query goes to.
+    fn broadcast(&self, packet: &Packet) {
+        let bytes = packet.encode();
+        for target in self.lan.targets() {
+            if let Err(e) = self.socket.send_to(&bytes, target) {
+                log::debug!("LAN packet to {target}: {e}");
             }
         }
     }
@@ -481,6 +584,8 @@ mod tests {
             0,
             http_port,
             Box::new(move |hash| *hash == have),
+            None,
+            None,
         )
         .unwrap()
     }
@@ -501,7 +606,7 @@ mod tests {
 
         let mut quick = unicast_config(&[holder.port()]);
         quick.timeout = Duration::from_millis(50);
-        let asker = Lan::start(&quick, 0, 1, Box::new(|_| false)).unwrap();
+        let asker = Lan::start(&quick, 0, 1, Box::new(|_| false), None, None).unwrap();
         assert!(
             asker
                 .query(&HashPart::parse(LACK).unwrap())
@@ -520,7 +625,7 @@ mod tests {
             host: "localhost".into(),
             port: holder.port(),
         }];
-        let asker = Lan::start(&config, 0, 1, Box::new(|_| false)).unwrap();
+        let asker = Lan::start(&config, 0, 1, Box::new(|_| false), None, None).unwrap();
         // Bounded: /etc/hosts answers at once.
         let deadline = Instant::now() + Duration::from_secs(10);
         while asker.extra_peer_addrs().is_empty() && Instant::now() < deadline {

@@ -3,6 +3,13 @@
 //! - request:  `[0][id: u32 BE][hash part, ASCII]`
 //! - response: `[1][id: u32 BE][http port: u32 BE][url path, ASCII]`
 //!
+//! and two of peerix-rs's own, which the original ignores (its receive loop
+//! handles types 0 and 1 and drops the rest without a reply):
+//!
+//! - announce: `[2][generation: u64 BE][paths: u32 BE][http port: u32 BE]`,
+//!   "my store summary is at this generation, at /local/summary";
+//! - solicit:  `[3]`, "announce yourselves", sent by a host that starts.
+//!
 //! Decoding is strict: a packet that is not exactly one of these, with a valid
 //! hash part and a narinfo URL path for that hash, is rejected with a reason,
 //! so the UDP thread can drop and count it.
@@ -14,6 +21,8 @@ pub const MAX_PACKET: usize = 512;
 
 const REQUEST: u8 = 0;
 const RESPONSE: u8 = 1;
+const ANNOUNCE: u8 = 2;
+const SOLICIT: u8 = 3;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Packet {
@@ -22,6 +31,15 @@ pub enum Packet {
     /// "I have it: GET http://<sender>:<port>/local/<hash>.narinfo." The
     /// url path is the only form ever fetched, so the packet keeps its hash.
     Response { id: u32, port: u16, hash: HashPart },
+    /// "My store summary is at `generation`, with `paths` paths, at
+    /// `http://<sender>:<port>/local/summary`."
+    Announce {
+        generation: u64,
+        paths: u32,
+        port: u16,
+    },
+    /// "Announce yourselves."
+    Solicit,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,6 +51,7 @@ pub enum PacketError {
     BadHashPart,
     BadPort,
     BadUrlPath,
+    TrailingBytes,
 }
 
 impl std::fmt::Display for PacketError {
@@ -45,6 +64,7 @@ impl std::fmt::Display for PacketError {
             PacketError::BadHashPart => f.write_str("request carries no valid hash part"),
             PacketError::BadPort => f.write_str("response carries port 0 or one above 65535"),
             PacketError::BadUrlPath => f.write_str("response carries no valid narinfo url path"),
+            PacketError::TrailingBytes => f.write_str("packet longer than its type allows"),
         }
     }
 }
@@ -61,6 +81,19 @@ impl Packet {
                 out.extend_from_slice(hash.as_str().as_bytes());
                 out
             }
+            Packet::Announce {
+                generation,
+                paths,
+                port,
+            } => {
+                let mut out = Vec::with_capacity(17);
+                out.push(ANNOUNCE);
+                out.extend_from_slice(&generation.to_be_bytes());
+                out.extend_from_slice(&paths.to_be_bytes());
+                out.extend_from_slice(&u32::from(*port).to_be_bytes());
+                out
+            }
+            Packet::Solicit => vec![SOLICIT],
             Packet::Response { id, port, hash } => {
                 let url_path = narinfo_url_path(hash);
                 let mut out = Vec::with_capacity(9 + url_path.len());
@@ -78,6 +111,25 @@ impl Packet {
             return Err(PacketError::TooLong);
         }
         let (&kind, rest) = bytes.split_first().ok_or(PacketError::Empty)?;
+        match kind {
+            ANNOUNCE => {
+                let (high, rest) = split_u32(rest)?;
+                let (low, rest) = split_u32(rest)?;
+                let (paths, rest) = split_u32(rest)?;
+                let (port, rest) = split_u32(rest)?;
+                if !rest.is_empty() {
+                    return Err(PacketError::TrailingBytes);
+                }
+                return Ok(Packet::Announce {
+                    generation: u64::from(high) << 32 | u64::from(low),
+                    paths,
+                    port: valid_port(port)?,
+                });
+            }
+            SOLICIT if rest.is_empty() => return Ok(Packet::Solicit),
+            SOLICIT => return Err(PacketError::TrailingBytes),
+            _ => {}
+        }
         let (id, rest) = split_u32(rest)?;
         match kind {
             REQUEST => {
@@ -89,10 +141,7 @@ impl Packet {
             }
             RESPONSE => {
                 let (port, rest) = split_u32(rest)?;
-                let port = u16::try_from(port)
-                    .ok()
-                    .filter(|&p| p != 0)
-                    .ok_or(PacketError::BadPort)?;
+                let port = valid_port(port)?;
                 let hash = std::str::from_utf8(rest)
                     .ok()
                     .and_then(narinfo_hash)
@@ -115,6 +164,13 @@ fn narinfo_url_path(hash: &HashPart) -> String {
 fn narinfo_hash(url_path: &str) -> Option<HashPart> {
     let name = url_path.strip_prefix("local/")?.strip_suffix(".narinfo")?;
     HashPart::parse(name).ok()
+}
+
+fn valid_port(port: u32) -> Result<u16, PacketError> {
+    u16::try_from(port)
+        .ok()
+        .filter(|&p| p != 0)
+        .ok_or(PacketError::BadPort)
 }
 
 fn split_u32(bytes: &[u8]) -> Result<(u32, &[u8]), PacketError> {
@@ -154,6 +210,33 @@ mod tests {
         expected.extend_from_slice(format!("local/{HASH}.narinfo").as_bytes());
         assert_eq!(response.encode(), expected);
         assert_eq!(Packet::decode(&expected), Ok(response));
+    }
+
+    #[test]
+    fn announcements_and_solicitations_round_trip() {
+        let announce = Packet::Announce {
+            generation: 0x0102_0304_0506_0708,
+            paths: 300,
+            port: 12304,
+        };
+        let bytes = announce.encode();
+        assert_eq!(
+            bytes,
+            [2, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 1, 44, 0, 0, 0x30, 0x10]
+        );
+        assert_eq!(Packet::decode(&bytes), Ok(announce));
+        for n in 0..bytes.len() {
+            assert!(Packet::decode(&bytes[..n]).is_err(), "prefix of {n} bytes");
+        }
+        let mut long = bytes.clone();
+        long.push(0);
+        assert_eq!(Packet::decode(&long), Err(PacketError::TrailingBytes));
+        let mut port_zero = bytes.clone();
+        port_zero[13..17].copy_from_slice(&[0; 4]);
+        assert_eq!(Packet::decode(&port_zero), Err(PacketError::BadPort));
+        assert_eq!(Packet::Solicit.encode(), [3]);
+        assert_eq!(Packet::decode(&[3]), Ok(Packet::Solicit));
+        assert_eq!(Packet::decode(&[3, 0]), Err(PacketError::TrailingBytes));
     }
 
     #[test]

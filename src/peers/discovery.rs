@@ -22,6 +22,12 @@ pub trait Search {
     /// Whether this source answers at once, from what it already knows.
     fn is_directory(&self) -> bool;
 
+    /// Whether this directory answers for every peer there is to ask, so
+    /// that what it does not name, no waited source needs to be asked for.
+    fn covers_all(&self) -> bool {
+        false
+    }
+
     /// The next holders to try, none given before. A directory gives all it
     /// knows at the first call; a broadcast waits for answers, as long as
     /// its rules say, and stops early once `enough` says the holders so far
@@ -32,4 +38,8 @@ pub trait Search {
         usable: &dyn Fn(&PeerId) -> bool,
         enough: &dyn Fn(&[PeerId]) -> bool,
     ) -> Vec<PeerId>;
+
+    /// What asking `peer` showed: whether it held the path. A source that
+    /// named it can tell an honest mistake from a lie.
+    fn checked(&mut self, _peer: &PeerId, _held: bool) {}
 }

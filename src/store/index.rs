@@ -37,6 +37,15 @@ impl Index {
         self.get(hash).filter(|e| e.shared).map(|e| &e.path)
     }
 
+    /// Every hash part the share policy lets leave this host.
+    pub fn for_each_shared(&self, mut f: impl FnMut(&HashPart)) {
+        for (hash, entry) in &self.entries {
+            if entry.shared {
+                f(hash);
+            }
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.entries.len()
     }

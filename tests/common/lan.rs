@@ -612,6 +612,13 @@ impl FakePeer {
         };
         udp.set_read_timeout(Some(FAKE_TICK))
             .expect("read timeout on fake UDP socket");
+        // Make itself heard, as a peer does when its own nix asks the LAN
+        // for something: peerix hosts then know a host without a store
+        // summary is there, and keep asking the LAN by broadcast.
+        let _ = udp.send_to(
+            &request_packet(0xfa4e_0000 | i as u32, "00000000000000000000000000000000"),
+            SocketAddr::from((BROADCAST, LAN_PORT)),
+        );
         {
             let (stop, stats, items) = (peer.stop.clone(), peer.stats.clone(), items.clone());
             peer.threads.push(thread::spawn(move || {

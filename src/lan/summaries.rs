@@ -1,0 +1,425 @@
+//! The LAN as a directory: the store summaries of the peers heard from,
+//! and whether they cover the whole LAN.
+//!
+//! Every packet from a host marks it heard. A host that announces its
+//! summary gets it fetched (on a thread of its own, with a size limit and a
+//! timeout) whenever its generation changes. When every host heard from in
+//! the last [`EXPIRY`] has a fresh summary, the summaries answer for the
+//! whole LAN: a hash none contains is a miss at once, with no broadcast and
+//! no wait; a hash some contain is asked of those peers directly. A host
+//! that answers queries but announces no summary (the original peerix, an
+//! older peerix-rs) keeps the broadcast alive, and so does a host whose
+//! summary could not be had. So does the first [`SETTLE`] after start: the
+//! host solicits announcements then, and must not take its first moments
+//! for a quiet LAN.
+//!
+//! All summaries together take at most [`MEMORY_BUDGET`] bytes: one that
+//! does not fit is dropped (and its peer stays on the broadcast path).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
+
+use super::summary::Summary;
+use crate::nix::store_path::HashPart;
+use crate::peers::{Discovery, Failure, PeerId, PeerTable, Search};
+
+/// How often a host announces its summary when nothing changes.
+pub const ANNOUNCE_INTERVAL: Duration = Duration::from_secs(60);
+/// A host silent this long (three announcement intervals) is forgotten,
+/// with its summary.
+pub const EXPIRY: Duration = Duration::from_secs(180);
+/// After start, the broadcast is used for this long whatever the summaries
+/// say: the answers to our solicitation are still coming in.
+pub const SETTLE: Duration = Duration::from_secs(2);
+/// The largest summary fetched: 1.6 million paths.
+pub const MAX_SUMMARY: u64 = 2 * 1024 * 1024;
+/// All peers' summaries together: 16 MiB, about 13 million paths.
+pub const MEMORY_BUDGET: usize = 16 * 1024 * 1024;
+/// Hosts tracked at most.
+const MAX_HOSTS: usize = 1024;
+/// Fetches waiting at most; more wait for the next announcement.
+const FETCH_QUEUE: usize = 64;
+/// A summary's claims that may turn out false before its peer is taken for
+/// a liar: at least this many, and more than [`CLAIM_MISS_PERCENT`] of
+/// those tried (an honest filter is wrong for 0.8% of what it lacks).
+const CLAIM_MISSES_TOLERATED: u32 = 10;
+const CLAIM_MISS_PERCENT: u32 = 5;
+
+/// Counters shown on `/health`.
+#[derive(Default, Debug)]
+pub struct SummaryStats {
+    pub fetched: AtomicU64,
+    pub dropped: AtomicU64,
+    pub fetch_failures: AtomicU64,
+    pub misses_answered: AtomicU64,
+}
+
+/// What is known of one host.
+struct Host {
+    last_heard: Instant,
+    /// The latest announcement: generation, and where the summary is.
+    announced: Option<(u64, SocketAddr)>,
+    summary: Option<Arc<Summary>>,
+    fetching: bool,
+    claims_tried: u32,
+    claims_missed: u32,
+}
+
+impl Host {
+    fn new(now: Instant) -> Host {
+        Host {
+            last_heard: now,
+            announced: None,
+            summary: None,
+            fetching: false,
+            claims_tried: 0,
+            claims_missed: 0,
+        }
+    }
+
+    /// The summary, if it is the one last announced.
+    fn fresh_summary(&self) -> Option<&Arc<Summary>> {
+        let (generation, _) = self.announced?;
+        self.summary.as_ref().filter(|s| s.generation == generation)
+    }
+}
+
+struct State {
+    hosts: HashMap<IpAddr, Host>,
+    memory: usize,
+}
+
+pub struct Summaries {
+    state: Mutex<State>,
+    fetches: Sender<(IpAddr, u64, SocketAddr)>,
+    peers: Arc<PeerTable>,
+    started: Instant,
+    pub stats: SummaryStats,
+}
+
+impl Summaries {
+    /// Starts the fetching thread; `timeout` bounds each fetch as a whole.
+    pub fn start(peers: Arc<PeerTable>, timeout: Duration) -> std::io::Result<Arc<Summaries>> {
+        let (fetches, queue) = bounded(FETCH_QUEUE);
+        let summaries = Arc::new(Summaries {
+            state: Mutex::new(State {
+                hosts: HashMap::new(),
+                memory: 0,
+            }),
+            fetches,
+            peers,
+            started: Instant::now(),
+            stats: SummaryStats::default(),
+        });
+        let weak = Arc::downgrade(&summaries);
+        std::thread::Builder::new()
+            .name("lan-summaries".into())
+            .spawn(move || fetch_loop(&weak, &queue, timeout))?;
+        Ok(summaries)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A packet came from `host`.
+    pub fn heard(&self, host: IpAddr) {
+        let host = host.to_canonical();
+        let now = Instant::now();
+        let mut state = self.lock();
+        forget_silent(&mut state, now);
+        if state.hosts.len() >= MAX_HOSTS && !state.hosts.contains_key(&host) {
+            return;
+        }
+        state
+            .hosts
+            .entry(host)
+            .or_insert_with(|| Host::new(now))
+            .last_heard = now;
+    }
+
+    /// `from` announced its summary at `generation`, served on `port`.
+    pub fn announced(&self, from: IpAddr, generation: u64, port: u16) {
+        let host = from.to_canonical();
+        self.heard(host);
+        let mut state = self.lock();
+        let Some(entry) = state.hosts.get_mut(&host) else {
+            return;
+        };
+        let at = SocketAddr::new(host, port);
+        entry.announced = Some((generation, at));
+        let have = entry.summary.as_ref().map(|s| s.generation);
+        if have == Some(generation) || entry.fetching {
+            return;
+        }
+        match self.fetches.try_send((host, generation, at)) {
+            Ok(()) => entry.fetching = true,
+            Err(TrySendError::Full(_)) => {
+                log::debug!("summary of {host}: fetch queue full; next announcement")
+            }
+            Err(TrySendError::Disconnected(_)) => {}
+        }
+    }
+
+    /// Installs a fetched summary, or drops it when it does not fit.
+    fn fetched(&self, host: IpAddr, result: Result<Summary, String>) {
+        let mut state = self.lock();
+        let State { hosts, memory } = &mut *state;
+        let Some(entry) = hosts.get_mut(&host) else {
+            return;
+        };
+        entry.fetching = false;
+        let old = entry.summary.take();
+        *memory -= old.as_ref().map_or(0, |s| s.size());
+        match result {
+            Ok(summary) if *memory + summary.size() <= MEMORY_BUDGET => {
+                *memory += summary.size();
+                log::debug!("summary of {host}: {summary:?}");
+                self.stats.fetched.fetch_add(1, Ordering::Relaxed);
+                entry.summary = Some(Arc::new(summary));
+                entry.claims_tried = 0;
+                entry.claims_missed = 0;
+            }
+            Ok(summary) => {
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                log::warn!(
+                    "summary of {host} ({} bytes) does not fit the {MEMORY_BUDGET}-byte budget; asking it by broadcast",
+                    summary.size()
+                );
+            }
+            Err(why) => {
+                log::info!("summary of {host} dropped: {why}; asking it by broadcast");
+            }
+        }
+    }
+
+    /// Whether the summaries answer for every host heard from.
+    pub fn cover_all(&self) -> bool {
+        let now = Instant::now();
+        if now < self.started + SETTLE {
+            return false;
+        }
+        let mut state = self.lock();
+        forget_silent(&mut state, now);
+        state.hosts.values().all(|h| h.fresh_summary().is_some())
+    }
+
+    /// The peers whose fresh summary may contain `hash`.
+    fn holders(&self, hash: &HashPart) -> Vec<PeerId> {
+        let now = Instant::now();
+        let mut state = self.lock();
+        forget_silent(&mut state, now);
+        state
+            .hosts
+            .values()
+            .filter_map(|h| {
+                let summary = h.fresh_summary()?;
+                let (_, at) = h.announced?;
+                summary.may_contain(hash).then_some(PeerId::Http(at))
+            })
+            .collect()
+    }
+
+    /// A peer whose summary claimed a path did not have it. A few such
+    /// misses are the filter's false positives; many mean its summary lies,
+    /// and the peer is banned as any liar is.
+    fn claim_checked(&self, peer: &PeerId, held: bool) {
+        let PeerId::Http(addr) = peer;
+        let mut state = self.lock();
+        let Some(host) = state.hosts.get_mut(&addr.ip().to_canonical()) else {
+            return;
+        };
+        host.claims_tried = host.claims_tried.saturating_add(1);
+        if held {
+            return;
+        }
+        host.claims_missed = host.claims_missed.saturating_add(1);
+        let lying = host.claims_missed > CLAIM_MISSES_TOLERATED
+            && host.claims_missed * 100 > host.claims_tried * CLAIM_MISS_PERCENT;
+        if lying {
+            log::warn!(
+                "peer {peer}: {} of {} paths its summary claimed were not there; banned",
+                host.claims_missed,
+                host.claims_tried
+            );
+            host.summary = None;
+            drop(state);
+            self.peers
+                .record_failure(*peer, Failure::Lied, Instant::now());
+        }
+    }
+
+    /// Hosts heard from, and how many have a fresh summary, for `/health`.
+    pub fn coverage(&self) -> (usize, usize, usize) {
+        let mut state = self.lock();
+        forget_silent(&mut state, Instant::now());
+        let fresh = state
+            .hosts
+            .values()
+            .filter(|h| h.fresh_summary().is_some())
+            .count();
+        (state.hosts.len(), fresh, state.memory)
+    }
+}
+
+/// Forgets hosts silent for longer than [`EXPIRY`], with their summaries.
+fn forget_silent(state: &mut State, now: Instant) {
+    let State { hosts, memory } = state;
+    hosts.retain(|_, h| {
+        let keep = now.duration_since(h.last_heard) < EXPIRY;
+        if !keep {
+            *memory -= h.summary.as_ref().map_or(0, |s| s.size());
+        }
+        keep
+    });
+}
+
+fn fetch_loop(
+    summaries: &std::sync::Weak<Summaries>,
+    queue: &Receiver<(IpAddr, u64, SocketAddr)>,
+    timeout: Duration,
+) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .proxy(None)
+        .max_redirects(0)
+        .timeout_global(Some(timeout))
+        .user_agent(concat!("peerix/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .into();
+    for (host, generation, at) in queue {
+        let Some(summaries) = summaries.upgrade() else {
+            return;
+        };
+        let result = fetch(&agent, at).and_then(|summary| {
+            if summary.generation == generation {
+                Ok(summary)
+            } else {
+                // A newer one is on its way, or the peer is confused.
+                Err(Unfetched::Unavailable(format!(
+                    "announced generation {generation}, served {}",
+                    summary.generation
+                )))
+            }
+        });
+        let counter = match &result {
+            Ok(_) => None,
+            Err(Unfetched::Bad(_)) => Some(&summaries.stats.dropped),
+            Err(Unfetched::Unavailable(_)) => Some(&summaries.stats.fetch_failures),
+        };
+        if let Some(counter) = counter {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+        summaries.fetched(host, result.map_err(|e| e.to_string()));
+    }
+}
+
+/// Why a summary was not had.
+enum Unfetched {
+    /// Unreachable, slow, an error status: maybe a passing problem.
+    Unavailable(String),
+    /// Malformed, oversized, an unknown version, overfull: dropped.
+    Bad(String),
+}
+
+impl std::fmt::Display for Unfetched {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unfetched::Unavailable(why) => write!(f, "unavailable: {why}"),
+            Unfetched::Bad(why) => write!(f, "bad summary: {why}"),
+        }
+    }
+}
+
+/// `GET http://<at>/local/summary`, parsed.
+fn fetch(agent: &ureq::Agent, at: SocketAddr) -> Result<Summary, Unfetched> {
+    let url = format!("http://{at}/local/summary");
+    let response = agent
+        .get(&url)
+        .call()
+        .map_err(|e| Unfetched::Unavailable(format!("{url}: {e}")))?;
+    if response.status() != 200 {
+        return Err(Unfetched::Unavailable(format!(
+            "{url}: HTTP {}",
+            response.status()
+        )));
+    }
+    let body = response
+        .into_body()
+        .into_with_config()
+        .limit(MAX_SUMMARY)
+        .read_to_vec()
+        .map_err(|e| match e {
+            ureq::Error::BodyExceedsLimit(_) => {
+                Unfetched::Bad(format!("{url}: over {MAX_SUMMARY} bytes"))
+            }
+            e => Unfetched::Unavailable(format!("{url}: {e}")),
+        })?;
+    Summary::parse(&body, MAX_SUMMARY).map_err(|e| Unfetched::Bad(format!("{url}: {e}")))
+}
+
+impl Discovery for Summaries {
+    fn name(&self) -> &'static str {
+        "summaries"
+    }
+
+    fn search(&self, hash: &HashPart) -> Box<dyn Search + '_> {
+        Box::new(SummarySearch {
+            summaries: self,
+            holders: Some(self.holders(hash)),
+            given: Vec::new(),
+            covers_all: self.cover_all(),
+        })
+    }
+}
+
+struct SummarySearch<'s> {
+    summaries: &'s Summaries,
+    holders: Option<Vec<PeerId>>,
+    /// The holders given out: only their checks are this source's business.
+    given: Vec<PeerId>,
+    covers_all: bool,
+}
+
+impl Search for SummarySearch<'_> {
+    fn is_directory(&self) -> bool {
+        true
+    }
+
+    fn covers_all(&self) -> bool {
+        self.covers_all
+    }
+
+    fn next_holders(
+        &mut self,
+        usable: &dyn Fn(&PeerId) -> bool,
+        _enough: &dyn Fn(&[PeerId]) -> bool,
+    ) -> Vec<PeerId> {
+        let holders: Vec<PeerId> = self
+            .holders
+            .take()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|p| usable(p))
+            .collect();
+        self.given.extend_from_slice(&holders);
+        if holders.is_empty() && self.covers_all {
+            self.summaries
+                .stats
+                .misses_answered
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        holders
+    }
+
+    fn checked(&mut self, peer: &PeerId, held: bool) {
+        if self.given.contains(peer) {
+            self.summaries.claim_checked(peer, held);
+        }
+    }
+}
