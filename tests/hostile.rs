@@ -2172,7 +2172,8 @@ fn random_hashes(n: usize) -> Vec<String> {
 /// L answers every LAN query, whatever the hash, naming a different HTTP
 /// port each time, and never answers the narinfo requests that follow. B
 /// misses 32 distinct paths; L must see narinfo requests for far fewer of
-/// them than 32 (B backs off L's host, also for L's UDP replies), and B's
+/// them than 32 (B backs off L's host, also for L's UDP replies, which it
+/// ignores and counts in `/health` as `lan.replies_shunned`), and B's
 /// loopback is answered meanwhile. Counts, never times.
 #[test]
 fn attack_10_a_hanging_peer_rotating_its_port_is_backed_off_by_host() {
@@ -2213,10 +2214,11 @@ fn attack_10_a_hanging_peer_rotating_its_port_is_backed_off_by_host() {
         prober.assert_no_failure("while B misses paths a hanging peer claims");
     }
     let asked = l.stats.narinfo_hashes.lock().unwrap().len();
+    let shunned = b.lan_counter("replies_shunned");
     eprintln!(
         "rotating hang: B's answers to {MISSES} misses: {statuses:?}; L replied to {} of {} queries \
-         and got narinfo requests for {asked} distinct hashes ({} requests); loopback answered {} \
-         times meanwhile",
+         and got narinfo requests for {asked} distinct hashes ({} requests); B shunned {shunned} \
+         replies; loopback answered {} times meanwhile",
         HostileStats::get(&l.stats.udp_replies),
         HostileStats::get(&l.stats.udp_requests),
         HostileStats::get(&l.stats.narinfo_requests),
@@ -2238,6 +2240,15 @@ fn attack_10_a_hanging_peer_rotating_its_port_is_backed_off_by_host() {
         asked <= AT_MOST,
         "expected B to back off the hanging peer's host whatever port it names: L got narinfo \
          requests for {asked} of {MISSES} missed paths, expected at most {AT_MOST}"
+    );
+    // The replies of a peer in backoff are ignored on the UDP path (they
+    // neither count as answers nor shorten the wait), and counted.
+    assert!(
+        shunned >= 1,
+        "expected B to ignore (and count in /health lan.replies_shunned) the UDP replies of the \
+         hanging peer while it is in backoff; replies_shunned is {shunned} after {MISSES} misses \
+         ({} replies from L)",
+        HostileStats::get(&l.stats.udp_replies)
     );
     prober.finish("a hanging peer rotating its port");
     b.peerix_mut().assert_alive_without_panic();
