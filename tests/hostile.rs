@@ -24,6 +24,10 @@
 //! 9. a liar rotating the HTTP port of its UDP replies (ban by host);
 //! 10. a hanging peer rotating its port (backoff by host);
 //! 12. an `HTTP/2.0` request line.
+//!
+//! A letter after the number marks a test of a rule next to that finding:
+//! 3b. descriptors really exhausted: the accept loop survives `EMFILE`;
+//! 10b. three hanging peers share one lookup deadline.
 
 mod common;
 
@@ -2251,5 +2255,85 @@ fn attack_10_a_hanging_peer_rotating_its_port_is_backed_off_by_host() {
         HostileStats::get(&l.stats.udp_replies)
     );
     prober.finish("a hanging peer rotating its port");
+    b.peerix_mut().assert_alive_without_panic();
+}
+
+// ---------------------------------------------------------------------------
+// 10b. Several hanging peers share one lookup deadline
+// ---------------------------------------------------------------------------
+
+/// Three hostile peers, each in a namespace of its own, answer B's LAN
+/// query for one hash and then never answer the narinfo request that
+/// follows. One lookup on B (a root narinfo request) must be a 404, and
+/// only ONE of the three may get a narinfo request: the requests of one
+/// lookup share one deadline (one `--timeout` from the first answers), and
+/// the first hang spends it. A lookup that gave each peer a fresh timeout
+/// would ask all three. Counts, never times.
+#[test]
+fn attack_10b_hanging_peers_share_one_lookup_deadline() {
+    const HANGING: usize = 3;
+    let fx = realistic_fixture();
+    let (dir, lan, up) = world("shared_deadline", HANGING + 1);
+    // A LAN window long enough that all three replies arrive in it, and a
+    // narinfo timeout far shorter than the bound on the lookup below.
+    let mut b = lan_host(
+        &dir,
+        &lan,
+        0,
+        "b",
+        &up,
+        &[&fx.busybox],
+        &["--timeout", "1", "--lan-timeout", "1000"],
+    );
+    let peers: Vec<HostilePeer> = (1..=HANGING)
+        .map(|i| {
+            HostilePeer::start(
+                &lan,
+                i,
+                HostileConfig {
+                    items: Vec::new(),
+                    answer_every_query: true,
+                    hang_on_narinfo: true,
+                    nar: NarServe::Garbage,
+                    rotate_ports: 0,
+                },
+            )
+        })
+        .collect();
+    let prober = lan_prober(&b, &fx.busybox);
+    prober.wait_answers(0, 1, "before the lookup");
+
+    let hash = random_hashes(1).remove(0);
+    let got = lan_get(&b, &format!("/{hash}.narinfo"), Duration::from_secs(30));
+    let counts =
+        |f: fn(&HostileStats) -> u64| -> Vec<u64> { peers.iter().map(|p| f(&p.stats)).collect() };
+    let replies = counts(|s| HostileStats::get(&s.udp_replies));
+    let asked = counts(|s| HostileStats::get(&s.narinfo_requests));
+    eprintln!(
+        "shared deadline: B's lookup: {:?}; UDP replies of the {HANGING} hanging peers {replies:?}, \
+         narinfo requests they got {asked:?}",
+        got.as_ref().map(|r| r.status)
+    );
+    let response = got.unwrap_or_else(|e| panic!("B's lookup of a path only liars claim: {e}"));
+    assert_eq!(
+        response.status,
+        404,
+        "B's lookup of a path whose holders all hang: {}",
+        response.describe()
+    );
+    assert!(
+        replies.iter().all(|&n| n >= 1),
+        "expected each of the {HANGING} hanging peers to answer B's query (the scenario under \
+         test); their replies: {replies:?}"
+    );
+    let total: u64 = asked.iter().sum();
+    assert!(
+        total == 1,
+        "expected exactly one narinfo request among the {HANGING} hanging peers: the narinfo \
+         requests of one lookup share one deadline of one --timeout, which the first hang spends; \
+         they got {asked:?}"
+    );
+    drop(peers);
+    prober.finish("hanging peers sharing one lookup deadline");
     b.peerix_mut().assert_alive_without_panic();
 }
