@@ -910,6 +910,160 @@ fn attack_03_a_connection_flood_under_nofile_1024_keeps_loopback_and_accept_aliv
 }
 
 // ---------------------------------------------------------------------------
+// 3b. Descriptors really exhausted: the accept loop survives EMFILE
+// ---------------------------------------------------------------------------
+
+/// The descriptors `pid` has open now.
+fn open_descriptors(pid: u32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap_or_else(|e| panic!("listing /proc/{pid}/fd: {e}"))
+        .count()
+}
+
+/// Peerix's open-files limit is cut, after it started, to what it has open
+/// plus [`SPARE`] (its connection caps were computed from the far higher
+/// limit at start, so they do not hold the flood back); another namespace
+/// then opens connections until they queue. Accepting really fails
+/// (`EMFILE`, which peerix logs), and after the attacker lets go a network
+/// client and loopback are both served again: the accept loop sleeps and
+/// retries after an error instead of ending.
+#[test]
+fn attack_03b_running_out_of_descriptors_does_not_end_the_accept_loop() {
+    /// Descriptors left to peerix above what it holds: room for a handful
+    /// of connections (each costs two), far fewer than the flood.
+    const SPARE: usize = 40;
+    const CONNECTIONS: usize = 300;
+    raise_own_nofile(CONNECTIONS as u64 + 1024);
+    let many = many_fixture();
+    let (_dir, _host, mut peerix, ns) = local_target("emfile", &[&many.first], &[]);
+    let to = target(&ns, &peerix);
+    let pid = peerix.pid();
+    let hash = hash_part(&many.first).to_string();
+    let loopback_paths = ["/nix-cache-info".to_string(), format!("/{hash}.narinfo")];
+    let loopback_host = format!("127.0.0.1:{}", peerix.port);
+    let loopback = peerix.addr;
+    let loopback_served = || -> Result<(), String> {
+        for path in &loopback_paths {
+            match get_once(loopback, &loopback_host, path, Duration::from_secs(5)) {
+                Ok(r) if r.status == 200 => {}
+                Ok(r) => return Err(format!("loopback GET {path}: {}", r.describe())),
+                Err(e) => return Err(format!("loopback {e}")),
+            }
+        }
+        Ok(())
+    };
+    let network_served = || -> Result<(), String> {
+        let host = to.to_string();
+        let got = in_netns(&ns.name, move || {
+            get_once(to, &host, "/local/nix-cache-info", Duration::from_secs(5))
+        });
+        match got {
+            Ok(r) if r.status == 200 => Ok(()),
+            Ok(r) => Err(format!("network GET: {}", r.describe())),
+            Err(e) => Err(format!("network {e}")),
+        }
+    };
+    loopback_served().unwrap_or_else(|e| panic!("before the flood: {e}"));
+    network_served().unwrap_or_else(|e| panic!("before the flood: {e}"));
+
+    let in_use = open_descriptors(pid);
+    let limit = in_use + SPARE;
+    let out = Command::new("prlimit")
+        .arg("--pid")
+        .arg(pid.to_string())
+        .arg(format!("--nofile={limit}:{limit}"))
+        .output()
+        .expect("running prlimit (util-linux)");
+    assert_success(&format!("prlimit --nofile={limit}:{limit} on peerix"), &out);
+    let limits = fs::read_to_string(format!("/proc/{pid}/limits")).expect("reading limits");
+    let nofile = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap_or("")
+        .to_string();
+    assert!(
+        nofile
+            .split_whitespace()
+            .filter(|w| *w == limit.to_string())
+            .count()
+            == 2,
+        "expected peerix's open-files limit to be {limit}:{limit}, /proc says {nofile:?}"
+    );
+
+    // Open the flood one connection after the other, until connects fail
+    // (the listen queue is full) or all are open.
+    let (flood, errors) = in_netns(&ns.name, || {
+        let mut streams = Vec::with_capacity(CONNECTIONS);
+        let mut errors = Vec::new();
+        let mut failed_in_a_row = 0;
+        for _ in 0..CONNECTIONS {
+            match TcpStream::connect_timeout(&to, Duration::from_secs(2)) {
+                Ok(s) => {
+                    failed_in_a_row = 0;
+                    streams.push(s);
+                }
+                Err(e) => {
+                    errors.push(e.to_string());
+                    failed_in_a_row += 1;
+                    if failed_in_a_row >= 3 {
+                        break;
+                    }
+                }
+            }
+        }
+        (streams, errors)
+    });
+    eprintln!(
+        "emfile: peerix held {in_use} descriptors, limit set to {limit}; {} of {CONNECTIONS} \
+         flood connections opened, {} connects failed (first: {:?}); peerix now holds {}",
+        flood.len(),
+        errors.len(),
+        errors.first(),
+        open_descriptors(pid)
+    );
+    assert!(
+        flood.len() > SPARE,
+        "expected the flood to open more connections ({}) than peerix has descriptors to spare \
+         ({SPARE}): {:?}",
+        flood.len(),
+        errors.first()
+    );
+
+    // Accepting fails for want of descriptors, and peerix says so.
+    let logged = poll_until("peerix to log an accept failing with EMFILE", || {
+        let stderr = peerix.stderr();
+        stderr
+            .lines()
+            .find(|l| l.contains("Error accepting new client") && l.contains("Too many open files"))
+            .map(str::to_string)
+            .ok_or_else(|| {
+                format!(
+                    "no such line yet; peerix holds {} descriptors",
+                    open_descriptors(pid)
+                )
+            })
+    });
+    eprintln!("emfile: peerix logged {logged:?}");
+    peerix.assert_alive_without_panic();
+
+    // The attacker lets go; the network and loopback are served again.
+    drop(flood);
+    poll_until(
+        "a network client to be served after the descriptors ran out",
+        &network_served,
+    );
+    poll_until(
+        "loopback to be served after the descriptors ran out",
+        &loopback_served,
+    );
+    eprintln!(
+        "emfile: served again from the network and on loopback; peerix holds {} descriptors",
+        open_descriptors(pid)
+    );
+    peerix.assert_alive_without_panic();
+}
+
+// ---------------------------------------------------------------------------
 // 4. One endless header line
 // ---------------------------------------------------------------------------
 
