@@ -24,6 +24,10 @@
 //! 9. a liar rotating the HTTP port of its UDP replies (ban by host);
 //! 10. a hanging peer rotating its port (backoff by host);
 //! 12. an `HTTP/2.0` request line.
+//!
+//! A letter after the number marks a test of a rule next to that finding:
+//! 3b. descriptors really exhausted: the accept loop survives `EMFILE`;
+//! 10b. three hanging peers share one lookup deadline.
 
 mod common;
 
@@ -651,10 +655,15 @@ fn attack_01_a_huge_content_length_without_a_body_gets_4xx_or_close() {
 
 /// 40 connections from another namespace each send a request announcing a
 /// 100 kB body (half of them with `Expect: 100-continue`) and never send
-/// it. They stay open; loopback must be answered while they are.
+/// it. Loopback must be answered while they are held. The plain ones
+/// announce more than the server drains of an unread body (64 KiB) and
+/// never send it: each must be answered and then closed by the server
+/// within a generous bound, never held open waiting for the body.
 #[test]
 fn attack_02_requests_whose_body_never_comes_do_not_starve_loopback() {
     const CONNECTIONS: usize = 40;
+    /// How long the plain ones may stay open after their request, at most.
+    const CLOSE_BOUND: Duration = Duration::from_secs(40);
     let many = many_fixture();
     let (_dir, _host, mut peerix, ns) = local_target("no_body", &[&many.first], &[]);
     let to = target(&ns, &peerix);
@@ -699,18 +708,48 @@ fn attack_02_requests_whose_body_never_comes_do_not_starve_loopback() {
     );
     peerix.assert_alive_without_panic();
 
-    // Whatever the attackers got, it is no 5xx.
-    let mut statuses: BTreeMap<String, usize> = BTreeMap::new();
-    for stream in &mut streams {
-        let (data, _) = read_reply(stream, Duration::from_millis(200), true);
-        *statuses.entry(first_line(&data)).or_default() += 1;
+    // The plain ones (no Expect) are answered, then closed: the server
+    // does not wait for a body larger than it drains. The bound is far
+    // beyond the server's body timeout (10 s), and shared by all of them.
+    let deadline = Instant::now() + CLOSE_BOUND;
+    let mut plain: BTreeMap<String, usize> = BTreeMap::new();
+    let mut not_closed = Vec::new();
+    for (i, stream) in streams.iter_mut().enumerate().filter(|(i, _)| i % 2 == 0) {
+        // What came already is read even once the bound is spent.
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(300));
+        let (data, ended) = read_reply(stream, left, false);
+        let outcome = format!("{:?} then {ended:?}", first_line(&data));
+        let answered = status_of(&data).is_some_and(|s| s < 500);
+        let closed = matches!(ended, Ended::Closed | Ended::Failed(_));
+        if !(answered && closed) {
+            not_closed.push(format!("connection {i}: {outcome}"));
+        }
+        *plain.entry(outcome).or_default() += 1;
     }
-    eprintln!("what the 40 attack connections got so far: {statuses:?}");
+    // The ones with `Expect: 100-continue`: whatever they got, it is no 5xx.
+    let mut expecting: BTreeMap<String, usize> = BTreeMap::new();
+    for stream in streams.iter_mut().skip(1).step_by(2) {
+        let (data, _) = read_reply(stream, Duration::from_millis(200), true);
+        *expecting.entry(first_line(&data)).or_default() += 1;
+    }
+    eprintln!(
+        "the 20 plain attack connections: {plain:?}; the 20 with Expect got so far: {expecting:?}"
+    );
     assert!(
-        !statuses
+        not_closed.is_empty(),
+        "expected each of the 20 requests announcing a 100 kB body (more than the 64 KiB the \
+         server drains) without Expect, body never sent, to be answered (no 5xx) and then closed \
+         by the server within {} s; {} were not: {not_closed:#?}",
+        CLOSE_BOUND.as_secs(),
+        not_closed.len()
+    );
+    assert!(
+        !expecting
             .keys()
             .any(|line| status_of(line.as_bytes()).is_some_and(|s| s >= 500)),
-        "expected no 5xx for a request whose body does not come, got {statuses:?}"
+        "expected no 5xx for a request whose body does not come, got {expecting:?}"
     );
     drop(streams);
     prober.finish("bodies that never come");
@@ -867,6 +906,160 @@ fn attack_03_a_connection_flood_under_nofile_1024_keeps_loopback_and_accept_aliv
     });
     assert_eq!(served.status, 200);
     prober.finish("connection flood under nofile 1024");
+    peerix.assert_alive_without_panic();
+}
+
+// ---------------------------------------------------------------------------
+// 3b. Descriptors really exhausted: the accept loop survives EMFILE
+// ---------------------------------------------------------------------------
+
+/// The descriptors `pid` has open now.
+fn open_descriptors(pid: u32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap_or_else(|e| panic!("listing /proc/{pid}/fd: {e}"))
+        .count()
+}
+
+/// Peerix's open-files limit is cut, after it started, to what it has open
+/// plus [`SPARE`] (its connection caps were computed from the far higher
+/// limit at start, so they do not hold the flood back); another namespace
+/// then opens connections until they queue. Accepting really fails
+/// (`EMFILE`, which peerix logs), and after the attacker lets go a network
+/// client and loopback are both served again: the accept loop sleeps and
+/// retries after an error instead of ending.
+#[test]
+fn attack_03b_running_out_of_descriptors_does_not_end_the_accept_loop() {
+    /// Descriptors left to peerix above what it holds: room for a handful
+    /// of connections (each costs two), far fewer than the flood.
+    const SPARE: usize = 40;
+    const CONNECTIONS: usize = 300;
+    raise_own_nofile(CONNECTIONS as u64 + 1024);
+    let many = many_fixture();
+    let (_dir, _host, mut peerix, ns) = local_target("emfile", &[&many.first], &[]);
+    let to = target(&ns, &peerix);
+    let pid = peerix.pid();
+    let hash = hash_part(&many.first).to_string();
+    let loopback_paths = ["/nix-cache-info".to_string(), format!("/{hash}.narinfo")];
+    let loopback_host = format!("127.0.0.1:{}", peerix.port);
+    let loopback = peerix.addr;
+    let loopback_served = || -> Result<(), String> {
+        for path in &loopback_paths {
+            match get_once(loopback, &loopback_host, path, Duration::from_secs(5)) {
+                Ok(r) if r.status == 200 => {}
+                Ok(r) => return Err(format!("loopback GET {path}: {}", r.describe())),
+                Err(e) => return Err(format!("loopback {e}")),
+            }
+        }
+        Ok(())
+    };
+    let network_served = || -> Result<(), String> {
+        let host = to.to_string();
+        let got = in_netns(&ns.name, move || {
+            get_once(to, &host, "/local/nix-cache-info", Duration::from_secs(5))
+        });
+        match got {
+            Ok(r) if r.status == 200 => Ok(()),
+            Ok(r) => Err(format!("network GET: {}", r.describe())),
+            Err(e) => Err(format!("network {e}")),
+        }
+    };
+    loopback_served().unwrap_or_else(|e| panic!("before the flood: {e}"));
+    network_served().unwrap_or_else(|e| panic!("before the flood: {e}"));
+
+    let in_use = open_descriptors(pid);
+    let limit = in_use + SPARE;
+    let out = Command::new("prlimit")
+        .arg("--pid")
+        .arg(pid.to_string())
+        .arg(format!("--nofile={limit}:{limit}"))
+        .output()
+        .expect("running prlimit (util-linux)");
+    assert_success(&format!("prlimit --nofile={limit}:{limit} on peerix"), &out);
+    let limits = fs::read_to_string(format!("/proc/{pid}/limits")).expect("reading limits");
+    let nofile = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap_or("")
+        .to_string();
+    assert!(
+        nofile
+            .split_whitespace()
+            .filter(|w| *w == limit.to_string())
+            .count()
+            == 2,
+        "expected peerix's open-files limit to be {limit}:{limit}, /proc says {nofile:?}"
+    );
+
+    // Open the flood one connection after the other, until connects fail
+    // (the listen queue is full) or all are open.
+    let (flood, errors) = in_netns(&ns.name, || {
+        let mut streams = Vec::with_capacity(CONNECTIONS);
+        let mut errors = Vec::new();
+        let mut failed_in_a_row = 0;
+        for _ in 0..CONNECTIONS {
+            match TcpStream::connect_timeout(&to, Duration::from_secs(2)) {
+                Ok(s) => {
+                    failed_in_a_row = 0;
+                    streams.push(s);
+                }
+                Err(e) => {
+                    errors.push(e.to_string());
+                    failed_in_a_row += 1;
+                    if failed_in_a_row >= 3 {
+                        break;
+                    }
+                }
+            }
+        }
+        (streams, errors)
+    });
+    eprintln!(
+        "emfile: peerix held {in_use} descriptors, limit set to {limit}; {} of {CONNECTIONS} \
+         flood connections opened, {} connects failed (first: {:?}); peerix now holds {}",
+        flood.len(),
+        errors.len(),
+        errors.first(),
+        open_descriptors(pid)
+    );
+    assert!(
+        flood.len() > SPARE,
+        "expected the flood to open more connections ({}) than peerix has descriptors to spare \
+         ({SPARE}): {:?}",
+        flood.len(),
+        errors.first()
+    );
+
+    // Accepting fails for want of descriptors, and peerix says so.
+    let logged = poll_until("peerix to log an accept failing with EMFILE", || {
+        let stderr = peerix.stderr();
+        stderr
+            .lines()
+            .find(|l| l.contains("Error accepting new client") && l.contains("Too many open files"))
+            .map(str::to_string)
+            .ok_or_else(|| {
+                format!(
+                    "no such line yet; peerix holds {} descriptors",
+                    open_descriptors(pid)
+                )
+            })
+    });
+    eprintln!("emfile: peerix logged {logged:?}");
+    peerix.assert_alive_without_panic();
+
+    // The attacker lets go; the network and loopback are served again.
+    drop(flood);
+    poll_until(
+        "a network client to be served after the descriptors ran out",
+        &network_served,
+    );
+    poll_until(
+        "loopback to be served after the descriptors ran out",
+        &loopback_served,
+    );
+    eprintln!(
+        "emfile: served again from the network and on loopback; peerix holds {} descriptors",
+        open_descriptors(pid)
+    );
     peerix.assert_alive_without_panic();
 }
 
@@ -2137,7 +2330,8 @@ fn random_hashes(n: usize) -> Vec<String> {
 /// L answers every LAN query, whatever the hash, naming a different HTTP
 /// port each time, and never answers the narinfo requests that follow. B
 /// misses 32 distinct paths; L must see narinfo requests for far fewer of
-/// them than 32 (B backs off L's host, also for L's UDP replies), and B's
+/// them than 32 (B backs off L's host, also for L's UDP replies, which it
+/// ignores and counts in `/health` as `lan.replies_shunned`), and B's
 /// loopback is answered meanwhile. Counts, never times.
 #[test]
 fn attack_10_a_hanging_peer_rotating_its_port_is_backed_off_by_host() {
@@ -2178,10 +2372,11 @@ fn attack_10_a_hanging_peer_rotating_its_port_is_backed_off_by_host() {
         prober.assert_no_failure("while B misses paths a hanging peer claims");
     }
     let asked = l.stats.narinfo_hashes.lock().unwrap().len();
+    let shunned = b.lan_counter("replies_shunned");
     eprintln!(
         "rotating hang: B's answers to {MISSES} misses: {statuses:?}; L replied to {} of {} queries \
-         and got narinfo requests for {asked} distinct hashes ({} requests); loopback answered {} \
-         times meanwhile",
+         and got narinfo requests for {asked} distinct hashes ({} requests); B shunned {shunned} \
+         replies; loopback answered {} times meanwhile",
         HostileStats::get(&l.stats.udp_replies),
         HostileStats::get(&l.stats.udp_requests),
         HostileStats::get(&l.stats.narinfo_requests),
@@ -2204,6 +2399,95 @@ fn attack_10_a_hanging_peer_rotating_its_port_is_backed_off_by_host() {
         "expected B to back off the hanging peer's host whatever port it names: L got narinfo \
          requests for {asked} of {MISSES} missed paths, expected at most {AT_MOST}"
     );
+    // The replies of a peer in backoff are ignored on the UDP path (they
+    // neither count as answers nor shorten the wait), and counted.
+    assert!(
+        shunned >= 1,
+        "expected B to ignore (and count in /health lan.replies_shunned) the UDP replies of the \
+         hanging peer while it is in backoff; replies_shunned is {shunned} after {MISSES} misses \
+         ({} replies from L)",
+        HostileStats::get(&l.stats.udp_replies)
+    );
     prober.finish("a hanging peer rotating its port");
+    b.peerix_mut().assert_alive_without_panic();
+}
+
+// ---------------------------------------------------------------------------
+// 10b. Several hanging peers share one lookup deadline
+// ---------------------------------------------------------------------------
+
+/// Three hostile peers, each in a namespace of its own, answer B's LAN
+/// query for one hash and then never answer the narinfo request that
+/// follows. One lookup on B (a root narinfo request) must be a 404, and
+/// only ONE of the three may get a narinfo request: the requests of one
+/// lookup share one deadline (one `--timeout` from the first answers), and
+/// the first hang spends it. A lookup that gave each peer a fresh timeout
+/// would ask all three. Counts, never times.
+#[test]
+fn attack_10b_hanging_peers_share_one_lookup_deadline() {
+    const HANGING: usize = 3;
+    let fx = realistic_fixture();
+    let (dir, lan, up) = world("shared_deadline", HANGING + 1);
+    // A LAN window long enough that all three replies arrive in it, and a
+    // narinfo timeout far shorter than the bound on the lookup below.
+    let mut b = lan_host(
+        &dir,
+        &lan,
+        0,
+        "b",
+        &up,
+        &[&fx.busybox],
+        &["--timeout", "1", "--lan-timeout", "1000"],
+    );
+    let peers: Vec<HostilePeer> = (1..=HANGING)
+        .map(|i| {
+            HostilePeer::start(
+                &lan,
+                i,
+                HostileConfig {
+                    items: Vec::new(),
+                    answer_every_query: true,
+                    hang_on_narinfo: true,
+                    nar: NarServe::Garbage,
+                    rotate_ports: 0,
+                },
+            )
+        })
+        .collect();
+    let prober = lan_prober(&b, &fx.busybox);
+    prober.wait_answers(0, 1, "before the lookup");
+
+    let hash = random_hashes(1).remove(0);
+    let got = lan_get(&b, &format!("/{hash}.narinfo"), Duration::from_secs(30));
+    let counts =
+        |f: fn(&HostileStats) -> u64| -> Vec<u64> { peers.iter().map(|p| f(&p.stats)).collect() };
+    let replies = counts(|s| HostileStats::get(&s.udp_replies));
+    let asked = counts(|s| HostileStats::get(&s.narinfo_requests));
+    eprintln!(
+        "shared deadline: B's lookup: {:?}; UDP replies of the {HANGING} hanging peers {replies:?}, \
+         narinfo requests they got {asked:?}",
+        got.as_ref().map(|r| r.status)
+    );
+    let response = got.unwrap_or_else(|e| panic!("B's lookup of a path only liars claim: {e}"));
+    assert_eq!(
+        response.status,
+        404,
+        "B's lookup of a path whose holders all hang: {}",
+        response.describe()
+    );
+    assert!(
+        replies.iter().all(|&n| n >= 1),
+        "expected each of the {HANGING} hanging peers to answer B's query (the scenario under \
+         test); their replies: {replies:?}"
+    );
+    let total: u64 = asked.iter().sum();
+    assert!(
+        total == 1,
+        "expected exactly one narinfo request among the {HANGING} hanging peers: the narinfo \
+         requests of one lookup share one deadline of one --timeout, which the first hang spends; \
+         they got {asked:?}"
+    );
+    drop(peers);
+    prober.finish("hanging peers sharing one lookup deadline");
     b.peerix_mut().assert_alive_without_panic();
 }
