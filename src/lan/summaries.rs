@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
 
-use super::summary::Summary;
+use super::summary::{Summary, SummaryError};
 use crate::nix::store_path::HashPart;
 use crate::peers::{Discovery, Failure, PeerId, PeerTable, Search};
 
@@ -309,9 +309,15 @@ fn fetch_loop(
         });
         let counter = match &result {
             Ok(_) => None,
-            Err(Unfetched::Bad(_)) => Some(&summaries.stats.dropped),
+            Err(Unfetched::Bad(_) | Unfetched::Lie(_)) => Some(&summaries.stats.dropped),
             Err(Unfetched::Unavailable(_)) => Some(&summaries.stats.fetch_failures),
         };
+        if let Err(Unfetched::Lie(why)) = &result {
+            log::warn!("peer {at}: {why}; banned");
+            summaries
+                .peers
+                .record_failure(PeerId::Http(at), Failure::Lied, Instant::now());
+        }
         if let Some(counter) = counter {
             counter.fetch_add(1, Ordering::Relaxed);
         }
@@ -323,8 +329,11 @@ fn fetch_loop(
 enum Unfetched {
     /// Unreachable, slow, an error status: maybe a passing problem.
     Unavailable(String),
-    /// Malformed, oversized, an unknown version, overfull: dropped.
+    /// Malformed, oversized, an unknown version: dropped.
     Bad(String),
+    /// A summary that claims far more than its paths could: dropped, and
+    /// its peer banned as a liar.
+    Lie(String),
 }
 
 impl std::fmt::Display for Unfetched {
@@ -332,6 +341,7 @@ impl std::fmt::Display for Unfetched {
         match self {
             Unfetched::Unavailable(why) => write!(f, "unavailable: {why}"),
             Unfetched::Bad(why) => write!(f, "bad summary: {why}"),
+            Unfetched::Lie(why) => write!(f, "lying summary: {why}"),
         }
     }
 }
@@ -360,7 +370,10 @@ fn fetch(agent: &ureq::Agent, at: SocketAddr) -> Result<Summary, Unfetched> {
             }
             e => Unfetched::Unavailable(format!("{url}: {e}")),
         })?;
-    Summary::parse(&body, MAX_SUMMARY).map_err(|e| Unfetched::Bad(format!("{url}: {e}")))
+    Summary::parse(&body, MAX_SUMMARY).map_err(|e| match e {
+        SummaryError::Overfull { .. } => Unfetched::Lie(format!("{url}: {e}")),
+        e => Unfetched::Bad(format!("{url}: {e}")),
+    })
 }
 
 impl Discovery for Summaries {
