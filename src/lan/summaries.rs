@@ -436,3 +436,116 @@ impl Search for SummarySearch<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `Summaries` without its fetching thread, started long enough ago
+    /// to have settled; fetches queue up unread.
+    fn settled() -> (Summaries, Receiver<(IpAddr, u64, SocketAddr)>) {
+        let (fetches, queue) = bounded(FETCH_QUEUE);
+        let summaries = Summaries {
+            state: Mutex::new(State {
+                hosts: HashMap::new(),
+                memory: 0,
+            }),
+            fetches,
+            peers: Arc::new(PeerTable::new()),
+            started: Instant::now() - SETTLE,
+            stats: SummaryStats::default(),
+        };
+        (summaries, queue)
+    }
+
+    fn ip(n: u8) -> IpAddr {
+        IpAddr::from([10, 77, 0, n])
+    }
+
+    fn hash(n: u8) -> HashPart {
+        HashPart::parse(&nix32::encode(&[n; 20])).unwrap()
+    }
+
+    use crate::nix::nix32;
+
+    #[test]
+    fn the_summaries_cover_the_lan_only_when_every_host_heard_has_a_fresh_one() {
+        let (summaries, queue) = settled();
+        assert!(summaries.cover_all(), "a quiet LAN is covered");
+        summaries.heard(ip(1));
+        assert!(!summaries.cover_all(), "a host without a summary");
+        summaries.announced(ip(1), 5, 80);
+        assert_eq!(queue.try_recv().unwrap().1, 5, "its summary is fetched");
+        assert!(!summaries.cover_all(), "not fetched yet");
+        summaries.fetched(ip(1), Ok(Summary::build(5, 1, &[hash(1)])));
+        assert!(summaries.cover_all());
+        let at = PeerId::Http(SocketAddr::new(ip(1), 80));
+        assert_eq!(summaries.holders(&hash(1)), vec![at]);
+        assert!(summaries.holders(&hash(2)).is_empty());
+        // A newer generation announced: the summary is stale until fetched.
+        summaries.announced(ip(1), 6, 80);
+        assert!(!summaries.cover_all());
+        assert!(summaries.holders(&hash(1)).is_empty());
+        // A bad summary leaves the host on the broadcast path.
+        summaries.fetched(ip(1), Err("bad".into()));
+        assert!(!summaries.cover_all());
+    }
+
+    #[test]
+    fn a_silent_host_is_forgotten_with_its_summary() {
+        let (summaries, _queue) = settled();
+        summaries.heard(ip(1));
+        summaries.announced(ip(1), 1, 80);
+        summaries.fetched(ip(1), Ok(Summary::build(1, 1, &[hash(1)])));
+        summaries.heard(ip(2));
+        assert!(summaries.lock().memory > 0);
+        let long_ago = Instant::now() - EXPIRY - Duration::from_secs(1);
+        for host in summaries.lock().hosts.values_mut() {
+            host.last_heard = long_ago;
+        }
+        assert!(summaries.cover_all(), "both forgotten: a quiet LAN again");
+        assert_eq!(summaries.coverage(), (0, 0, 0));
+    }
+
+    #[test]
+    fn all_summaries_together_stay_within_the_budget() {
+        let (summaries, _queue) = settled();
+        // Two summaries of a bit over half the budget each.
+        let paths = (MEMORY_BUDGET as u32 / 2) * 8 / BITS + 1;
+        for n in 1..=2 {
+            summaries.heard(ip(n));
+            summaries.announced(ip(n), 1, 80);
+            summaries.fetched(ip(n), Ok(Summary::build(1, paths, &[hash(n)])));
+        }
+        assert!(summaries.lock().memory <= MEMORY_BUDGET);
+        assert_eq!(summaries.stats.dropped.load(Ordering::Relaxed), 1);
+        assert_eq!(summaries.coverage().1, 1, "one kept, one dropped");
+    }
+
+    const BITS: u32 = super::super::summary::BITS_PER_PATH as u32;
+
+    #[test]
+    fn a_summary_whose_claims_keep_failing_gets_its_peer_banned() {
+        let (summaries, _queue) = settled();
+        summaries.heard(ip(1));
+        summaries.announced(ip(1), 1, 80);
+        summaries.fetched(ip(1), Ok(Summary::build(1, 1, &[hash(1)])));
+        let peer = PeerId::Http(SocketAddr::new(ip(1), 80));
+        // An honest filter's false positives: a few misses among many hits.
+        for _ in 0..200 {
+            summaries.claim_checked(&peer, true);
+        }
+        for _ in 0..CLAIM_MISSES_TOLERATED {
+            summaries.claim_checked(&peer, false);
+        }
+        assert!(summaries.peers.is_available(&peer, Instant::now()));
+        // A lie: nothing it claims is there.
+        let (liar_summaries, _queue) = settled();
+        liar_summaries.heard(ip(2));
+        let liar = PeerId::Http(SocketAddr::new(ip(2), 80));
+        for _ in 0..=CLAIM_MISSES_TOLERATED {
+            liar_summaries.claim_checked(&liar, false);
+        }
+        assert!(!liar_summaries.peers.is_available(&liar, Instant::now()));
+    }
+}
