@@ -9,7 +9,9 @@
 pub mod config;
 pub mod fetch;
 pub mod http;
+pub mod identity;
 pub mod lan;
 pub mod nix;
 pub mod peers;
 pub mod store;
+pub mod tracker;
