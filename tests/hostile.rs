@@ -48,9 +48,6 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-/// The name of the test upstream key (as cache.nixos.org-1 is upstream's).
-const UPSTREAM: &str = "upstream-test-1";
-
 /// The longest one loopback request may take before it counts as not
 /// answered: far beyond what a daemon with capacity for its own host needs.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(12);
@@ -1487,42 +1484,6 @@ fn attack_12_an_http_2_request_line_gets_505_and_a_close() {
 // LAN: hostile peers
 // ---------------------------------------------------------------------------
 
-/// A test's scratch dir, its LAN of `n` hosts and the upstream key pair.
-fn world(name: &str, n: usize) -> (TestDir, Lan, KeyPair) {
-    let dir = TestDir::new(name);
-    let lan = Lan::new(n);
-    let upstream = NixEnv::new(&dir.subdir("keys")).generate_key(&dir.path, UPSTREAM);
-    (dir, lan, upstream)
-}
-
-/// LAN host `i` holding the closures of `paths` (signed by `key`), its
-/// peerix started with `extra`.
-fn lan_host(
-    dir: &TestDir,
-    lan: &Lan,
-    i: usize,
-    name: &str,
-    key: &KeyPair,
-    paths: &[&str],
-    extra: &[&str],
-) -> LanHost {
-    let mut host = LanHost::new(dir, lan, i, name, paths);
-    if !paths.is_empty() {
-        host.host.sign(key, paths, true);
-    }
-    host.start_peerix(dir, key, extra);
-    host
-}
-
-/// A store outside the LAN holding the closures of `paths` signed by
-/// `key`: where a fake peer's narinfos and NARs come from.
-fn source_store(dir: &TestDir, key: &KeyPair, paths: &[&str]) -> Host {
-    let host = Host::new(dir, "src");
-    host.add_closure(paths);
-    host.sign(key, paths, true);
-    host
-}
-
 /// How a hostile peer serves NARs.
 #[derive(Clone, Copy, Debug)]
 enum NarServe {
@@ -1974,7 +1935,7 @@ fn attack_07_a_peer_that_ignores_range_and_trickles_cannot_stall_a_resume() {
     let fx = realistic_fixture();
     let many = many_fixture();
     let (dir, lan, up) = world("range_trickle", 3);
-    let mut b = lan_host(
+    let mut b = signed_host(
         &dir,
         &lan,
         0,
@@ -2101,7 +2062,7 @@ fn attack_08_downloads_trickling_just_above_the_floor_do_not_starve_loopback() {
     let fx = realistic_fixture();
     let many = many_fixture();
     let (dir, lan, up) = world("floor_trickle", 2);
-    let mut b = lan_host(
+    let mut b = signed_host(
         &dir,
         &lan,
         0,
@@ -2243,7 +2204,7 @@ fn attack_09_a_liar_rotating_its_port_is_banned_by_host() {
     let fx = realistic_fixture();
     let many = many_fixture();
     let (dir, lan, up) = world("rotating_liar", 2);
-    let mut b = lan_host(
+    let mut b = signed_host(
         &dir,
         &lan,
         0,
@@ -2339,7 +2300,7 @@ fn attack_10_a_hanging_peer_rotating_its_port_is_backed_off_by_host() {
     const AT_MOST: usize = 8;
     let fx = realistic_fixture();
     let (dir, lan, up) = world("rotating_hang", 2);
-    let mut b = lan_host(
+    let mut b = signed_host(
         &dir,
         &lan,
         0,
@@ -2430,7 +2391,7 @@ fn attack_10b_hanging_peers_share_one_lookup_deadline() {
     let (dir, lan, up) = world("shared_deadline", HANGING + 1);
     // A LAN window long enough that all three replies arrive in it, and a
     // narinfo timeout far shorter than the bound on the lookup below.
-    let mut b = lan_host(
+    let mut b = signed_host(
         &dir,
         &lan,
         0,

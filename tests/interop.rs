@@ -49,54 +49,9 @@ use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-/// The name of the test upstream key (as cache.nixos.org-1 is upstream's).
-const UPSTREAM: &str = "upstream-test-1";
-
 // ---------------------------------------------------------------------------
 // The test world (as in tests/lan.rs)
 // ---------------------------------------------------------------------------
-
-/// A test's scratch dir, its LAN of `n` hosts and the upstream key pair.
-fn world(name: &str, n: usize) -> (TestDir, Lan, KeyPair) {
-    let dir = TestDir::new(name);
-    let lan = Lan::new(n);
-    let upstream = NixEnv::new(&dir.subdir("keys")).generate_key(&dir.path, UPSTREAM);
-    (dir, lan, upstream)
-}
-
-/// A LAN host holding the closures of `paths`, signed by `key`, with peerix
-/// started with `extra` flags.
-fn signed_host(
-    dir: &TestDir,
-    lan: &Lan,
-    i: usize,
-    name: &str,
-    key: &KeyPair,
-    paths: &[&str],
-    extra: &[&str],
-) -> LanHost {
-    let mut host = LanHost::new(dir, lan, i, name, paths);
-    if !paths.is_empty() {
-        host.host.sign(key, paths, true);
-    }
-    host.start_peerix(dir, key, extra);
-    host
-}
-
-/// A store outside the LAN holding the closures of `paths` signed by `key`:
-/// where the original's store paths are taken from.
-fn source_store(dir: &TestDir, key: &KeyPair, paths: &[&str]) -> Host {
-    let host = Host::new(dir, "src");
-    host.add_closure(paths);
-    host.sign(key, paths, true);
-    host
-}
-
-/// `nix-store -r PATH` in `host` must succeed on this attempt.
-fn substitute_ok(host: &LanHost, key: &KeyPair, path: &str, what: &str) {
-    let out = host.substitute(&[&key.public], path);
-    assert_success(what, &out);
-}
 
 /// The closure of `path` is valid in `to`, byte for byte as in `from`, and
 /// `nix store verify` passes in `to` trusting only the upstream key.

@@ -282,6 +282,9 @@ fn serve_summary(context: &ServerContext, request: Request) {
     let Some(publisher) = &context.publisher else {
         return respond(request, text(404, "this host publishes no summary\n"));
     };
+    if !publisher.ready() {
+        return respond(request, text(404, "no summary before the first scan\n"));
+    }
     let published = publisher.current();
     let etag = format!("\"{}\"", published.generation);
     let matches = request

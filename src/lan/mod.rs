@@ -444,7 +444,8 @@ impl Responder {
         match packet {
             Packet::Announce { .. } => {}
             Packet::Solicit => {
-                if self.publisher.is_some() && self.limiter.allow(from.ip(), Instant::now()) {
+                let ready = self.publisher.as_ref().is_some_and(|p| p.ready());
+                if ready && self.limiter.allow(from.ip(), Instant::now()) {
                     self.send_announcement(from);
                 }
             }
@@ -491,7 +492,7 @@ impl Responder {
     /// Announces this host's summary to the LAN when it has changed (at
     /// most once a [`TICK`]) or every announcement interval.
     fn announce_if_due(&mut self) {
-        let Some(publisher) = &self.publisher else {
+        let Some(publisher) = self.publisher.as_ref().filter(|p| p.ready()) else {
             return;
         };
         let generation = publisher.current().generation;

@@ -286,6 +286,12 @@ impl Publisher {
         }
     }
 
+    /// Whether the shared set is known: not before the first scan, when it
+    /// would pass for an empty store and send every peer to a miss.
+    pub fn ready(&self) -> bool {
+        (self.version)() > 0
+    }
+
     /// The summary of the shared set as it is now.
     pub fn current(&self) -> std::sync::Arc<Published> {
         let version = (self.version)();

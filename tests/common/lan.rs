@@ -921,3 +921,52 @@ pub fn wait_peer(
         }
     })
 }
+
+// ---------------------------------------------------------------------------
+// The test world shared by the LAN tests
+// ---------------------------------------------------------------------------
+
+/// The name of the test upstream key (as cache.nixos.org-1 is upstream's).
+pub const UPSTREAM: &str = "upstream-test-1";
+
+/// A test's scratch dir, its LAN of `n` hosts and the upstream key pair.
+pub fn world(name: &str, n: usize) -> (TestDir, Lan, KeyPair) {
+    let dir = TestDir::new(name);
+    let lan = Lan::new(n);
+    let upstream = NixEnv::new(&dir.subdir("keys")).generate_key(&dir.path, UPSTREAM);
+    (dir, lan, upstream)
+}
+
+/// LAN host `i` holding the closures of `paths`, signed by `key`, with its
+/// peerix started with `extra` flags.
+pub fn signed_host(
+    dir: &TestDir,
+    lan: &Lan,
+    i: usize,
+    name: &str,
+    key: &KeyPair,
+    paths: &[&str],
+    extra: &[&str],
+) -> LanHost {
+    let mut host = LanHost::new(dir, lan, i, name, paths);
+    if !paths.is_empty() {
+        host.host.sign(key, paths, true);
+    }
+    host.start_peerix(dir, key, extra);
+    host
+}
+
+/// A store outside the LAN holding the closures of `paths` signed by `key`:
+/// where a fake peer's narinfos and NARs come from.
+pub fn source_store(dir: &TestDir, key: &KeyPair, paths: &[&str]) -> Host {
+    let host = Host::new(dir, "src");
+    host.add_closure(paths);
+    host.sign(key, paths, true);
+    host
+}
+
+/// `nix-store -r PATH` in `host` must succeed on this attempt.
+pub fn substitute_ok(host: &LanHost, key: &KeyPair, path: &str, what: &str) {
+    let out = host.substitute(&[&key.public], path);
+    super::assert_success(what, &out);
+}
