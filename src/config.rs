@@ -14,10 +14,12 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use crate::lan::{DEFAULT_LAN_TIMEOUT, DEFAULT_PORT, LanConfig, PeerSpec};
+pub use crate::store::policy::FilterMode;
+
 /// The public key of cache.nixos.org: paths it signed are public by construction.
 pub const DEFAULT_TRUSTED_KEY: &str =
     "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=";
-pub const DEFAULT_PORT: u16 = 12304;
 /// HTTP worker threads of the peer lane. A LAN lookup holds its worker
 /// while replies come in, and nix asks up to 25 narinfos at once, so a
 /// handful of workers would queue its misses; an idle worker costs about
@@ -25,47 +27,12 @@ pub const DEFAULT_PORT: u16 = 12304;
 pub const DEFAULT_WORKERS: usize = 16;
 pub const DEFAULT_DAEMON_SOCKET: &str = "/nix/var/nix/daemon-socket/socket";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/peerix";
-/// How long a LAN query collects replies. Long enough for a peer on Wi-Fi
-/// to hear a broadcast held back to the next DTIM beacon (102 ms apart, and
-/// often every second or third beacon), short enough that the miss nix waits
-/// for once per path (it then caches the 404 for an hour) is not felt.
-pub const DEFAULT_LAN_TIMEOUT: Duration = Duration::from_millis(250);
 /// Connect and read timeout towards peers, also the limit on a whole
 /// narinfo request and on each NAR chunk: a dead peer costs about this.
 pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(5);
 /// NARs up to this size are fetched and verified whole before nix sees a
 /// byte, so a bad peer is replaced without nix noticing. Most paths are small.
 pub const DEFAULT_VERIFY_BEFORE_SEND: u64 = 4 * 1024 * 1024;
-
-/// Which of this host's paths may be given to anyone other than its own nix.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FilterMode {
-    /// Share a path only if a trusted upstream key signed it.
-    Signed,
-    /// Share everything except names matching the deny-list.
-    Rules,
-    /// Share everything.
-    None,
-}
-
-impl FilterMode {
-    fn parse(value: &str) -> Result<FilterMode, String> {
-        match value {
-            "signed" => Ok(FilterMode::Signed),
-            "rules" => Ok(FilterMode::Rules),
-            "none" => Ok(FilterMode::None),
-            "nixpkgs" => Err(
-                "filter mode `nixpkgs` (asking the upstream cache) is not implemented yet; \
-                 use `signed`, which needs no network"
-                    .to_string(),
-            ),
-            other => Err(format!(
-                "unknown filter mode `{other}` (expected signed, rules or none)"
-            )),
-        }
-    }
-}
 
 /// The daemon's settings after flags, file and defaults are merged.
 #[derive(Clone, Debug)]
@@ -87,63 +54,6 @@ pub struct Config {
     /// Connect and read timeout for HTTP requests to peers.
     pub peer_timeout: Duration,
     pub verify_before_send: u64,
-}
-
-/// LAN discovery settings.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LanConfig {
-    pub enabled: bool,
-    /// How long a query collects replies.
-    pub timeout: Duration,
-    pub broadcast: bool,
-    /// Peers asked by unicast, for networks broadcast does not cross.
-    pub extra_peers: Vec<PeerSpec>,
-}
-
-/// `HOST[:PORT]` of a peer; resolved when used, so a name that does not
-/// resolve at boot is tried again later.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PeerSpec {
-    pub host: String,
-    pub port: u16,
-}
-
-impl PeerSpec {
-    pub fn parse(text: &str) -> Result<PeerSpec, String> {
-        if text.starts_with('[') || text.matches(':').count() > 1 {
-            // The LAN socket is IPv4, as broadcast is.
-            return Err(format!(
-                "`{text}`: IPv6 peers are not supported; give an IPv4 address or a name"
-            ));
-        }
-        let (host, port) = if text.matches(':').count() == 1 {
-            let (host, port) = text.split_once(':').unwrap_or((text, ""));
-            (host, Some(port))
-        } else {
-            (text, None)
-        };
-        if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == '/') {
-            return Err(format!("`{text}`: expected HOST[:PORT]"));
-        }
-        let port = match port {
-            None => DEFAULT_PORT,
-            Some(port) => port
-                .parse::<u16>()
-                .ok()
-                .filter(|&p| p != 0)
-                .ok_or_else(|| format!("`{text}`: port must be 1 to 65535"))?,
-        };
-        Ok(PeerSpec {
-            host: host.to_string(),
-            port,
-        })
-    }
-}
-
-impl fmt::Display for PeerSpec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.host, self.port)
-    }
 }
 
 /// What `peerix` was asked to do.
@@ -445,7 +355,8 @@ where
             Long("filter-mode") => {
                 let mode: String = parse_value(&flag, parser.value())?;
                 flags.filter_mode = Some(
-                    FilterMode::parse(&mode).map_err(|e| ConfigError(format!("{flag}: {e}")))?,
+                    mode.parse::<FilterMode>()
+                        .map_err(|e| ConfigError(format!("{flag}: {e}")))?,
                 );
             }
             Long("filter-pattern") => flags
@@ -503,7 +414,8 @@ fn merge(
 ) -> Result<Config, ConfigError> {
     let file_filter_mode = match &file.store.filter_mode {
         Some(mode) => Some(
-            FilterMode::parse(mode).map_err(|e| ConfigError(format!("store.filter_mode: {e}")))?,
+            mode.parse::<FilterMode>()
+                .map_err(|e| ConfigError(format!("store.filter_mode: {e}")))?,
         ),
         None => None,
     };
