@@ -633,4 +633,368 @@ mod tests {
             assert!(HELP.contains(flag), "--help lacks {flag}");
         }
     }
+
+    // The tests below go through the option table, so a new option is
+    // tested by its entry alone.
+
+    use super::options::{Opt, Shown};
+
+    fn run_with(
+        args: &[&str],
+        file: &str,
+        env: &dyn Fn(&str) -> Option<OsString>,
+    ) -> Result<Config, ConfigError> {
+        match parse_args_with_file_text(args.iter().copied(), Path::new("test.toml"), file, env)? {
+            Command::Run(config) => Ok(*config),
+            other => panic!("expected a config, got {other:?}"),
+        }
+    }
+
+    fn run_file(args: &[&str], file: &str) -> Result<Config, ConfigError> {
+        run_with(args, file, &no_env)
+    }
+
+    fn keyed() -> impl Iterator<Item = (&'static Opt, &'static str, &'static str)> {
+        options::all().filter_map(|opt| opt.key.map(|(section, key)| (opt, section, key)))
+    }
+
+    fn example(opt: &Opt) -> toml::Value {
+        let table: toml::Table = format!("v = {}", opt.example)
+            .parse()
+            .unwrap_or_else(|e| panic!("example of {:?}: {e}", opt.key));
+        table["v"].clone()
+    }
+
+    /// The flags that say `value`: the value flag once per item, or the
+    /// switch that stands for it.
+    fn as_flags(opt: &Opt, value: &toml::Value) -> Vec<String> {
+        let text = |v: &toml::Value| match v {
+            toml::Value::String(s) => s.clone(),
+            toml::Value::Integer(n) => n.to_string(),
+            toml::Value::Float(x) => x.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            other => panic!("no flag text for {other:?}"),
+        };
+        let items: Vec<String> = match value {
+            toml::Value::Array(items) => items.iter().map(text).collect(),
+            scalar => vec![text(scalar)],
+        };
+        let mut args = Vec::new();
+        for item in items {
+            let takes_value = opt.flags.iter().find(|f| matches!(f.arg, Arg::Value(_)));
+            let switch = opt
+                .flags
+                .iter()
+                .find(|f| matches!(f.arg, Arg::Switch(t) if t == item));
+            match (takes_value, switch) {
+                (Some(flag), _) => args.extend([format!("--{}", flag.long), item]),
+                (None, Some(flag)) => args.push(format!("--{}", flag.long)),
+                (None, None) => panic!("no flag of {:?} says {item}", opt.key),
+            }
+        }
+        args
+    }
+
+    fn strs(args: &[String]) -> Vec<&str> {
+        args.iter().map(String::as_str).collect()
+    }
+
+    #[test]
+    fn every_option_is_in_the_help() {
+        let help: &str = &HELP;
+        let (options_part, keys_part) = help
+            .split_once("Config file keys")
+            .expect("a section on the file's keys");
+        let mut file_keys = Vec::new();
+        let mut section = "";
+        for line in keys_part.lines().skip(1) {
+            let mut words = line.split_whitespace();
+            if line.starts_with("  [") {
+                section = words.next().unwrap();
+            }
+            file_keys.extend(words.map(|w| format!("{section} {}", w.trim_end_matches(','))));
+        }
+        for opt in options::all() {
+            for flag in opt.flags {
+                let long = format!("--{}", flag.long);
+                assert!(
+                    options_part
+                        .lines()
+                        .any(|l| l.split_whitespace().any(|w| w == long)),
+                    "--help lacks {long}"
+                );
+                if let Some(short) = flag.short {
+                    assert!(options_part.contains(&format!("-{short}, {long}")));
+                }
+                if let Arg::Value(metavar) = flag.arg {
+                    assert!(options_part.contains(&format!("{long} {metavar}")));
+                }
+                let first_words: String = flag.help.split_whitespace().take(3).collect();
+                let flat: String = options_part.split_whitespace().collect();
+                assert!(flat.contains(&first_words), "help of {long}");
+            }
+            if let Some((s, key)) = opt.key {
+                assert!(
+                    file_keys.contains(&format!("[{s}] {key}")),
+                    "--help lacks [{s}] {key}: {file_keys:?}"
+                );
+            }
+            if let Some(var) = opt.env {
+                assert!(
+                    options_part.contains(&format!("${var}")),
+                    "--help lacks ${var}"
+                );
+            }
+            if let Shown::Value(text) | Shown::Text(text) = opt.default {
+                let flat: String = options_part.split_whitespace().collect();
+                let text: String = text.split_whitespace().collect();
+                assert!(flat.contains(&text), "--help lacks the default {text}");
+            }
+        }
+        assert!(
+            options_part.contains(&format!("[default port: {DEFAULT_PORT}]")),
+            "--extra-peer's default port"
+        );
+    }
+
+    #[test]
+    fn help_fits_80_columns() {
+        for line in HELP.lines() {
+            let alone = line.trim_start();
+            // A default that is one long word (a key) cannot be broken.
+            let unbreakable = alone.starts_with("[default: ") && alone.matches(' ').count() == 1;
+            assert!(
+                line.len() <= help::WIDTH || unbreakable,
+                "too wide: {line:?}"
+            );
+            assert_eq!(line, line.trim_end(), "trailing space");
+        }
+        assert!(HELP.starts_with("peerix: a peer-to-peer binary cache for Nix."));
+        let lan_heading = HELP.find("\nLAN mode").unwrap();
+        assert!(HELP.find("--bind").unwrap() < lan_heading);
+        assert!(HELP.find("--lan-timeout").unwrap() > lan_heading);
+    }
+
+    #[test]
+    fn flags_and_keys_are_unique() {
+        let mut flags = Vec::new();
+        let mut keys = Vec::new();
+        for opt in options::all() {
+            for flag in opt.flags {
+                assert!(!flags.contains(&flag.long), "--{} twice", flag.long);
+                flags.push(flag.long);
+                if let Some(short) = flag.short {
+                    let short = format!("-{short}");
+                    assert!(!flags.iter().any(|f| *f == short), "{short} twice");
+                }
+            }
+            if let Some(key) = opt.key {
+                assert!(!keys.contains(&key), "{key:?} twice");
+                keys.push(key);
+            }
+            assert!(
+                !opt.flags.is_empty() || opt.key.is_some(),
+                "an unreachable option"
+            );
+        }
+    }
+
+    #[test]
+    fn every_key_from_the_file_equals_its_flags_and_environment() {
+        let defaults = Config::default();
+        assert_eq!(run_file(&[], "").unwrap(), defaults);
+        for (opt, section, key) in keyed() {
+            assert!(
+                matches!(opt.action, Action::Set(_)),
+                "{section}.{key} sets nothing"
+            );
+            let value = example(opt);
+            let from_file = run_file(&[], &format!("[{section}]\n{key} = {}\n", opt.example))
+                .unwrap_or_else(|e| panic!("{section}.{key} = {}: {e}", opt.example));
+            assert_ne!(
+                from_file, defaults,
+                "the example of {section}.{key} is the default, which proves nothing"
+            );
+            let args = as_flags(opt, &value);
+            let from_flags = run_file(&strs(&args), "").unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            assert_eq!(from_file, from_flags, "{section}.{key} vs {args:?}");
+            if let (Some(var), toml::Value::String(text)) = (opt.env, &value) {
+                let env = |name: &str| (name == var).then(|| OsString::from(text));
+                assert_eq!(run_with(&[], "", &env).unwrap(), from_file, "${var}");
+            }
+        }
+    }
+
+    #[test]
+    fn flags_win_over_the_file_over_the_environment_for_every_variable() {
+        for (opt, section, key) in keyed() {
+            let (Some(var), Some(flag)) = (opt.env, opt.flags.first()) else {
+                continue;
+            };
+            let env = |name: &str| (name == var).then(|| OsString::from("/from/env"));
+            let file = format!("[{section}]\n{key} = \"/from/file\"\n");
+            let flag = format!("--{}", flag.long);
+            let only_env = run_with(&[], "", &env).unwrap();
+            let env_and_file = run_with(&[], &file, &env).unwrap();
+            let all_three = run_with(&[&flag, "/from/flag"], &file, &env).unwrap();
+            let by_flag = run_file(&[&flag, "/from/flag"], "").unwrap();
+            let by_file = run_file(&[], &file).unwrap();
+            assert_ne!(only_env, env_and_file, "{var}");
+            assert_eq!(env_and_file, by_file, "the file wins over ${var}");
+            assert_eq!(all_three, by_flag, "{flag} wins over the file and ${var}");
+            let empty = |name: &str| (name == var).then(OsString::new);
+            assert_eq!(
+                run_with(&[], "", &empty).unwrap(),
+                Config::default(),
+                "an empty ${var} is unset"
+            );
+        }
+    }
+
+    #[test]
+    fn shown_defaults_are_the_defaults() {
+        for opt in options::all() {
+            let Shown::Value(text) = opt.default else {
+                continue;
+            };
+            let flag = opt.flags.first().expect("a flag");
+            assert!(matches!(flag.arg, Arg::Value(_)), "--{}", flag.long);
+            let long = format!("--{}", flag.long);
+            assert_eq!(
+                run_file(&[&long, text], "").unwrap(),
+                Config::default(),
+                "--help says {long} defaults to {text}"
+            );
+        }
+    }
+
+    #[test]
+    fn wrong_types_unknown_keys_and_bad_values_in_the_file_name_the_key() {
+        for (opt, section, key) in keyed() {
+            let wrong = match example(opt) {
+                toml::Value::String(_) | toml::Value::Array(_) => "1",
+                _ => "\"x\"",
+            };
+            let e = run_file(&[], &format!("[{section}]\n{key} = {wrong}\n")).unwrap_err();
+            let dotted = format!("{section}.{key}");
+            assert!(e.0.contains(&dotted) && e.0.contains("test.toml"), "{e}");
+            if let toml::Value::Array(_) = example(opt) {
+                let e = run_file(&[], &format!("[{section}]\n{key} = [1]\n")).unwrap_err();
+                assert!(e.0.contains(&dotted), "{e}");
+            }
+            let e = run_file(&[], &format!("[{section}]\n{key}s = 1\n")).unwrap_err();
+            assert!(e.0.contains(&format!("{dotted}s")), "{e}");
+        }
+        for (file, named) in [
+            ("[nosuch]\n", "[nosuch]"),
+            ("port = 1\n", "`port`"),
+            ("server = 1\n", "server"),
+            ("[server]\nworkers = 0\n", "server.workers"),
+            ("[server]\nworkers = 1.5\n", "server.workers"),
+            ("[server]\nport = 70000\n", "server.port"),
+            ("[server]\ntimeout = nan\n", "server.timeout"),
+            (
+                "[server]\nverify_before_send = 1000000000\n",
+                "server.verify_before_send",
+            ),
+            ("[store]\nscan_interval = -1\n", "store.scan_interval"),
+            ("[lan]\ntimeout_ms = 0\n", "lan.timeout_ms"),
+            ("[lan]\nextra_peers = [\"h:0\"]\n", "lan.extra_peers"),
+            ("[security]\n", "security"),
+            ("[store]\nno_verify = true\n", "store.no_verify"),
+            ("[server\n", "test.toml"),
+        ] {
+            let e = run_file(&[], file).unwrap_err();
+            assert!(e.0.contains(named), "{file:?}: {e}");
+        }
+        // A bad value in the file is refused even where a flag overrides it.
+        let e = run_file(&["--workers", "4"], "[server]\nworkers = 0\n").unwrap_err();
+        assert!(e.0.contains("server.workers"), "{e}");
+    }
+
+    #[test]
+    fn aliases_and_repeated_flags() {
+        let lan = |args: &[&str]| run_file(args, "").unwrap().lan.enabled;
+        assert!(!lan(&["--lan-discovery", "--no-lan"]), "the last one wins");
+        assert!(lan(&["--no-lan", "--lan-discovery"]));
+        assert!(lan(&[]));
+        assert!(lan(&["--lan-discovery"]));
+        assert!(
+            run_file(&["--lan-discovery"], "[lan]\ndiscovery = false\n")
+                .unwrap()
+                .lan
+                .enabled
+        );
+        assert!(run_file(&["-v"], "").unwrap().verbose);
+        assert!(run_file(&[], "[server]\nverbose = true\n").unwrap().verbose);
+        assert_eq!(run_file(&["--port=3000"], "").unwrap().port, 3000);
+        assert!(run_file(&["--no-lan=yes"], "").is_err());
+        assert!(matches!(parse_args(["-V"], &no_env), Ok(Command::Version)));
+        assert!(matches!(parse_args(["-h"], &no_env), Ok(Command::Help)));
+
+        let mode = |args: &[&str], file: &str| run_file(args, file).unwrap().filter_mode;
+        assert_eq!(
+            mode(&["--no-filter", "--filter-mode", "rules"], ""),
+            FilterMode::None
+        );
+        assert_eq!(
+            mode(&["--filter-mode", "rules"], "[store]\nno_filter = true\n"),
+            FilterMode::Rules
+        );
+        assert_eq!(
+            mode(&["--no-filter"], "[store]\nfilter_mode = \"rules\"\n"),
+            FilterMode::None
+        );
+        assert_eq!(
+            mode(&[], "[store]\nfilter_mode = \"rules\"\nno_filter = true\n"),
+            FilterMode::None
+        );
+        assert_eq!(
+            mode(&[], "[store]\nfilter_mode = \"rules\"\nno_filter = false\n"),
+            FilterMode::Rules
+        );
+
+        let keys = |args: &[&str], file: &str| run_file(args, file).unwrap().trusted_keys;
+        let file = "[store]\ntrusted_keys = [\"f-1:F\"]\n";
+        assert_eq!(keys(&[], file), ["f-1:F"]);
+        assert_eq!(
+            keys(&["--trusted-key", "a-1:A", "--trusted-key", "b-1:B"], file),
+            ["a-1:A", "b-1:B"]
+        );
+        assert!(keys(&[], "[store]\ntrusted_keys = []\n").is_empty());
+
+        let peers = |args: &[&str], file: &str| {
+            let config = run_file(args, file).unwrap();
+            config
+                .lan
+                .extra_peers
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            peers(
+                &["--extra-peer", "b", "--extra-peer", "c:1"],
+                "[lan]\nextra_peers = [\"a\"]\n"
+            ),
+            ["a:12304", "b:12304", "c:1"]
+        );
+        assert!(
+            !run_file(&[], "[lan]\nbroadcast = false\n")
+                .unwrap()
+                .lan
+                .broadcast
+        );
+        assert!(
+            !run_file(&["--no-broadcast"], "[lan]\nbroadcast = true\n")
+                .unwrap()
+                .lan
+                .broadcast
+        );
+    }
+
+    #[test]
+    fn the_default_trusted_key_is_a_key() {
+        crate::nix::keys::PublicKey::parse(DEFAULT_TRUSTED_KEY).unwrap();
+    }
 }
