@@ -14,7 +14,7 @@
 //! over the defaults. Each source is applied in the table's order: a
 //! setter overwrites what an earlier source set, except for lists, which
 //! either extend the earlier ones (`--filter-pattern`, `--extra-peer`) or
-//! replace them ([`Input::first`] tells a setter where a source starts).
+//! replace them (`Input::first` tells a setter where a source starts).
 //! Every value given is checked, also one a later source overrides.
 //!
 //! To add an option: add its field to [`Config`] (or to the domain module's

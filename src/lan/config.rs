@@ -1,6 +1,5 @@
-//! LAN discovery's own settings. The daemon's configuration (`crate::config`)
-//! fills them in from flags and the config file; this module knows nothing
-//! of either.
+//! LAN discovery's own settings. The daemon's configuration fills them in
+//! from flags and the config file; this module knows nothing of either.
 
 use std::fmt;
 use std::time::Duration;
