@@ -1,35 +1,60 @@
-//! Configuration: command-line flags, then a TOML file, then defaults.
+//! Configuration: command-line flags, then a TOML file, then the
+//! environment, then defaults.
 //!
-//! Flags win over the file, and the file wins over the defaults. Every key the
-//! file may hold is listed in [`FileConfig`]; an unknown key or a value of the
-//! wrong kind is an error that names the key. Keys of the original peerix that
-//! belong to features this version does not have yet are refused with a
-//! message that says so, rather than accepted and silently ignored.
+//! Every option is one entry of the table in `config/options.rs`: its flags
+//! (with aliases such as `--no-lan` for `--lan-discovery`), each with its
+//! help line, its `[section] key` in the config file, its environment
+//! fallback, the default `--help` shows, an example value, and the one
+//! setter that parses a value (a flag's text, an environment variable or a
+//! TOML value) into [`Config`]. `--help` is written from the table, the
+//! config file's sections and keys are the table's (an unknown one is an
+//! error naming it), and the tests go through every entry.
+//!
+//! Flags win over the file, the file over the environment, the environment
+//! over the defaults. Each source is applied in the table's order: a
+//! setter overwrites what an earlier source set, except for lists, which
+//! either extend the earlier ones (`--filter-pattern`, `--extra-peer`) or
+//! replace them (`Input::first` tells a setter where a source starts).
+//! Every value given is checked, also one a later source overrides.
+//!
+//! To add an option: add its field to [`Config`] (or to the domain module's
+//! config type it composes) with its default in `Config::default`, then add
+//! one `opt(...)` entry to a group in `config/options.rs`: the flag(s) with
+//! help, `.key(section, key)` if the file may set it, `.env(VAR)` if the
+//! environment may, `.default(..)` as help shows it (a test checks it is
+//! the real default), `.example(..)` (a TOML value other than the default),
+//! and the setter. Nothing else changes.
+//!
+//! Keys of the original peerix that belong to features this version does
+//! not have yet are refused with a message that says so, rather than
+//! accepted and silently ignored.
+
+mod help;
+mod options;
 
 use std::ffi::OsString;
 use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::LazyLock;
 use std::time::Duration;
 
-use serde::Deserialize;
+pub use crate::lan::{DEFAULT_LAN_TIMEOUT, DEFAULT_PORT, LanConfig, PeerSpec};
+pub use crate::store::policy::FilterMode;
+use options::{Action, Arg, Input, Opt};
 
 /// The public key of cache.nixos.org: paths it signed are public by construction.
 pub const DEFAULT_TRUSTED_KEY: &str =
     "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=";
-pub const DEFAULT_PORT: u16 = 12304;
 /// HTTP worker threads of the peer lane. A LAN lookup holds its worker
 /// while replies come in, and nix asks up to 25 narinfos at once, so a
 /// handful of workers would queue its misses; an idle worker costs about
 /// 10 KB.
 pub const DEFAULT_WORKERS: usize = 16;
+pub const DEFAULT_PRIORITY: u32 = 5;
 pub const DEFAULT_DAEMON_SOCKET: &str = "/nix/var/nix/daemon-socket/socket";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/peerix";
-/// How long a LAN query collects replies. Long enough for a peer on Wi-Fi
-/// to hear a broadcast held back to the next DTIM beacon (102 ms apart, and
-/// often every second or third beacon), short enough that the miss nix waits
-/// for once per path (it then caches the 404 for an hour) is not felt.
-pub const DEFAULT_LAN_TIMEOUT: Duration = Duration::from_millis(250);
+pub const DEFAULT_SCAN_INTERVAL: Duration = Duration::from_secs(3600);
 /// Connect and read timeout towards peers, also the limit on a whole
 /// narinfo request and on each NAR chunk: a dead peer costs about this.
 pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -37,38 +62,18 @@ pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(5);
 /// byte, so a bad peer is replaced without nix noticing. Most paths are small.
 pub const DEFAULT_VERIFY_BEFORE_SEND: u64 = 4 * 1024 * 1024;
 
-/// Which of this host's paths may be given to anyone other than its own nix.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FilterMode {
-    /// Share a path only if a trusted upstream key signed it.
-    Signed,
-    /// Share everything except names matching the deny-list.
-    Rules,
-    /// Share everything.
-    None,
-}
+/// Sections and keys of the original peerix for features this version does
+/// not have yet.
+const UNBUILT: &[&str] = &[
+    "tracker",
+    "security",
+    "store.filter_concurrency",
+    "store.no_verify",
+    "store.upstream_cache",
+];
 
-impl FilterMode {
-    fn parse(value: &str) -> Result<FilterMode, String> {
-        match value {
-            "signed" => Ok(FilterMode::Signed),
-            "rules" => Ok(FilterMode::Rules),
-            "none" => Ok(FilterMode::None),
-            "nixpkgs" => Err(
-                "filter mode `nixpkgs` (asking the upstream cache) is not implemented yet; \
-                 use `signed`, which needs no network"
-                    .to_string(),
-            ),
-            other => Err(format!(
-                "unknown filter mode `{other}` (expected signed, rules or none)"
-            )),
-        }
-    }
-}
-
-/// The daemon's settings after flags, file and defaults are merged.
-#[derive(Clone, Debug)]
+/// The daemon's settings after flags, file, environment and defaults are merged.
+#[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     pub bind: IpAddr,
     pub port: u16,
@@ -89,60 +94,26 @@ pub struct Config {
     pub verify_before_send: u64,
 }
 
-/// LAN discovery settings.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LanConfig {
-    pub enabled: bool,
-    /// How long a query collects replies.
-    pub timeout: Duration,
-    pub broadcast: bool,
-    /// Peers asked by unicast, for networks broadcast does not cross.
-    pub extra_peers: Vec<PeerSpec>,
-}
-
-/// `HOST[:PORT]` of a peer; resolved when used, so a name that does not
-/// resolve at boot is tried again later.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PeerSpec {
-    pub host: String,
-    pub port: u16,
-}
-
-impl PeerSpec {
-    pub fn parse(text: &str) -> Result<PeerSpec, String> {
-        if text.starts_with('[') || text.matches(':').count() > 1 {
-            // The LAN socket is IPv4, as broadcast is.
-            return Err(format!(
-                "`{text}`: IPv6 peers are not supported; give an IPv4 address or a name"
-            ));
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            bind: IpAddr::from([0, 0, 0, 0]),
+            port: DEFAULT_PORT,
+            workers: DEFAULT_WORKERS,
+            priority: DEFAULT_PRIORITY,
+            daemon_socket: PathBuf::from(DEFAULT_DAEMON_SOCKET),
+            store_root: PathBuf::from("/"),
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            private_key_file: None,
+            trusted_keys: vec![DEFAULT_TRUSTED_KEY.to_string()],
+            filter_mode: FilterMode::Signed,
+            filter_patterns: Vec::new(),
+            scan_interval: Some(DEFAULT_SCAN_INTERVAL),
+            verbose: false,
+            lan: LanConfig::default(),
+            peer_timeout: DEFAULT_PEER_TIMEOUT,
+            verify_before_send: DEFAULT_VERIFY_BEFORE_SEND,
         }
-        let (host, port) = if text.matches(':').count() == 1 {
-            let (host, port) = text.split_once(':').unwrap_or((text, ""));
-            (host, Some(port))
-        } else {
-            (text, None)
-        };
-        if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == '/') {
-            return Err(format!("`{text}`: expected HOST[:PORT]"));
-        }
-        let port = match port {
-            None => DEFAULT_PORT,
-            Some(port) => port
-                .parse::<u16>()
-                .ok()
-                .filter(|&p| p != 0)
-                .ok_or_else(|| format!("`{text}`: port must be 1 to 65535"))?,
-        };
-        Ok(PeerSpec {
-            host: host.to_string(),
-            port,
-        })
-    }
-}
-
-impl fmt::Display for PeerSpec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.host, self.port)
     }
 }
 
@@ -170,193 +141,8 @@ fn err<T>(message: impl Into<String>) -> Result<T, ConfigError> {
     Err(ConfigError(message.into()))
 }
 
-pub const HELP: &str = "\
-peerix: a peer-to-peer binary cache for Nix.
-
-Serves this host's Nix store as a binary cache on http://BIND:PORT for the
-local nix (root endpoints, loopback only) and under /local/ for the network
-(only the paths the share policy allows).
-
-Usage: peerix [OPTIONS]
-
-Options:
-  --bind ADDR            address to listen on [default: 0.0.0.0]
-  --port N               HTTP port [default: 12304]
-  --workers N            HTTP threads for work that waits on peers; half as
-                         many (at least 2) serve this host's own requests and
-                         half as many other hosts' [default: 16]
-  --priority N           Priority in /nix-cache-info, lower is preferred [default: 5]
-  --daemon-socket PATH   nix-daemon socket [default: $NIX_DAEMON_SOCKET_PATH,
-                         else /nix/var/nix/daemon-socket/socket]
-  --store-root DIR       physical root that holds nix/store; a chroot store
-                         /tmp/h1 keeps its files in /tmp/h1/nix/store [default: /]
-  --state-dir DIR        where state will be kept (node key, statistics);
-                         nothing is written there yet [default: /var/lib/peerix]
-  --private-key FILE     Nix secret key (nix-store --generate-binary-cache-key)
-                         that signs this host's own narinfos
-                         [default: $NIX_SECRET_KEY_FILE, else none]
-  --trusted-key NAME:KEY public key whose signature makes a path shareable in
-                         the `signed` filter mode; repeatable
-                         [default: cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=]
-  --filter-mode MODE     signed: share paths a trusted key signed;
-                         rules: share all but names on the deny-list;
-                         none: share everything [default: signed]
-  --filter-pattern GLOB  extra deny pattern for `rules` mode; repeatable
-  --no-filter            share everything (same as --filter-mode none)
-  --scan-interval SECS   rescan the store every SECS seconds, 0 = never;
-                         SIGHUP rescans at once [default: 3600]
-  --config FILE          TOML config file [default: ~/.config/peerix/config.toml
-                         if it exists]
-  --verbose              debug logging (RUST_LOG overrides)
-  -h, --help             print this help
-  -V, --version          print the version
-
-LAN mode (on unless --no-lan; peers are asked by UDP on the HTTP port number):
-  --lan-discovery        ask peers on the LAN for paths this host lacks
-                         [default: on, as no tracker is configured]
-  --no-lan               no LAN discovery: neither ask nor answer peers
-  --lan-timeout MS       how long a query collects replies [default: 250]
-  --extra-peer HOST[:PORT]  also ask this peer by unicast (VPN, Tailscale);
-                         repeatable [default port: 12304]
-  --no-broadcast         do not broadcast; ask only the extra peers
-  --timeout SECS         connect and read timeout towards peers, also the
-                         limit on a narinfo request and on each NAR chunk
-                         [default: 5]
-  --verify-before-send BYTES  NARs from peers up to this size are verified
-                         whole before nix gets a byte; larger ones stream
-                         and are cut off if they turn out wrong [default: 4194304]
-
-Config file keys (flags win over the file):
-  [server]   bind, port, workers, priority, state_dir, verbose, timeout,
-             verify_before_send
-  [lan]      discovery, timeout_ms, broadcast, extra_peers
-  [store]    daemon_socket, store_root, scan_interval, filter_mode,
-             filter_patterns, no_filter, trusted_keys
-  [signing]  private_key
-";
-
-/// Flags as given; `None` means not given.
-#[derive(Default, Debug)]
-struct Flags {
-    bind: Option<IpAddr>,
-    port: Option<u16>,
-    workers: Option<usize>,
-    priority: Option<u32>,
-    daemon_socket: Option<PathBuf>,
-    store_root: Option<PathBuf>,
-    state_dir: Option<PathBuf>,
-    private_key_file: Option<PathBuf>,
-    trusted_keys: Vec<String>,
-    filter_mode: Option<FilterMode>,
-    filter_patterns: Vec<String>,
-    no_filter: bool,
-    scan_interval: Option<u64>,
-    config: Option<PathBuf>,
-    verbose: bool,
-    lan: Option<bool>,
-    lan_timeout_ms: Option<u64>,
-    extra_peers: Vec<PeerSpec>,
-    no_broadcast: bool,
-    timeout_secs: Option<f64>,
-    verify_before_send: Option<u64>,
-}
-
-/// The TOML file. `deny_unknown_fields` makes a typo an error naming the key.
-#[derive(Default, Deserialize, Debug)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    #[serde(default)]
-    server: ServerSection,
-    #[serde(default)]
-    store: StoreSection,
-    #[serde(default)]
-    signing: SigningSection,
-    #[serde(default)]
-    lan: LanSection,
-    tracker: Option<toml::Table>,
-    security: Option<toml::Table>,
-}
-
-#[derive(Default, Deserialize, Debug)]
-#[serde(deny_unknown_fields)]
-struct ServerSection {
-    bind: Option<IpAddr>,
-    port: Option<u16>,
-    workers: Option<usize>,
-    priority: Option<u32>,
-    state_dir: Option<PathBuf>,
-    verbose: Option<bool>,
-    timeout: Option<f64>,
-    verify_before_send: Option<u64>,
-}
-
-#[derive(Default, Deserialize, Debug)]
-#[serde(deny_unknown_fields)]
-struct LanSection {
-    discovery: Option<bool>,
-    timeout_ms: Option<u64>,
-    broadcast: Option<bool>,
-    extra_peers: Option<Vec<String>>,
-}
-
-#[derive(Default, Deserialize, Debug)]
-#[serde(deny_unknown_fields)]
-struct StoreSection {
-    daemon_socket: Option<PathBuf>,
-    store_root: Option<PathBuf>,
-    scan_interval: Option<u64>,
-    filter_mode: Option<String>,
-    filter_patterns: Option<Vec<String>>,
-    no_filter: Option<bool>,
-    trusted_keys: Option<Vec<String>>,
-    filter_concurrency: Option<toml::Value>,
-    no_verify: Option<toml::Value>,
-    upstream_cache: Option<toml::Value>,
-}
-
-#[derive(Default, Deserialize, Debug)]
-#[serde(deny_unknown_fields)]
-struct SigningSection {
-    private_key: Option<PathBuf>,
-}
-
-impl FileConfig {
-    fn load(path: &Path) -> Result<FileConfig, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
-        FileConfig::parse(&text, path)
-    }
-
-    /// `path` only names the file in errors.
-    fn parse(text: &str, path: &Path) -> Result<FileConfig, ConfigError> {
-        let file: FileConfig = toml::from_str(text)
-            .map_err(|e| ConfigError(format!("config file {}: {e}", path.display())))?;
-        file.refuse_unbuilt_features(path)?;
-        Ok(file)
-    }
-
-    /// Keys of the original peerix whose features do not exist here yet.
-    fn refuse_unbuilt_features(&self, path: &Path) -> Result<(), ConfigError> {
-        let unbuilt = [
-            ("tracker", self.tracker.is_some()),
-            ("security", self.security.is_some()),
-            (
-                "store.filter_concurrency",
-                self.store.filter_concurrency.is_some(),
-            ),
-            ("store.no_verify", self.store.no_verify.is_some()),
-            ("store.upstream_cache", self.store.upstream_cache.is_some()),
-        ];
-        match unbuilt.iter().find(|(_, present)| *present) {
-            Some((key, _)) => err(format!(
-                "config file {}: key `{key}` belongs to a feature this version of peerix \
-                 does not have yet (the tracker, the upstream filter); remove it",
-                path.display()
-            )),
-            None => Ok(()),
-        }
-    }
-}
+/// The text of `--help`, written from the option table.
+pub static HELP: LazyLock<String> = LazyLock::new(help::render);
 
 /// Parses the command line (without the program name) and the config file it
 /// names. `env` looks up environment variables, so tests need not touch the
@@ -374,16 +160,16 @@ where
         Parsed::Help => return Ok(Command::Help),
         Parsed::Version => return Ok(Command::Version),
     };
-    let file = match &flags.config {
-        Some(path) => FileConfig::load(path)?,
+    let file = match &flags.config_file {
+        Some(path) => Some(File::load(path)?),
         None => {
             match env("HOME").map(|home| PathBuf::from(home).join(".config/peerix/config.toml")) {
-                Some(path) if path.is_file() => FileConfig::load(&path)?,
-                _ => FileConfig::default(),
+                Some(path) if path.is_file() => Some(File::load(&path)?),
+                _ => None,
             }
         }
     };
-    merge(flags, file, env).map(|config| Command::Run(Box::new(config)))
+    merge(&flags, file.as_ref(), env).map(|config| Command::Run(Box::new(config)))
 }
 
 /// [`parse_args`] with the config file's text given, as if the file `name`
@@ -404,12 +190,20 @@ where
         Parsed::Help => return Ok(Command::Help),
         Parsed::Version => return Ok(Command::Version),
     };
-    let file = FileConfig::parse(text, name)?;
-    merge(flags, file, env).map(|config| Command::Run(Box::new(config)))
+    let file = File::parse(text, name)?;
+    merge(&flags, Some(&file), env).map(|config| Command::Run(Box::new(config)))
+}
+
+/// The command line, checked but not yet applied.
+struct Flags {
+    /// Each option's values (index in [`options::all`]), with the flag as
+    /// given, in the order given.
+    given: Vec<(usize, String, OsString)>,
+    config_file: Option<PathBuf>,
 }
 
 enum Parsed {
-    Flags(Box<Flags>),
+    Flags(Flags),
     Help,
     Version,
 }
@@ -421,202 +215,185 @@ where
 {
     use lexopt::prelude::*;
 
-    let mut flags = Flags::default();
+    let table: Vec<&Opt> = options::all().collect();
+    let mut flags = Flags {
+        given: Vec::new(),
+        config_file: None,
+    };
+    // Each value is checked as it comes, so the first bad flag is the one
+    // reported; it is applied later, in the table's order.
+    let mut scratch = Config::default();
     let mut parser = lexopt::Parser::from_args(args);
     let wrap = |e: lexopt::Error| ConfigError(e.to_string());
     while let Some(arg) = parser.next().map_err(wrap)? {
-        let flag = match &arg {
-            Long(name) => format!("--{name}"),
-            Short(c) => format!("-{c}"),
+        let (name, found) = match &arg {
+            Long(long) => (
+                format!("--{long}"),
+                find_flag(&table, |flag| flag.long == *long),
+            ),
+            Short(short) => (
+                format!("-{short}"),
+                find_flag(&table, |flag| flag.short == Some(*short)),
+            ),
             Value(v) => return err(format!("unexpected argument {v:?}; see --help")),
         };
-        match arg {
-            Short('h') | Long("help") => return Ok(Parsed::Help),
-            Short('V') | Long("version") => return Ok(Parsed::Version),
-            Long("bind") => flags.bind = Some(parse_value(&flag, parser.value())?),
-            Long("port") => flags.port = Some(parse_value(&flag, parser.value())?),
-            Long("workers") => flags.workers = Some(parse_value(&flag, parser.value())?),
-            Long("priority") => flags.priority = Some(parse_value(&flag, parser.value())?),
-            Long("daemon-socket") => flags.daemon_socket = Some(path_value(parser.value())?),
-            Long("store-root") => flags.store_root = Some(path_value(parser.value())?),
-            Long("state-dir") => flags.state_dir = Some(path_value(parser.value())?),
-            Long("private-key") => flags.private_key_file = Some(path_value(parser.value())?),
-            Long("trusted-key") => flags.trusted_keys.push(parse_value(&flag, parser.value())?),
-            Long("filter-mode") => {
-                let mode: String = parse_value(&flag, parser.value())?;
-                flags.filter_mode = Some(
-                    FilterMode::parse(&mode).map_err(|e| ConfigError(format!("{flag}: {e}")))?,
-                );
+        let Some((index, arg)) = found else {
+            return err(format!("unknown option {name}; see --help"));
+        };
+        let value = match arg {
+            Arg::Value(_) => parser.value().map_err(wrap)?,
+            Arg::Switch(implied) => OsString::from(implied),
+        };
+        match table[index].action {
+            Action::Help => return Ok(Parsed::Help),
+            Action::Version => return Ok(Parsed::Version),
+            Action::ConfigFile => flags.config_file = Some(PathBuf::from(value)),
+            Action::Set(set) => {
+                set(&mut scratch, &Input::text(&value, true))
+                    .map_err(|e| ConfigError(format!("{name}: {e}")))?;
+                flags.given.push((index, name, value));
             }
-            Long("filter-pattern") => flags
-                .filter_patterns
-                .push(parse_value(&flag, parser.value())?),
-            Long("no-filter") => flags.no_filter = true,
-            Long("scan-interval") => {
-                flags.scan_interval = Some(parse_value(&flag, parser.value())?)
-            }
-            Long("config") => flags.config = Some(path_value(parser.value())?),
-            Long("verbose") | Short('v') => flags.verbose = true,
-            Long("lan-discovery") => flags.lan = Some(true),
-            Long("no-lan") => flags.lan = Some(false),
-            Long("lan-timeout") => flags.lan_timeout_ms = Some(parse_value(&flag, parser.value())?),
-            Long("extra-peer") => {
-                let text: String = parse_value(&flag, parser.value())?;
-                flags
-                    .extra_peers
-                    .push(PeerSpec::parse(&text).map_err(|e| ConfigError(format!("{flag}: {e}")))?);
-            }
-            Long("no-broadcast") => flags.no_broadcast = true,
-            Long("timeout") => flags.timeout_secs = Some(parse_value(&flag, parser.value())?),
-            Long("verify-before-send") => {
-                flags.verify_before_send = Some(parse_value(&flag, parser.value())?)
-            }
-            _ => return err(format!("unknown option {flag}; see --help")),
         }
     }
-    Ok(Parsed::Flags(Box::new(flags)))
+    Ok(Parsed::Flags(flags))
 }
 
-fn path_value(value: Result<OsString, lexopt::Error>) -> Result<PathBuf, ConfigError> {
-    value
-        .map(PathBuf::from)
-        .map_err(|e| ConfigError(e.to_string()))
+/// The option (its index) and the kind of argument of the flag that
+/// `matches`.
+fn find_flag(table: &[&Opt], matches: impl Fn(&options::Flag) -> bool) -> Option<(usize, Arg)> {
+    table.iter().enumerate().find_map(|(index, opt)| {
+        opt.flags
+            .iter()
+            .find(|flag| matches(flag))
+            .map(|flag| (index, flag.arg))
+    })
 }
 
-fn parse_value<T>(flag: &str, value: Result<OsString, lexopt::Error>) -> Result<T, ConfigError>
-where
-    T: std::str::FromStr,
-    T::Err: fmt::Display,
-{
-    let value = value.map_err(|e| ConfigError(e.to_string()))?;
-    let text = value
-        .to_str()
-        .ok_or_else(|| ConfigError(format!("{flag}: value is not UTF-8")))?;
-    text.parse()
-        .map_err(|e| ConfigError(format!("{flag}: invalid value `{text}`: {e}")))
+/// A config file whose sections and keys are known; its values are checked
+/// when applied.
+struct File {
+    name: PathBuf,
+    table: toml::Table,
 }
 
+impl File {
+    fn load(path: &Path) -> Result<File, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("cannot read config file {}: {e}", path.display())))?;
+        File::parse(&text, path)
+    }
+
+    /// `name` only names the file in errors.
+    fn parse(text: &str, name: &Path) -> Result<File, ConfigError> {
+        let fail = |message: String| err(format!("config file {}: {message}", name.display()));
+        let table: toml::Table = match text.parse() {
+            Ok(table) => table,
+            Err(e) => return fail(e.to_string()),
+        };
+        let sections = help::sections();
+        let known = || {
+            let names: Vec<String> = sections.iter().map(|s| format!("[{s}]")).collect();
+            names.join(", ")
+        };
+        for (section, value) in &table {
+            if UNBUILT.contains(&section.as_str()) {
+                return fail(unbuilt(section));
+            }
+            if !sections.contains(&section.as_str()) {
+                return fail(match value {
+                    toml::Value::Table(_) => {
+                        format!("unknown section `[{section}]` (known: {})", known())
+                    }
+                    _ => format!(
+                        "unknown key `{section}`: keys belong in a section ({})",
+                        known()
+                    ),
+                });
+            }
+            let toml::Value::Table(keys) = value else {
+                return fail(format!(
+                    "`{section}` must be a section ([{section}]), not {}",
+                    value.type_str()
+                ));
+            };
+            let allowed: Vec<&str> = options::all()
+                .filter_map(|opt| opt.key)
+                .filter(|(s, _)| s == section)
+                .map(|(_, key)| key)
+                .collect();
+            for key in keys.keys() {
+                let dotted = format!("{section}.{key}");
+                if UNBUILT.contains(&dotted.as_str()) {
+                    return fail(unbuilt(&dotted));
+                }
+                if !allowed.contains(&key.as_str()) {
+                    return fail(format!(
+                        "unknown key `{dotted}` (known in [{section}]: {})",
+                        allowed.join(", ")
+                    ));
+                }
+            }
+        }
+        Ok(File {
+            name: name.to_path_buf(),
+            table,
+        })
+    }
+
+    fn get(&self, section: &str, key: &str) -> Option<&toml::Value> {
+        self.table.get(section)?.as_table()?.get(key)
+    }
+}
+
+fn unbuilt(key: &str) -> String {
+    format!(
+        "key `{key}` belongs to a feature this version of peerix does not have yet \
+         (the tracker, the upstream filter); remove it"
+    )
+}
+
+/// Defaults, then the environment, then the file, then the flags.
 fn merge(
-    flags: Box<Flags>,
-    file: FileConfig,
+    flags: &Flags,
+    file: Option<&File>,
     env: &dyn Fn(&str) -> Option<OsString>,
 ) -> Result<Config, ConfigError> {
-    let file_filter_mode = match &file.store.filter_mode {
-        Some(mode) => Some(
-            FilterMode::parse(mode).map_err(|e| ConfigError(format!("store.filter_mode: {e}")))?,
-        ),
-        None => None,
-    };
-    let filter_mode = if flags.no_filter {
-        FilterMode::None
-    } else if let Some(mode) = flags.filter_mode {
-        mode
-    } else if file.store.no_filter == Some(true) {
-        FilterMode::None
-    } else {
-        file_filter_mode.unwrap_or(FilterMode::Signed)
-    };
-
-    let workers = flags
-        .workers
-        .or(file.server.workers)
-        .unwrap_or(DEFAULT_WORKERS);
-    if !(1..=256).contains(&workers) {
-        return err(format!("workers: {workers} is out of range (1 to 256)"));
+    let mut config = Config::default();
+    for opt in options::all() {
+        let (Some(var), Action::Set(set)) = (opt.env, opt.action) else {
+            continue;
+        };
+        if let Some(value) = env(var).filter(|v| !v.is_empty()) {
+            set(&mut config, &Input::text(&value, true))
+                .map_err(|e| ConfigError(format!("${var}: {e}")))?;
+        }
     }
-    let port = flags.port.or(file.server.port).unwrap_or(DEFAULT_PORT);
-    let trusted_keys = if !flags.trusted_keys.is_empty() {
-        flags.trusted_keys
-    } else {
-        file.store
-            .trusted_keys
-            .unwrap_or_else(|| vec![DEFAULT_TRUSTED_KEY.to_string()])
-    };
-    let mut filter_patterns = file.store.filter_patterns.unwrap_or_default();
-    filter_patterns.extend(flags.filter_patterns);
-    let scan_secs = flags
-        .scan_interval
-        .or(file.store.scan_interval)
-        .unwrap_or(3600);
-    let env_path = |name: &str| env(name).filter(|v| !v.is_empty()).map(PathBuf::from);
-
-    let lan_timeout_ms = flags
-        .lan_timeout_ms
-        .or(file.lan.timeout_ms)
-        .unwrap_or(DEFAULT_LAN_TIMEOUT.as_millis() as u64);
-    if !(1..=10_000).contains(&lan_timeout_ms) {
-        return err(format!(
-            "lan timeout: {lan_timeout_ms} ms is out of range (1 to 10000)"
-        ));
+    if let Some(file) = file {
+        for opt in options::all() {
+            let (Some((section, key)), Action::Set(set)) = (opt.key, opt.action) else {
+                continue;
+            };
+            if let Some(value) = file.get(section, key) {
+                set(&mut config, &Input::toml(value, true)).map_err(|e| {
+                    ConfigError(format!(
+                        "config file {}: {section}.{key}: {e}",
+                        file.name.display()
+                    ))
+                })?;
+            }
+        }
     }
-    let mut extra_peers = file
-        .lan
-        .extra_peers
-        .unwrap_or_default()
-        .iter()
-        .map(|text| PeerSpec::parse(text).map_err(|e| ConfigError(format!("lan.extra_peers: {e}"))))
-        .collect::<Result<Vec<_>, _>>()?;
-    extra_peers.extend(flags.extra_peers);
-    let lan = LanConfig {
-        enabled: flags.lan.or(file.lan.discovery).unwrap_or(true),
-        timeout: Duration::from_millis(lan_timeout_ms),
-        broadcast: !flags.no_broadcast && file.lan.broadcast.unwrap_or(true),
-        extra_peers,
-    };
-    let timeout_secs = flags
-        .timeout_secs
-        .or(file.server.timeout)
-        .unwrap_or(DEFAULT_PEER_TIMEOUT.as_secs_f64());
-    if !(0.05..=600.0).contains(&timeout_secs) {
-        return err(format!(
-            "timeout: {timeout_secs} seconds is out of range (0.05 to 600)"
-        ));
+    for (index, opt) in options::all().enumerate() {
+        let Action::Set(set) = opt.action else {
+            continue;
+        };
+        let values = flags.given.iter().filter(|(i, _, _)| *i == index);
+        for (n, (_, name, value)) in values.enumerate() {
+            set(&mut config, &Input::text(value, n == 0))
+                .map_err(|e| ConfigError(format!("{name}: {e}")))?;
+        }
     }
-    let verify_before_send = flags
-        .verify_before_send
-        .or(file.server.verify_before_send)
-        .unwrap_or(DEFAULT_VERIFY_BEFORE_SEND);
-    if verify_before_send > 256 * 1024 * 1024 {
-        return err(format!(
-            "verify_before_send: {verify_before_send} bytes is more than 256 MiB, \
-             which would hold that much memory per download"
-        ));
-    }
-
-    Ok(Config {
-        bind: flags
-            .bind
-            .or(file.server.bind)
-            .unwrap_or(IpAddr::from([0, 0, 0, 0])),
-        port,
-        workers,
-        priority: flags.priority.or(file.server.priority).unwrap_or(5),
-        daemon_socket: flags
-            .daemon_socket
-            .or(file.store.daemon_socket)
-            .or_else(|| env_path("NIX_DAEMON_SOCKET_PATH"))
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_DAEMON_SOCKET)),
-        store_root: flags
-            .store_root
-            .or(file.store.store_root)
-            .unwrap_or_else(|| PathBuf::from("/")),
-        state_dir: flags
-            .state_dir
-            .or(file.server.state_dir)
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
-        private_key_file: flags
-            .private_key_file
-            .or(file.signing.private_key)
-            .or_else(|| env_path("NIX_SECRET_KEY_FILE")),
-        trusted_keys,
-        filter_mode,
-        filter_patterns,
-        scan_interval: (scan_secs > 0).then(|| Duration::from_secs(scan_secs)),
-        verbose: flags.verbose || file.server.verbose.unwrap_or(false),
-        lan,
-        peer_timeout: Duration::from_secs_f64(timeout_secs),
-        verify_before_send,
-    })
+    Ok(config)
 }
 
 #[cfg(test)]
@@ -855,5 +632,369 @@ mod tests {
         ] {
             assert!(HELP.contains(flag), "--help lacks {flag}");
         }
+    }
+
+    // The tests below go through the option table, so a new option is
+    // tested by its entry alone.
+
+    use super::options::{Opt, Shown};
+
+    fn run_with(
+        args: &[&str],
+        file: &str,
+        env: &dyn Fn(&str) -> Option<OsString>,
+    ) -> Result<Config, ConfigError> {
+        match parse_args_with_file_text(args.iter().copied(), Path::new("test.toml"), file, env)? {
+            Command::Run(config) => Ok(*config),
+            other => panic!("expected a config, got {other:?}"),
+        }
+    }
+
+    fn run_file(args: &[&str], file: &str) -> Result<Config, ConfigError> {
+        run_with(args, file, &no_env)
+    }
+
+    fn keyed() -> impl Iterator<Item = (&'static Opt, &'static str, &'static str)> {
+        options::all().filter_map(|opt| opt.key.map(|(section, key)| (opt, section, key)))
+    }
+
+    fn example(opt: &Opt) -> toml::Value {
+        let table: toml::Table = format!("v = {}", opt.example)
+            .parse()
+            .unwrap_or_else(|e| panic!("example of {:?}: {e}", opt.key));
+        table["v"].clone()
+    }
+
+    /// The flags that say `value`: the value flag once per item, or the
+    /// switch that stands for it.
+    fn as_flags(opt: &Opt, value: &toml::Value) -> Vec<String> {
+        let text = |v: &toml::Value| match v {
+            toml::Value::String(s) => s.clone(),
+            toml::Value::Integer(n) => n.to_string(),
+            toml::Value::Float(x) => x.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            other => panic!("no flag text for {other:?}"),
+        };
+        let items: Vec<String> = match value {
+            toml::Value::Array(items) => items.iter().map(text).collect(),
+            scalar => vec![text(scalar)],
+        };
+        let mut args = Vec::new();
+        for item in items {
+            let takes_value = opt.flags.iter().find(|f| matches!(f.arg, Arg::Value(_)));
+            let switch = opt
+                .flags
+                .iter()
+                .find(|f| matches!(f.arg, Arg::Switch(t) if t == item));
+            match (takes_value, switch) {
+                (Some(flag), _) => args.extend([format!("--{}", flag.long), item]),
+                (None, Some(flag)) => args.push(format!("--{}", flag.long)),
+                (None, None) => panic!("no flag of {:?} says {item}", opt.key),
+            }
+        }
+        args
+    }
+
+    fn strs(args: &[String]) -> Vec<&str> {
+        args.iter().map(String::as_str).collect()
+    }
+
+    #[test]
+    fn every_option_is_in_the_help() {
+        let help: &str = &HELP;
+        let (options_part, keys_part) = help
+            .split_once("Config file keys")
+            .expect("a section on the file's keys");
+        let mut file_keys = Vec::new();
+        let mut section = "";
+        for line in keys_part.lines().skip(1) {
+            let mut words = line.split_whitespace();
+            if line.starts_with("  [") {
+                section = words.next().unwrap();
+            }
+            file_keys.extend(words.map(|w| format!("{section} {}", w.trim_end_matches(','))));
+        }
+        for opt in options::all() {
+            for flag in opt.flags {
+                let long = format!("--{}", flag.long);
+                assert!(
+                    options_part
+                        .lines()
+                        .any(|l| l.split_whitespace().any(|w| w == long)),
+                    "--help lacks {long}"
+                );
+                if let Some(short) = flag.short {
+                    assert!(options_part.contains(&format!("-{short}, {long}")));
+                }
+                if let Arg::Value(metavar) = flag.arg {
+                    assert!(options_part.contains(&format!("{long} {metavar}")));
+                }
+                let first_words: String = flag.help.split_whitespace().take(3).collect();
+                let flat: String = options_part.split_whitespace().collect();
+                assert!(flat.contains(&first_words), "help of {long}");
+            }
+            if let Some((s, key)) = opt.key {
+                assert!(
+                    file_keys.contains(&format!("[{s}] {key}")),
+                    "--help lacks [{s}] {key}: {file_keys:?}"
+                );
+            }
+            if let Some(var) = opt.env {
+                assert!(
+                    options_part.contains(&format!("${var}")),
+                    "--help lacks ${var}"
+                );
+            }
+            if let Shown::Value(text) | Shown::Text(text) = opt.default {
+                let flat: String = options_part.split_whitespace().collect();
+                let text: String = text.split_whitespace().collect();
+                assert!(flat.contains(&text), "--help lacks the default {text}");
+            }
+        }
+        assert!(
+            options_part.contains(&format!("[default port: {DEFAULT_PORT}]")),
+            "--extra-peer's default port"
+        );
+    }
+
+    #[test]
+    fn help_fits_80_columns() {
+        for line in HELP.lines() {
+            let alone = line.trim_start();
+            // A default that is one long word (a key) cannot be broken.
+            let unbreakable = alone.starts_with("[default: ") && alone.matches(' ').count() == 1;
+            assert!(
+                line.len() <= help::WIDTH || unbreakable,
+                "too wide: {line:?}"
+            );
+            assert_eq!(line, line.trim_end(), "trailing space");
+        }
+        assert!(HELP.starts_with("peerix: a peer-to-peer binary cache for Nix."));
+        let lan_heading = HELP.find("\nLAN mode").unwrap();
+        assert!(HELP.find("--bind").unwrap() < lan_heading);
+        assert!(HELP.find("--lan-timeout").unwrap() > lan_heading);
+    }
+
+    #[test]
+    fn flags_and_keys_are_unique() {
+        let mut flags = Vec::new();
+        let mut keys = Vec::new();
+        for opt in options::all() {
+            for flag in opt.flags {
+                assert!(!flags.contains(&flag.long), "--{} twice", flag.long);
+                flags.push(flag.long);
+                if let Some(short) = flag.short {
+                    let short = format!("-{short}");
+                    assert!(!flags.iter().any(|f| *f == short), "{short} twice");
+                }
+            }
+            if let Some(key) = opt.key {
+                assert!(!keys.contains(&key), "{key:?} twice");
+                keys.push(key);
+            }
+            assert!(
+                !opt.flags.is_empty() || opt.key.is_some(),
+                "an unreachable option"
+            );
+        }
+    }
+
+    #[test]
+    fn every_key_from_the_file_equals_its_flags_and_environment() {
+        let defaults = Config::default();
+        assert_eq!(run_file(&[], "").unwrap(), defaults);
+        for (opt, section, key) in keyed() {
+            assert!(
+                matches!(opt.action, Action::Set(_)),
+                "{section}.{key} sets nothing"
+            );
+            let value = example(opt);
+            let from_file = run_file(&[], &format!("[{section}]\n{key} = {}\n", opt.example))
+                .unwrap_or_else(|e| panic!("{section}.{key} = {}: {e}", opt.example));
+            assert_ne!(
+                from_file, defaults,
+                "the example of {section}.{key} is the default, which proves nothing"
+            );
+            let args = as_flags(opt, &value);
+            let from_flags = run_file(&strs(&args), "").unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            assert_eq!(from_file, from_flags, "{section}.{key} vs {args:?}");
+            if let (Some(var), toml::Value::String(text)) = (opt.env, &value) {
+                let env = |name: &str| (name == var).then(|| OsString::from(text));
+                assert_eq!(run_with(&[], "", &env).unwrap(), from_file, "${var}");
+            }
+        }
+    }
+
+    #[test]
+    fn flags_win_over_the_file_over_the_environment_for_every_variable() {
+        for (opt, section, key) in keyed() {
+            let (Some(var), Some(flag)) = (opt.env, opt.flags.first()) else {
+                continue;
+            };
+            let env = |name: &str| (name == var).then(|| OsString::from("/from/env"));
+            let file = format!("[{section}]\n{key} = \"/from/file\"\n");
+            let flag = format!("--{}", flag.long);
+            let only_env = run_with(&[], "", &env).unwrap();
+            let env_and_file = run_with(&[], &file, &env).unwrap();
+            let all_three = run_with(&[&flag, "/from/flag"], &file, &env).unwrap();
+            let by_flag = run_file(&[&flag, "/from/flag"], "").unwrap();
+            let by_file = run_file(&[], &file).unwrap();
+            assert_ne!(only_env, env_and_file, "{var}");
+            assert_eq!(env_and_file, by_file, "the file wins over ${var}");
+            assert_eq!(all_three, by_flag, "{flag} wins over the file and ${var}");
+            let empty = |name: &str| (name == var).then(OsString::new);
+            assert_eq!(
+                run_with(&[], "", &empty).unwrap(),
+                Config::default(),
+                "an empty ${var} is unset"
+            );
+        }
+    }
+
+    #[test]
+    fn shown_defaults_are_the_defaults() {
+        for opt in options::all() {
+            let Shown::Value(text) = opt.default else {
+                continue;
+            };
+            let flag = opt.flags.first().expect("a flag");
+            assert!(matches!(flag.arg, Arg::Value(_)), "--{}", flag.long);
+            let long = format!("--{}", flag.long);
+            assert_eq!(
+                run_file(&[&long, text], "").unwrap(),
+                Config::default(),
+                "--help says {long} defaults to {text}"
+            );
+        }
+    }
+
+    #[test]
+    fn wrong_types_unknown_keys_and_bad_values_in_the_file_name_the_key() {
+        for (opt, section, key) in keyed() {
+            let wrong = match example(opt) {
+                toml::Value::String(_) | toml::Value::Array(_) => "1",
+                _ => "\"x\"",
+            };
+            let e = run_file(&[], &format!("[{section}]\n{key} = {wrong}\n")).unwrap_err();
+            let dotted = format!("{section}.{key}");
+            assert!(e.0.contains(&dotted) && e.0.contains("test.toml"), "{e}");
+            if let toml::Value::Array(_) = example(opt) {
+                let e = run_file(&[], &format!("[{section}]\n{key} = [1]\n")).unwrap_err();
+                assert!(e.0.contains(&dotted), "{e}");
+            }
+            let e = run_file(&[], &format!("[{section}]\n{key}s = 1\n")).unwrap_err();
+            assert!(e.0.contains(&format!("{dotted}s")), "{e}");
+        }
+        for (file, named) in [
+            ("[nosuch]\n", "[nosuch]"),
+            ("port = 1\n", "`port`"),
+            ("server = 1\n", "server"),
+            ("[server]\nworkers = 0\n", "server.workers"),
+            ("[server]\nworkers = 1.5\n", "server.workers"),
+            ("[server]\nport = 70000\n", "server.port"),
+            ("[server]\ntimeout = nan\n", "server.timeout"),
+            (
+                "[server]\nverify_before_send = 1000000000\n",
+                "server.verify_before_send",
+            ),
+            ("[store]\nscan_interval = -1\n", "store.scan_interval"),
+            ("[lan]\ntimeout_ms = 0\n", "lan.timeout_ms"),
+            ("[lan]\nextra_peers = [\"h:0\"]\n", "lan.extra_peers"),
+            ("[security]\n", "security"),
+            ("[store]\nno_verify = true\n", "store.no_verify"),
+            ("[server\n", "test.toml"),
+        ] {
+            let e = run_file(&[], file).unwrap_err();
+            assert!(e.0.contains(named), "{file:?}: {e}");
+        }
+        // A bad value in the file is refused even where a flag overrides it.
+        let e = run_file(&["--workers", "4"], "[server]\nworkers = 0\n").unwrap_err();
+        assert!(e.0.contains("server.workers"), "{e}");
+    }
+
+    #[test]
+    fn aliases_and_repeated_flags() {
+        let lan = |args: &[&str]| run_file(args, "").unwrap().lan.enabled;
+        assert!(!lan(&["--lan-discovery", "--no-lan"]), "the last one wins");
+        assert!(lan(&["--no-lan", "--lan-discovery"]));
+        assert!(lan(&[]));
+        assert!(lan(&["--lan-discovery"]));
+        assert!(
+            run_file(&["--lan-discovery"], "[lan]\ndiscovery = false\n")
+                .unwrap()
+                .lan
+                .enabled
+        );
+        assert!(run_file(&["-v"], "").unwrap().verbose);
+        assert!(run_file(&[], "[server]\nverbose = true\n").unwrap().verbose);
+        assert_eq!(run_file(&["--port=3000"], "").unwrap().port, 3000);
+        assert!(run_file(&["--no-lan=yes"], "").is_err());
+        assert!(matches!(parse_args(["-V"], &no_env), Ok(Command::Version)));
+        assert!(matches!(parse_args(["-h"], &no_env), Ok(Command::Help)));
+
+        let mode = |args: &[&str], file: &str| run_file(args, file).unwrap().filter_mode;
+        assert_eq!(
+            mode(&["--no-filter", "--filter-mode", "rules"], ""),
+            FilterMode::None
+        );
+        assert_eq!(
+            mode(&["--filter-mode", "rules"], "[store]\nno_filter = true\n"),
+            FilterMode::Rules
+        );
+        assert_eq!(
+            mode(&["--no-filter"], "[store]\nfilter_mode = \"rules\"\n"),
+            FilterMode::None
+        );
+        assert_eq!(
+            mode(&[], "[store]\nfilter_mode = \"rules\"\nno_filter = true\n"),
+            FilterMode::None
+        );
+        assert_eq!(
+            mode(&[], "[store]\nfilter_mode = \"rules\"\nno_filter = false\n"),
+            FilterMode::Rules
+        );
+
+        let keys = |args: &[&str], file: &str| run_file(args, file).unwrap().trusted_keys;
+        let file = "[store]\ntrusted_keys = [\"f-1:F\"]\n";
+        assert_eq!(keys(&[], file), ["f-1:F"]);
+        assert_eq!(
+            keys(&["--trusted-key", "a-1:A", "--trusted-key", "b-1:B"], file),
+            ["a-1:A", "b-1:B"]
+        );
+        assert!(keys(&[], "[store]\ntrusted_keys = []\n").is_empty());
+
+        let peers = |args: &[&str], file: &str| {
+            let config = run_file(args, file).unwrap();
+            config
+                .lan
+                .extra_peers
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            peers(
+                &["--extra-peer", "b", "--extra-peer", "c:1"],
+                "[lan]\nextra_peers = [\"a\"]\n"
+            ),
+            ["a:12304", "b:12304", "c:1"]
+        );
+        assert!(
+            !run_file(&[], "[lan]\nbroadcast = false\n")
+                .unwrap()
+                .lan
+                .broadcast
+        );
+        assert!(
+            !run_file(&["--no-broadcast"], "[lan]\nbroadcast = true\n")
+                .unwrap()
+                .lan
+                .broadcast
+        );
+    }
+
+    #[test]
+    fn the_default_trusted_key_is_a_key() {
+        crate::nix::keys::PublicKey::parse(DEFAULT_TRUSTED_KEY).unwrap();
     }
 }

@@ -36,7 +36,7 @@ fn main() -> ExitCode {
     let config = match command {
         Ok(Command::Run(config)) => config,
         Ok(Command::Help) => {
-            print!("{}", config::HELP);
+            print!("{}", *config::HELP);
             return ExitCode::SUCCESS;
         }
         Ok(Command::Version) => {

@@ -11,6 +11,7 @@
 //! nodes interoperate. Queries go to the broadcast address of every up,
 //! private IPv4 interface, and by unicast to the configured extra peers.
 
+mod config;
 mod interfaces;
 mod limit;
 pub mod packet;
@@ -27,9 +28,9 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, bounded};
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::config::{LanConfig, PeerSpec};
 use crate::nix::store_path::HashPart;
 use crate::peers::{Discovery, PeerId, Search};
+pub use config::{DEFAULT_LAN_TIMEOUT, DEFAULT_PORT, LanConfig, PeerSpec};
 use limit::ReplyLimiter;
 use packet::{MAX_PACKET, Packet};
 use summaries::Summaries;

@@ -158,7 +158,8 @@ mod tests {
         assert_eq!(secret.public_key(), public);
         assert_eq!(public.to_string(), testdata::PUBLIC_KEY.trim());
         assert_eq!(secret.name(), "peerix-test-1");
-        PublicKey::parse(crate::config::DEFAULT_TRUSTED_KEY).unwrap();
+        // cache.nixos.org's key, as peerix trusts it by default.
+        PublicKey::parse("cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=").unwrap();
     }
 
     #[test]

@@ -5,11 +5,41 @@
 //! announcements. It is a pure function of a path's metadata, so the scanner
 //! and the request handlers always agree.
 
-use crate::config::FilterMode;
 use crate::nix::keys::{PublicKey, any_valid_signature};
 use crate::nix::store_path::StorePath;
 
 use super::LocalPathInfo;
+
+/// Which of this host's paths may be given to anyone other than its own nix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FilterMode {
+    /// Share a path only if a trusted upstream key signed it.
+    Signed,
+    /// Share everything except names matching the deny-list.
+    Rules,
+    /// Share everything.
+    None,
+}
+
+impl std::str::FromStr for FilterMode {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<FilterMode, String> {
+        match value {
+            "signed" => Ok(FilterMode::Signed),
+            "rules" => Ok(FilterMode::Rules),
+            "none" => Ok(FilterMode::None),
+            "nixpkgs" => Err(
+                "filter mode `nixpkgs` (asking the upstream cache) is not implemented yet; \
+                 use `signed`, which needs no network"
+                    .to_string(),
+            ),
+            other => Err(format!(
+                "unknown filter mode `{other}` (expected signed, rules or none)"
+            )),
+        }
+    }
+}
 
 /// The deny-list of the `rules` mode, matched against the path's base name
 /// (`<hash>-<name>`): system closures, secrets and home-manager generations.
