@@ -55,6 +55,9 @@ pub const DEFAULT_PRIORITY: u32 = 5;
 pub const DEFAULT_DAEMON_SOCKET: &str = "/nix/var/nix/daemon-socket/socket";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/peerix";
 pub const DEFAULT_SCAN_INTERVAL: Duration = Duration::from_secs(3600);
+/// Long enough for a transfer under way on a LAN to finish, short of
+/// systemd's own 90 s stop timeout.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connect and read timeout towards peers, also the limit on a whole
 /// narinfo request and on each NAR chunk: a dead peer costs about this.
 pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -87,6 +90,8 @@ pub struct Config {
     pub filter_mode: FilterMode,
     pub filter_patterns: Vec<String>,
     pub scan_interval: Option<Duration>,
+    /// How long SIGTERM waits for running requests before exiting.
+    pub shutdown_timeout: Duration,
     pub verbose: bool,
     pub lan: LanConfig,
     /// Connect and read timeout for HTTP requests to peers.
@@ -109,6 +114,7 @@ impl Default for Config {
             filter_mode: FilterMode::Signed,
             filter_patterns: Vec::new(),
             scan_interval: Some(DEFAULT_SCAN_INTERVAL),
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             verbose: false,
             lan: LanConfig::default(),
             peer_timeout: DEFAULT_PEER_TIMEOUT,

@@ -12,6 +12,7 @@ pub mod http;
 pub mod identity;
 pub mod lan;
 pub mod nix;
+pub mod notify;
 pub mod peers;
 pub mod store;
 pub mod tracker;

@@ -5,7 +5,8 @@
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use peerix::config::{self, Command, Config};
 use peerix::fetch::client::PeerClient;
@@ -16,6 +17,7 @@ use peerix::lan::Lan;
 use peerix::lan::summaries::Summaries;
 use peerix::lan::summary::Publisher;
 use peerix::nix::keys::{PublicKey, SecretKey};
+use peerix::notify;
 use peerix::peers::{Discovery, PeerTable};
 use peerix::store::daemon::DaemonPool;
 use peerix::store::policy::SharePolicy;
@@ -204,6 +206,7 @@ fn run(config: &Config) -> Result<(), String> {
         Some((lan, summaries, publisher)) => (Some(lan), Some(summaries), publisher),
         None => (None, None, None),
     };
+    let store_for_readiness = Arc::clone(&store);
     let context = ServerContext {
         store,
         priority: config.priority,
@@ -229,6 +232,52 @@ fn run(config: &Config) -> Result<(), String> {
         config.store_root.display(),
         config.daemon_socket.display()
     );
-    server.join();
-    Err("all HTTP workers stopped".to_string())
+    announce_readiness(&store_for_readiness);
+
+    // SIGTERM (systemd's stop) and SIGINT: stop taking requests, let the
+    // running ones finish within --shutdown-timeout, and exit 0.
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(signal, Arc::clone(&stop))
+            .map_err(|e| format!("cannot handle signal {signal}: {e}"))?;
+    }
+    while !stop.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    log::info!(
+        "stopping: letting running requests finish (at most {:?})",
+        config.shutdown_timeout
+    );
+    notify::notify("STOPPING=1\nSTATUS=finishing running requests");
+    let left = server.drain(config.shutdown_timeout);
+    if left > 0 {
+        log::warn!("stopped with {left} request(s) still running");
+    } else {
+        log::info!("stopped");
+    }
+    Ok(())
+}
+
+/// Tells systemd the service is ready once the first scan is done (so
+/// peers are told what is here from the start), on a thread of its own:
+/// with no nix-daemon yet, that may take a while, and requests are served
+/// meanwhile.
+fn announce_readiness(store: &Arc<LocalStore>) {
+    let store = Arc::clone(store);
+    let spawned = std::thread::Builder::new()
+        .name("ready".into())
+        .spawn(move || {
+            while store.completed_scans() == 0 {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            notify::notify(&format!(
+                "READY=1\nSTATUS=serving {} paths, {} shared",
+                store.index().len(),
+                store.index().shared_len()
+            ));
+        });
+    if let Err(e) = spawned {
+        log::warn!("cannot start the readiness thread: {e}; telling systemd now");
+        notify::notify("READY=1");
+    }
 }

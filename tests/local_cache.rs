@@ -24,7 +24,9 @@ mod common;
 use common::http::{self, Response};
 use common::*;
 use peerix::nix::narinfo::NarInfo;
-use std::net::SocketAddr;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
 
 /// Flags that make peerix serve everything and sign with `key`.
 fn open_signing_flags(key: &KeyPair) -> Vec<String> {
@@ -867,6 +869,85 @@ fn bad_requests_get_4xx_and_never_break_the_daemon() {
     );
     http::expect_status(peerix.addr, &format!("/{hash}.narinfo"), 200);
     peerix.assert_alive_without_panic();
+}
+
+/// Under systemd: `READY=1` reaches the `NOTIFY_SOCKET` once the first scan
+/// is done. On SIGTERM during a large NAR download, the download completes
+/// (every byte, the length the headers promised), new requests get 503,
+/// and peerix exits 0 on its own.
+#[test]
+fn sigterm_lets_a_running_download_finish_and_exits_0() {
+    let dir = TestDir::new("sigterm");
+    let fx = realistic_fixture();
+    let a = Host::with_paths(&dir, "a", &[&fx.big]);
+    let notify_path = dir.join("notify.sock");
+    let notify =
+        std::os::unix::net::UnixDatagram::bind(&notify_path).expect("binding NOTIFY_SOCKET");
+    notify
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut peerix = Peerix::spawn_with_env(
+        &dir,
+        &a,
+        &["--no-filter", "--shutdown-timeout", "60"],
+        &[("NOTIFY_SOCKET", notify_path.as_os_str())],
+        Readiness::Listening,
+    );
+    let mut buf = [0u8; 256];
+    let n = notify.recv(&mut buf).expect("a notification from peerix");
+    let text = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(text.starts_with("READY=1\nSTATUS="), "{text:?}");
+    let health = peerix.health().expect("/health");
+    assert!(
+        health["scans"].as_u64().unwrap_or(0) >= 1,
+        "ready before the first scan: {health}"
+    );
+
+    let narinfo = narinfo_text(peerix.addr, "", &fx.big);
+    let nar_path = nar_request_path("", &narinfo);
+    let mut stream = TcpStream::connect(peerix.addr).expect("connecting to peerix");
+    stream
+        .write_all(format!("GET {nar_path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())
+        .unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    // Read the head and a first part, then stop reading for a while: the
+    // transfer is under way when SIGTERM comes.
+    let mut got = vec![0u8; 1 << 20];
+    stream.read_exact(&mut got).expect("the first MiB");
+    let head_end = got
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a response head")
+        + 4;
+    let head = String::from_utf8_lossy(&got[..head_end]).to_string();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .expect("Content-Length")
+        .trim()
+        .parse()
+        .unwrap();
+    peerix.send_signal("TERM");
+    let n = notify.recv(&mut buf).expect("STOPPING from peerix");
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("STOPPING=1"));
+    // New requests are refused while the download finishes.
+    let late = http::get(peerix.addr, "/nix-cache-info");
+    assert!(
+        late.as_ref().map_or(true, |r| r.status == 503),
+        "expected 503 or a refused connection after SIGTERM, got {:?}",
+        late.map(|r| r.describe())
+    );
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest).expect("the rest of the NAR");
+    let body = got.len() - head_end + rest.len();
+    assert_eq!(body, length, "every byte promised arrived");
+    let status = poll_until("peerix to exit after SIGTERM", || {
+        peerix.try_wait().ok_or_else(|| "still running".to_string())
+    });
+    assert!(status.success(), "peerix exited with {status}");
 }
 
 /// Once the first scan has listed every valid path, a narinfo miss is

@@ -283,6 +283,20 @@ const GENERAL: &[Opt] = &[
     .key("store", "scan_interval")
     .default("3600")
     .example("0"),
+    opt(
+        &[value(
+            "shutdown-timeout",
+            "SECS",
+            "on SIGTERM, stop taking requests and let running ones finish for at most SECS seconds",
+        )],
+        |c, v| {
+            c.shutdown_timeout = Duration::from_secs(v.int()?);
+            Ok(())
+        },
+    )
+    .key("server", "shutdown_timeout")
+    .default("10")
+    .example("30"),
     Opt {
         action: Action::ConfigFile,
         ..opt(

@@ -30,7 +30,7 @@ mod serve;
 use std::io;
 use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded, unbounded};
@@ -93,10 +93,18 @@ impl Lanes {
 /// Network requests waiting for a worker at most; past that, 503.
 const NETWORK_QUEUE: usize = 64;
 
-/// A running server: its address and its threads.
+/// A running server: its address, and what its threads are doing. The
+/// threads run until the process ends.
 pub struct Server {
     pub local_addr: SocketAddr,
-    threads: Vec<JoinHandle<()>>,
+    activity: Arc<Activity>,
+}
+
+/// Requests taken and not yet answered, and whether new ones are refused.
+#[derive(Default)]
+struct Activity {
+    running: AtomicUsize,
+    draining: AtomicBool,
 }
 
 impl Server {
@@ -109,21 +117,23 @@ impl Server {
         let server = tiny_http::Server::from_listener_with_limits(listener, None, limits)
             .map_err(|e| io::Error::other(format!("cannot start HTTP server on {addr}: {e}")))?;
         let context = Arc::new(context);
+        let activity = Arc::new(Activity::default());
         let (to_local, local_queue) = unbounded();
         let (to_peer, peer_queue) = unbounded();
         let (to_network, network_queue) = bounded(NETWORK_QUEUE);
 
-        let mut threads = Vec::new();
-        let mut spawn = |name: String, job: Box<dyn FnOnce() + Send>| -> io::Result<()> {
-            threads.push(std::thread::Builder::new().name(name).spawn(job)?);
-            Ok(())
+        let spawn = |name: String, job: Box<dyn FnOnce() + Send>| -> io::Result<()> {
+            std::thread::Builder::new().name(name).spawn(job).map(drop)
         };
         let lane_specs: [(&str, usize, &Receiver<tiny_http::Request>, Lane); 3] = [
             (
                 "local",
                 lanes.local,
                 &local_queue,
-                Lane::Local(to_peer.clone()),
+                Lane::Local(Handoff {
+                    to_peer: to_peer.clone(),
+                    activity: Arc::clone(&activity),
+                }),
             ),
             ("peer", lanes.peer, &peer_queue, Lane::Peer),
             ("net", lanes.network, &network_queue, Lane::Network),
@@ -133,26 +143,36 @@ impl Server {
                 let queue = queue.clone();
                 let context = Arc::clone(&context);
                 let lane = lane.clone();
+                let activity = Arc::clone(&activity);
                 spawn(
                     format!("http-{name}-{n}"),
-                    Box::new(move || worker(&queue, &context, &lane)),
+                    Box::new(move || worker(&queue, &context, &lane, &activity)),
                 )?;
             }
         }
+        let dispatch_activity = Arc::clone(&activity);
         spawn(
             "http-dispatch".into(),
-            Box::new(move || dispatch(&server, &to_local, &to_network)),
+            Box::new(move || dispatch(&server, &to_local, &to_network, &dispatch_activity)),
         )?;
         Ok(Server {
             local_addr,
-            threads,
+            activity,
         })
     }
 
-    /// Blocks while the workers run (they run until the process ends).
-    pub fn join(self) {
-        for thread in self.threads {
-            let _ = thread.join();
+    /// Stops taking requests (new ones get 503) and waits for the running
+    /// ones, transfers included, to end, for at most `timeout`. Returns how
+    /// many were still running.
+    pub fn drain(&self, timeout: Duration) -> usize {
+        self.activity.draining.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let running = self.activity.running.load(Ordering::SeqCst);
+            if running == 0 || Instant::now() >= deadline {
+                return running;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }
@@ -161,9 +181,27 @@ impl Server {
 /// that need the peers.
 #[derive(Clone)]
 pub(crate) enum Lane {
-    Local(Sender<tiny_http::Request>),
+    Local(Handoff),
     Peer,
     Network,
+}
+
+/// The way from the local lane to the peer lane.
+#[derive(Clone)]
+pub(crate) struct Handoff {
+    to_peer: Sender<tiny_http::Request>,
+    activity: Arc<Activity>,
+}
+
+impl Handoff {
+    /// Queues `request` for the peer lane, where it counts as running until
+    /// answered; gives it back when that lane is gone.
+    pub(crate) fn send(&self, request: tiny_http::Request) -> Option<tiny_http::Request> {
+        self.activity.running.fetch_add(1, Ordering::SeqCst);
+        let refused = self.to_peer.send(request).err()?;
+        self.activity.running.fetch_sub(1, Ordering::SeqCst);
+        Some(refused.into_inner())
+    }
 }
 
 /// Sorts requests into lanes by the socket's peer address.
@@ -171,6 +209,7 @@ fn dispatch(
     server: &tiny_http::Server,
     to_local: &Sender<tiny_http::Request>,
     to_network: &Sender<tiny_http::Request>,
+    activity: &Activity,
 ) {
     loop {
         let request = match server.recv() {
@@ -184,6 +223,14 @@ fn dispatch(
                 continue;
             }
         };
+        if activity.draining.load(Ordering::SeqCst) {
+            let response = respond::text(503, "shutting down\n")
+                .with_header(respond::header("Connection", "close"));
+            respond::respond(request, response);
+            continue;
+        }
+        // Counted until a worker has answered it (see `worker`).
+        activity.running.fetch_add(1, Ordering::SeqCst);
         if request.remote_addr().is_some_and(is_loopback) {
             if to_local.send(request).is_err() {
                 return;
@@ -193,6 +240,7 @@ fn dispatch(
         match to_network.try_send(request) {
             Ok(()) => {}
             Err(TrySendError::Full(request)) => {
+                activity.running.fetch_sub(1, Ordering::SeqCst);
                 // A small response into an empty send buffer: it does not
                 // wait on the client.
                 respond::respond(request, respond::text(503, "busy, try again later\n"));
@@ -269,7 +317,12 @@ fn connection_limits(open_files: u64) -> tiny_http::Limits {
     }
 }
 
-fn worker(queue: &Receiver<tiny_http::Request>, context: &ServerContext, lane: &Lane) {
+fn worker(
+    queue: &Receiver<tiny_http::Request>,
+    context: &ServerContext,
+    lane: &Lane,
+    activity: &Activity,
+) {
     for request in queue {
         // A bug in one request must not take the worker (and so the cache) down.
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -278,6 +331,8 @@ fn worker(queue: &Receiver<tiny_http::Request>, context: &ServerContext, lane: &
         if outcome.is_err() {
             log::error!("a request handler panicked; the worker carries on");
         }
+        // A request handed to the peer lane was counted once more there.
+        activity.running.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

@@ -117,11 +117,8 @@ pub(super) fn handle(context: &ServerContext, request: Request, lane: &Lane) {
 /// this worker is to do the work.
 fn hand_to_peer_lane(request: Request, lane: &Lane) -> Option<Request> {
     match lane {
-        Lane::Local(to_peer) => match to_peer.send(request) {
-            Ok(()) => None,
-            // The peer lane is gone (shutting down): do it here.
-            Err(e) => Some(e.into_inner()),
-        },
+        // Back only when the peer lane is gone: then it is done here.
+        Lane::Local(handoff) => handoff.send(request),
         Lane::Peer | Lane::Network => Some(request),
     }
 }

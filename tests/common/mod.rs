@@ -875,7 +875,27 @@ impl Peerix {
         extra: &[&str],
         readiness: Readiness,
     ) -> Peerix {
-        Peerix::launch(dir, host, None, bind, free_port(), extra, readiness)
+        Peerix::launch(dir, host, None, bind, free_port(), extra, &[], readiness)
+    }
+
+    /// [`Peerix::spawn`] with `env` set for the daemon (e.g. `NOTIFY_SOCKET`).
+    pub fn spawn_with_env(
+        dir: &TestDir,
+        host: &Host,
+        extra: &[&str],
+        env: &[(&str, &OsStr)],
+        readiness: Readiness,
+    ) -> Peerix {
+        Peerix::launch(
+            dir,
+            host,
+            None,
+            "127.0.0.1",
+            free_port(),
+            extra,
+            env,
+            readiness,
+        )
     }
 
     /// Spawn peerix inside network namespace `netns` (`ip netns exec`) on
@@ -888,7 +908,16 @@ impl Peerix {
         extra: &[&str],
         readiness: Readiness,
     ) -> Peerix {
-        Peerix::launch(dir, host, Some(netns), "0.0.0.0", port, extra, readiness)
+        Peerix::launch(
+            dir,
+            host,
+            Some(netns),
+            "0.0.0.0",
+            port,
+            extra,
+            &[],
+            readiness,
+        )
     }
 
     fn launch(
@@ -898,6 +927,7 @@ impl Peerix {
         bind: &str,
         port: u16,
         extra: &[&str],
+        env: &[(&str, &OsStr)],
         readiness: Readiness,
     ) -> Peerix {
         let n = unique_number();
@@ -920,6 +950,7 @@ impl Peerix {
             .args(netns.is_none().then_some("--no-lan"))
             .args(extra)
             .env("RUST_BACKTRACE", "1")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(stderr.try_clone().expect("cloning stderr handle"))
             .stderr(stderr);
@@ -1015,11 +1046,17 @@ impl Peerix {
 
     /// Sends SIGHUP, which asks peerix to rescan the store.
     pub fn send_sighup(&self) {
+        self.send_signal("HUP");
+    }
+
+    /// `kill -<signal>` to peerix.
+    pub fn send_signal(&self, signal: &str) {
         let status = Command::new("kill")
-            .args(["-HUP", &self.child.id().to_string()])
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
             .status()
             .expect("running kill");
-        assert!(status.success(), "kill -HUP peerix failed: {status}");
+        assert!(status.success(), "kill -{signal} peerix failed: {status}");
     }
 
     /// Exit status if peerix has stopped.
