@@ -856,6 +856,14 @@ pub struct Peerix {
     child: Child,
 }
 
+/// Where a peerix runs: its network namespace (`None`: this machine's),
+/// and the address and port it binds.
+struct Place<'a> {
+    netns: Option<&'a str>,
+    bind: &'a str,
+    port: u16,
+}
+
 impl Peerix {
     /// The usual setup: peerix on 127.0.0.1 over `host`, plus `extra` flags;
     /// waits for the first completed scan.
@@ -875,7 +883,12 @@ impl Peerix {
         extra: &[&str],
         readiness: Readiness,
     ) -> Peerix {
-        Peerix::launch(dir, host, None, bind, free_port(), extra, &[], readiness)
+        let place = Place {
+            netns: None,
+            bind,
+            port: free_port(),
+        };
+        Peerix::launch(dir, host, place, extra, &[], readiness)
     }
 
     /// [`Peerix::spawn`] with `env` set for the daemon (e.g. `NOTIFY_SOCKET`).
@@ -923,13 +936,12 @@ impl Peerix {
     fn launch(
         dir: &TestDir,
         host: &Host,
-        netns: Option<&str>,
-        bind: &str,
-        port: u16,
+        place: Place<'_>,
         extra: &[&str],
         env: &[(&str, &OsStr)],
         readiness: Readiness,
     ) -> Peerix {
+        let Place { netns, bind, port } = place;
         let n = unique_number();
         let state_dir = dir.subdir(&format!("peerix-state-{n}"));
         let stderr_path = dir.join(&format!("peerix-{n}.stderr"));
