@@ -899,16 +899,12 @@ impl Peerix {
         env: &[(&str, &OsStr)],
         readiness: Readiness,
     ) -> Peerix {
-        Peerix::launch(
-            dir,
-            host,
-            None,
-            "127.0.0.1",
-            free_port(),
-            extra,
-            env,
-            readiness,
-        )
+        let place = Place {
+            netns: None,
+            bind: "127.0.0.1",
+            port: free_port(),
+        };
+        Peerix::launch(dir, host, place, extra, env, readiness)
     }
 
     /// Spawn peerix inside network namespace `netns` (`ip netns exec`) on
@@ -921,16 +917,12 @@ impl Peerix {
         extra: &[&str],
         readiness: Readiness,
     ) -> Peerix {
-        Peerix::launch(
-            dir,
-            host,
-            Some(netns),
-            "0.0.0.0",
+        let place = Place {
+            netns: Some(netns),
+            bind: "0.0.0.0",
             port,
-            extra,
-            &[],
-            readiness,
-        )
+        };
+        Peerix::launch(dir, host, place, extra, &[], readiness)
     }
 
     fn launch(
