@@ -114,8 +114,8 @@ const GENERAL: &[Opt] = &[
         &[value(
             "workers",
             "N",
-            "HTTP threads for work that waits on peers; half as many (at least 2) \
-             serve this host's own requests and half as many other hosts'",
+            "HTTP threads for work that waits on peers; a quarter as many (at least \
+             2) serve this host's own requests and a quarter as many other hosts'",
         )],
         |c, v| {
             let workers = v.int()?;

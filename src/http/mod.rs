@@ -8,8 +8,10 @@
 //! - **peer**: loopback requests that need the peers (a narinfo this host
 //!   lacks, a NAR passed through). They wait on the network, within
 //!   deadlines; a local worker hands them over and goes back to nix.
-//! - **network**: everything from other hosts (`/local/`, `/health`). Its
-//!   queue is bounded: when it is full, a client gets 503 at once.
+//! - **network**: everything from other hosts (`/local/`, `/health`).
+//!
+//! tiny_http itself queues loopback requests apart from the others, so a
+//! request reaches its worker with no thread in between.
 //!
 //! Connections are bounded by tiny_http's [`tiny_http::Limits`]: a cap on
 //! open connections with the network's share below it, per-IP caps, head
@@ -33,7 +35,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError, bounded, unbounded};
+use crossbeam_channel::{Receiver, Sender, unbounded};
 use socket2::{Domain, Socket, Type};
 
 use crate::fetch::resolver::Resolver;
@@ -78,10 +80,11 @@ pub struct Lanes {
 
 impl Lanes {
     /// `peer_workers` for the lookups and transfers that wait on peers (the
-    /// `--workers` option); half as many, at least two, for each of the
-    /// others, whose requests are short or bounded by deadlines.
+    /// `--workers` option); a quarter as many, at least two, for each of
+    /// the others, whose requests are short (an index lookup, a NAR by
+    /// sendfile) or bounded by deadlines. Each idle thread costs RSS.
     pub fn for_workers(peer_workers: usize) -> Lanes {
-        let others = (peer_workers / 2).max(2);
+        let others = (peer_workers / 4).max(2);
         Lanes {
             local: others,
             peer: peer_workers.max(1),
@@ -89,9 +92,6 @@ impl Lanes {
         }
     }
 }
-
-/// Network requests waiting for a worker at most; past that, 503.
-const NETWORK_QUEUE: usize = 64;
 
 /// A running server: its address, and what its threads are doing. The
 /// threads run until the process ends.
@@ -116,45 +116,38 @@ impl Server {
         log::debug!("connection limits: {limits:?}");
         let server = tiny_http::Server::from_listener_with_limits(listener, None, limits)
             .map_err(|e| io::Error::other(format!("cannot start HTTP server on {addr}: {e}")))?;
+        let server = Arc::new(server);
         let context = Arc::new(context);
         let activity = Arc::new(Activity::default());
-        let (to_local, local_queue) = unbounded();
         let (to_peer, peer_queue) = unbounded();
-        let (to_network, network_queue) = bounded(NETWORK_QUEUE);
-
-        let spawn = |name: String, job: Box<dyn FnOnce() + Send>| -> io::Result<()> {
-            std::thread::Builder::new().name(name).spawn(job).map(drop)
+        let handoff = Handoff {
+            to_peer,
+            activity: Arc::clone(&activity),
         };
-        let lane_specs: [(&str, usize, &Receiver<tiny_http::Request>, Lane); 3] = [
+        let lane_specs = [
             (
                 "local",
                 lanes.local,
-                &local_queue,
-                Lane::Local(Handoff {
-                    to_peer: to_peer.clone(),
-                    activity: Arc::clone(&activity),
-                }),
+                Intake::Loopback(Arc::clone(&server)),
+                Lane::Local(handoff),
             ),
-            ("peer", lanes.peer, &peer_queue, Lane::Peer),
-            ("net", lanes.network, &network_queue, Lane::Network),
+            ("peer", lanes.peer, Intake::Peer(peer_queue), Lane::Peer),
+            (
+                "net",
+                lanes.network,
+                Intake::Network(Arc::clone(&server)),
+                Lane::Network,
+            ),
         ];
-        for (name, count, queue, lane) in lane_specs {
+        for (name, count, intake, lane) in lane_specs {
             for n in 0..count.max(1) {
-                let queue = queue.clone();
-                let context = Arc::clone(&context);
-                let lane = lane.clone();
-                let activity = Arc::clone(&activity);
-                spawn(
-                    format!("http-{name}-{n}"),
-                    Box::new(move || worker(&queue, &context, &lane, &activity)),
-                )?;
+                let (intake, lane) = (intake.clone(), lane.clone());
+                let (context, activity) = (Arc::clone(&context), Arc::clone(&activity));
+                std::thread::Builder::new()
+                    .name(format!("http-{name}-{n}"))
+                    .spawn(move || worker(&intake, &context, &lane, &activity))?;
             }
         }
-        let dispatch_activity = Arc::clone(&activity);
-        spawn(
-            "http-dispatch".into(),
-            Box::new(move || dispatch(&server, &to_local, &to_network, &dispatch_activity)),
-        )?;
         Ok(Server {
             local_addr,
             activity,
@@ -204,49 +197,44 @@ impl Handoff {
     }
 }
 
-/// Sorts requests into lanes by the socket's peer address.
-fn dispatch(
-    server: &tiny_http::Server,
-    to_local: &Sender<tiny_http::Request>,
-    to_network: &Sender<tiny_http::Request>,
-    activity: &Activity,
-) {
-    loop {
-        let request = match server.recv() {
-            Ok(request) => request,
-            Err(e) => {
-                // tiny_http's accept loop retries by itself; an error here
-                // is one connection's, not the server's. A short pause
-                // keeps a run of them from spinning.
-                log::debug!("HTTP: {e}");
-                std::thread::sleep(Duration::from_millis(10));
-                continue;
-            }
+/// Where a worker takes its requests from: tiny_http's queue of loopback
+/// requests or of the others (kept apart by tiny_http itself, with no
+/// thread in between), or the local lane's handoffs.
+#[derive(Clone)]
+enum Intake {
+    Loopback(Arc<tiny_http::Server>),
+    Network(Arc<tiny_http::Server>),
+    Peer(Receiver<tiny_http::Request>),
+}
+
+impl Intake {
+    /// The next request; `None` once there will be none.
+    fn next(&self) -> Option<tiny_http::Request> {
+        let (server, loopback) = match self {
+            Intake::Peer(queue) => return queue.recv().ok(),
+            Intake::Loopback(server) => (server, true),
+            Intake::Network(server) => (server, false),
         };
-        if activity.draining.load(Ordering::SeqCst) {
-            let response = respond::text(503, "shutting down\n")
-                .with_header(respond::header("Connection", "close"));
-            respond::respond(request, response);
-            continue;
-        }
-        // Counted until a worker has answered it (see `worker`).
-        activity.running.fetch_add(1, Ordering::SeqCst);
-        if request.remote_addr().is_some_and(is_loopback) {
-            if to_local.send(request).is_err() {
-                return;
+        loop {
+            let received = if loopback {
+                server.recv_loopback()
+            } else {
+                server.recv()
+            };
+            match received {
+                Ok(request) => return Some(request),
+                // Only an unblocked queue errs: the server is going away.
+                Err(e) => {
+                    log::debug!("HTTP: {e}");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
             }
-            continue;
         }
-        match to_network.try_send(request) {
-            Ok(()) => {}
-            Err(TrySendError::Full(request)) => {
-                activity.running.fetch_sub(1, Ordering::SeqCst);
-                // A small response into an empty send buffer: it does not
-                // wait on the client.
-                respond::respond(request, respond::text(503, "busy, try again later\n"));
-            }
-            Err(TrySendError::Disconnected(_)) => return,
-        }
+    }
+
+    /// Whether its requests are new ones, not yet counted as running.
+    fn takes_new_requests(&self) -> bool {
+        !matches!(self, Intake::Peer(_))
     }
 }
 
@@ -313,17 +301,23 @@ fn connection_limits(open_files: u64) -> tiny_http::Limits {
         max_connections,
         max_remote_connections,
         max_connections_per_ip: (max_remote_connections / 4).max(4),
+        // The lanes: loopback requests have workers of their own.
+        separate_loopback: true,
         ..tiny_http::Limits::default()
     }
 }
 
-fn worker(
-    queue: &Receiver<tiny_http::Request>,
-    context: &ServerContext,
-    lane: &Lane,
-    activity: &Activity,
-) {
-    for request in queue {
+fn worker(intake: &Intake, context: &ServerContext, lane: &Lane, activity: &Activity) {
+    while let Some(request) = intake.next() {
+        if intake.takes_new_requests() {
+            if activity.draining.load(Ordering::SeqCst) {
+                let response = respond::text(503, "shutting down\n")
+                    .with_header(respond::header("Connection", "close"));
+                respond::respond(request, response);
+                continue;
+            }
+            activity.running.fetch_add(1, Ordering::SeqCst);
+        }
         // A bug in one request must not take the worker (and so the cache) down.
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             serve::handle(context, request, lane)
