@@ -175,7 +175,7 @@ impl LocalStore {
             policy,
             signing_key,
             index: RwLock::new(Arc::new(Index::default())),
-            cache: PathCache::new(cache::DEFAULT_CAPACITY),
+            cache: PathCache::new(cache::DEFAULT_CAPACITY, cache::DEFAULT_BYTE_BUDGET),
             scans: AtomicU64::new(0),
             daemon_reachable: AtomicBool::new(false),
         }
