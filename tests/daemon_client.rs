@@ -153,7 +153,7 @@ fn the_pool_recovers_after_a_daemon_restart() {
     daemon
         .for_each_valid_path(|path| listed.push(path.to_string()))
         .expect("the listing retries on a new connection");
-    assert_eq!(listed, [many.first.clone()]);
+    assert_eq!(listed, std::slice::from_ref(&many.first));
 
     // Now the daemon and its workers: ops fail until it is back.
     kill_all(&format!("^nix-daemon .*{}$", a.store()));
