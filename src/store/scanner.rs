@@ -103,7 +103,11 @@ pub fn run(
                     index.len(),
                     outcome.new,
                     outcome.gone,
-                    if redecide { ", all decided again" } else { "" },
+                    if redecide && !old.is_empty() {
+                        ", all decided again"
+                    } else {
+                        ""
+                    },
                     index.shared_len(),
                     outcome.asked,
                     started.elapsed().as_millis()
@@ -164,7 +168,14 @@ pub fn scan(
     let daemon = store.daemon();
     let policy = store.policy();
     let mut rescan = Rescan::new(old, redecide);
-    daemon.for_each_valid_path(|raw| rescan.visit(raw, |path| policy.allows_name(path)))?;
+    let started = Instant::now();
+    let listed =
+        daemon.for_each_valid_path(|raw| rescan.visit(raw, |path| policy.allows_name(path)))?;
+    log::debug!(
+        "scan: {listed} paths listed in {} ms",
+        started.elapsed().as_millis()
+    );
+    let started = Instant::now();
     rescan.resolve(|path| {
         let raw = path.to_string();
         // `None`: gone since the listing.
@@ -177,6 +188,11 @@ pub fn scan(
             }
         }))
     })?;
+    log::debug!(
+        "scan: {} decisions asked of the daemon in {} ms",
+        rescan.asked,
+        started.elapsed().as_millis()
+    );
     Ok(rescan.finish(want_delta))
 }
 
