@@ -180,7 +180,7 @@ fn run(config: &Config) -> Result<(), String> {
     let interval = config.scan_interval;
     std::thread::Builder::new()
         .name("scanner".into())
-        .spawn(move || scanner::run(scan_store, interval, wakeup))
+        .spawn(move || scanner::run(scan_store, interval, wakeup, None))
         .map_err(|e| format!("cannot start the scanner thread: {e}"))?;
 
     // Every source of peers joins the one resolver, with one peer table;
