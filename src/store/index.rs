@@ -277,15 +277,6 @@ impl Index {
             .map(|(i, h)| (h, self.shared.get(i)))
     }
 
-    /// Every hash part the share policy lets leave this host.
-    pub fn for_each_shared(&self, mut f: impl FnMut(&HashPart)) {
-        for (hash, entry) in &self.entries {
-            if entry.shared {
-                f(hash);
-            }
-        }
-    }
-
     pub fn len(&self) -> usize {
         self.hashes.len()
     }
