@@ -22,11 +22,31 @@ pub(super) fn health(context: &ServerContext, with_peers: bool) -> Response<Curs
         "indexed_paths": index.len(),
         "shared_paths": index.shared_len(),
         "lan": lan_health(context),
+        "tracker": tracker_health(context),
     });
     if with_peers {
         json["peers"] = peers_health(context);
     }
     body(200, format!("{json}\n").into_bytes(), "application/json")
+}
+
+/// The tracker client's state for `/health`.
+fn tracker_health(context: &ServerContext) -> serde_json::Value {
+    let Some(tracker) = context.tracker.as_ref() else {
+        return serde_json::json!({ "enabled": false });
+    };
+    let stats = &tracker.stats;
+    let get = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
+    serde_json::json!({
+        "enabled": true,
+        "node_id": tracker.node_id().to_string(),
+        "reachable": stats.reachable.load(Ordering::Relaxed),
+        "announces": get(&stats.announces),
+        "hashes_sent": get(&stats.hashes_sent),
+        "lookups": get(&stats.lookups),
+        "lookup_failures": get(&stats.lookup_failures),
+        "failures": get(&stats.failures),
+    })
 }
 
 /// The LAN counters for `/health`.

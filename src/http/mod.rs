@@ -44,6 +44,7 @@ use crate::lan::Lan;
 use crate::lan::summaries::Summaries;
 use crate::lan::summary::Publisher;
 use crate::store::LocalStore;
+use crate::tracker::client::TrackerClient;
 
 pub use access::is_loopback;
 
@@ -64,6 +65,8 @@ pub struct ServerContext {
     /// This host's store summary, for `/local/summary`; `None` when this
     /// host does not answer peers.
     pub publisher: Option<Arc<Publisher>>,
+    /// The tracker client, for `/health`.
+    pub tracker: Option<Arc<TrackerClient>>,
     /// Peer NARs up to this size are verified whole before nix gets a byte,
     pub verify_before_send: u64,
     /// while this budget for the memory they take lasts.

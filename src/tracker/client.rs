@@ -68,15 +68,15 @@ pub struct TrackerClient {
 
 impl TrackerClient {
     /// Starts the client of the tracker at `url` (`http://host:port`) for
-    /// this node, which serves `/local/` on `http_port`. The announcing
-    /// thread sends `shared` in full and then `deltas`.
+    /// this node, which serves `/local/` on `http_port`. With `announce`
+    /// (this host answers peers), a thread registers it and sends `shared`
+    /// in full and then `deltas`; without, it only looks paths up.
     pub fn start(
         url: &str,
         identity: Identity,
         http_port: u16,
         timeout: Duration,
-        shared: SharedSet,
-        deltas: Receiver<ShareDelta>,
+        announce: Option<(SharedSet, Receiver<ShareDelta>)>,
     ) -> std::io::Result<Arc<TrackerClient>> {
         let agent = |timeout: Duration| -> ureq::Agent {
             ureq::Agent::config_builder()
@@ -101,10 +101,12 @@ impl TrackerClient {
             cache: Mutex::new(HashMap::new()),
             stats: TrackerStats::default(),
         });
-        let announcer = Arc::clone(&client);
-        std::thread::Builder::new()
-            .name("tracker".into())
-            .spawn(move || announcer.run(&shared, &deltas))?;
+        if let Some((shared, deltas)) = announce {
+            let announcer = Arc::clone(&client);
+            std::thread::Builder::new()
+                .name("tracker".into())
+                .spawn(move || announcer.run(&shared, &deltas))?;
+        }
         Ok(client)
     }
 
@@ -147,7 +149,8 @@ impl TrackerClient {
                     e => Err(e),
                 })
             } else {
-                match deltas.recv_timeout(next_heartbeat.saturating_duration_since(Instant::now())) {
+                match deltas.recv_timeout(next_heartbeat.saturating_duration_since(Instant::now()))
+                {
                     Ok(delta) => pending.push(delta),
                     Err(RecvTimeoutError::Timeout) => {}
                     Err(RecvTimeoutError::Disconnected) => {
@@ -209,9 +212,8 @@ impl TrackerClient {
     }
 
     fn send_delta(&self, delta: &ShareDelta) -> Result<(), Refused> {
-        let strings = |hashes: &[HashPart]| -> Vec<String> {
-            hashes.iter().map(|h| h.to_string()).collect()
-        };
+        let strings =
+            |hashes: &[HashPart]| -> Vec<String> { hashes.iter().map(|h| h.to_string()).collect() };
         for added in delta.added.chunks(CHUNK) {
             self.post(
                 "/packages/delta",
@@ -260,7 +262,10 @@ impl TrackerClient {
             200 => serde_json::from_str(&text)
                 .map_err(|e| Refused::Other(format!("{url}: answer is not JSON: {e}"))),
             409 => Err(Refused::NotRegistered),
-            other => Err(Refused::Other(format!("{url}: HTTP {other}: {}", text.trim()))),
+            other => Err(Refused::Other(format!(
+                "{url}: HTTP {other}: {}",
+                text.trim()
+            ))),
         }
     }
 
@@ -338,8 +343,8 @@ impl TrackerClient {
         self.stats.failures.fetch_add(1, Ordering::Relaxed);
         let mut backoff = lock(&self.backoff);
         backoff.failures = backoff.failures.saturating_add(1);
-        let wait = (FIRST_BACKOFF * 2u32.pow(backoff.failures.saturating_sub(1).min(16)))
-            .min(MAX_BACKOFF);
+        let wait =
+            (FIRST_BACKOFF * 2u32.pow(backoff.failures.saturating_sub(1).min(16))).min(MAX_BACKOFF);
         backoff.until = Some(Instant::now() + wait);
     }
 
@@ -354,7 +359,9 @@ impl TrackerClient {
 /// Where a provider serves `/local/`: its announced HTTP address, else the
 /// address its announce came from with its HTTP port.
 fn provider_address(provider: &serde_json::Value) -> Option<SocketAddr> {
-    let port = provider["http_port"].as_u64().and_then(|p| u16::try_from(p).ok());
+    let port = provider["http_port"]
+        .as_u64()
+        .and_then(|p| u16::try_from(p).ok());
     let announced = provider["http_addrs"]
         .as_array()
         .into_iter()
