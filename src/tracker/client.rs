@@ -22,7 +22,8 @@ use crate::nix::store_path::HashPart;
 use crate::peers::{Discovery, PeerId, Search};
 use crate::store::scanner::ShareDelta;
 
-/// How often the node heartbeats (the tracker forgets it after 120 s).
+/// How often the node heartbeats at most: half the tracker's TTL (which it
+/// says in each answer; 120 s by default), never more than this.
 pub const HEARTBEAT: Duration = Duration::from_secs(60);
 /// A lookup waits this long for the tracker at most.
 const LOOKUP_TIMEOUT: Duration = Duration::from_millis(500);
@@ -129,8 +130,9 @@ impl TrackerClient {
                 continue;
             }
             let result = if !registered || Instant::now() >= next_heartbeat {
-                self.announce().and_then(|new| {
-                    next_heartbeat = Instant::now() + HEARTBEAT;
+                self.announce().and_then(|(new, ttl)| {
+                    next_heartbeat =
+                        Instant::now() + (ttl / 2).clamp(Duration::from_secs(1), HEARTBEAT);
                     if new || !registered {
                         // Deltas so far are in the full set.
                         while deltas.try_recv().is_ok() {}
@@ -172,16 +174,20 @@ impl TrackerClient {
         }
     }
 
-    /// Announces (registers or heartbeats) this node; true when the tracker
-    /// held nothing for it, so the full set is due.
-    fn announce(&self) -> Result<bool, Refused> {
+    /// Announces (registers or heartbeats) this node: whether the tracker
+    /// held nothing for it (so the full set is due), and how long it keeps
+    /// a node that stops heartbeating.
+    fn announce(&self) -> Result<(bool, Duration), Refused> {
         let body = serde_json::json!({
             "node_id": self.node_id().to_string(),
             "http_port": self.http_port,
         });
         let answer = self.post("/iroh/announce", &body)?;
         self.stats.announces.fetch_add(1, Ordering::Relaxed);
-        Ok(answer["new"].as_bool().unwrap_or(true))
+        let ttl = answer["ttl"]
+            .as_u64()
+            .map_or(HEARTBEAT * 2, Duration::from_secs);
+        Ok((answer["new"].as_bool().unwrap_or(true), ttl))
     }
 
     fn send_full_set(&self, shared: &SharedSet) -> Result<(), Refused> {
