@@ -125,7 +125,14 @@ impl Server {
         let (to_peer, peer_queue) = unbounded();
         let handoff = Handoff {
             to_peer,
-            activity: Arc::clone(&activity),
+            pool: Arc::new(PeerPool {
+                queue: peer_queue,
+                context: Arc::clone(&context),
+                activity: Arc::clone(&activity),
+                idle: AtomicUsize::new(0),
+                spawned: AtomicUsize::new(0),
+                max: lanes.peer.max(1),
+            }),
         };
         let lane_specs = [
             (
@@ -134,7 +141,6 @@ impl Server {
                 Intake::Loopback(Arc::clone(&server)),
                 Lane::Local(handoff),
             ),
-            ("peer", lanes.peer, Intake::Peer(peer_queue), Lane::Peer),
             (
                 "net",
                 lanes.network,
@@ -186,35 +192,84 @@ pub(crate) enum Lane {
 #[derive(Clone)]
 pub(crate) struct Handoff {
     to_peer: Sender<tiny_http::Request>,
+    pool: Arc<PeerPool>,
+}
+
+/// The peer lane's threads, started as work comes (up to `max`) and kept:
+/// a host whose peers are never asked pays for none of them.
+struct PeerPool {
+    queue: Receiver<tiny_http::Request>,
+    context: Arc<ServerContext>,
     activity: Arc<Activity>,
+    idle: AtomicUsize,
+    spawned: AtomicUsize,
+    max: usize,
 }
 
 impl Handoff {
     /// Queues `request` for the peer lane, where it counts as running until
-    /// answered; gives it back when that lane is gone.
+    /// answered, and starts a worker there if none is free; gives the
+    /// request back when the lane cannot take it.
     pub(crate) fn send(&self, request: tiny_http::Request) -> Option<tiny_http::Request> {
-        self.activity.running.fetch_add(1, Ordering::SeqCst);
-        let refused = self.to_peer.send(request).err()?;
-        self.activity.running.fetch_sub(1, Ordering::SeqCst);
-        Some(refused.into_inner())
+        let pool = &self.pool;
+        pool.activity.running.fetch_add(1, Ordering::SeqCst);
+        if let Err(refused) = self.to_peer.send(request) {
+            pool.activity.running.fetch_sub(1, Ordering::SeqCst);
+            return Some(refused.into_inner());
+        }
+        if pool.idle.load(Ordering::SeqCst) == 0 {
+            let grown = pool
+                .spawned
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                    (n < pool.max).then_some(n + 1)
+                });
+            if let Ok(n) = grown {
+                let worker_pool = Arc::clone(pool);
+                let spawned = std::thread::Builder::new()
+                    .name(format!("http-peer-{n}"))
+                    .spawn(move || peer_worker(&worker_pool));
+                if let Err(e) = spawned {
+                    pool.spawned.fetch_sub(1, Ordering::SeqCst);
+                    log::error!("cannot start a peer lane worker: {e}");
+                }
+            }
+        }
+        None
+    }
+}
+
+fn peer_worker(pool: &PeerPool) {
+    loop {
+        pool.idle.fetch_add(1, Ordering::SeqCst);
+        let next = pool.queue.recv();
+        pool.idle.fetch_sub(1, Ordering::SeqCst);
+        let Ok(request) = next else {
+            return;
+        };
+        // Counted as running by the handoff; counted down here.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            serve::handle(&pool.context, request, &Lane::Peer)
+        }));
+        if outcome.is_err() {
+            log::error!("a request handler panicked; the worker carries on");
+        }
+        pool.activity.running.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
 /// Where a worker takes its requests from: tiny_http's queue of loopback
 /// requests or of the others (kept apart by tiny_http itself, with no
-/// thread in between), or the local lane's handoffs.
+/// thread in between).
 #[derive(Clone)]
 enum Intake {
     Loopback(Arc<tiny_http::Server>),
     Network(Arc<tiny_http::Server>),
-    Peer(Receiver<tiny_http::Request>),
 }
 
 impl Intake {
     /// The next request; `None` once there will be none.
     fn next(&self) -> Option<tiny_http::Request> {
         let (server, loopback) = match self {
-            Intake::Peer(queue) => return queue.recv().ok(),
             Intake::Loopback(server) => (server, true),
             Intake::Network(server) => (server, false),
         };
@@ -233,11 +288,6 @@ impl Intake {
                 }
             }
         }
-    }
-
-    /// Whether its requests are new ones, not yet counted as running.
-    fn takes_new_requests(&self) -> bool {
-        !matches!(self, Intake::Peer(_))
     }
 }
 
@@ -312,15 +362,13 @@ fn connection_limits(open_files: u64) -> tiny_http::Limits {
 
 fn worker(intake: &Intake, context: &ServerContext, lane: &Lane, activity: &Activity) {
     while let Some(request) = intake.next() {
-        if intake.takes_new_requests() {
-            if activity.draining.load(Ordering::SeqCst) {
-                let response = respond::text(503, "shutting down\n")
-                    .with_header(respond::header("Connection", "close"));
-                respond::respond(request, response);
-                continue;
-            }
-            activity.running.fetch_add(1, Ordering::SeqCst);
+        if activity.draining.load(Ordering::SeqCst) {
+            let response = respond::text(503, "shutting down\n")
+                .with_header(respond::header("Connection", "close"));
+            respond::respond(request, response);
+            continue;
         }
+        activity.running.fetch_add(1, Ordering::SeqCst);
         // A bug in one request must not take the worker (and so the cache) down.
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             serve::handle(context, request, lane)
