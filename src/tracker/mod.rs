@@ -4,6 +4,8 @@
 //! `peerix-tracker` server (see [`api`] for its HTTP API); the `peerix`
 //! binary does not use it, so none of it (nor SQLite) is linked into it.
 
+pub mod allow;
 pub mod api;
 pub mod auth;
+pub mod config;
 pub mod db;
