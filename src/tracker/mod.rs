@@ -9,3 +9,4 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod db;
+pub mod server;
