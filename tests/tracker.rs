@@ -558,9 +558,12 @@ fn forged_replayed_stale_unsigned_and_foreign_requests_change_nothing() {
     let replay = tracker.request("POST", "/packages/delta", &add_headers, add.as_bytes());
     assert_refused(&replay, 401, "replay");
 
-    // A forged signature: A's signature on another body.
+    // A forged signature: A's signature (never sent) on another body.
+    let signed = json!({"node_id": id(&a), "hashes": [hash(1)]}).to_string();
     let forged = json!({"node_id": id(&a), "hashes": []}).to_string();
-    let response = tracker.request("POST", "/packages/batch", &add_headers, forged.as_bytes());
+    let headers = sign(&a, "POST", "/packages/batch", signed.as_bytes());
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let response = tracker.request("POST", "/packages/batch", &headers, forged.as_bytes());
     assert_refused(&response, 401, "does not verify");
     // C's name on A's signature.
     let mut as_c = sign(&a, "DELETE", &format!("/iroh/peer/{}", id(&c)), b"");
