@@ -1,7 +1,8 @@
-//! `peerix-tracker`'s server: a hardened tiny_http listener, a pool of HTTP
-//! workers, one writer thread that owns the database's write connection
-//! (fed by a bounded channel, and sweeping expired peers between writes),
-//! and a small pool of reader connections for lookups.
+//! `peerix-tracker`'s server: a hardened tiny_http listener whose requests
+//! a dispatch thread sorts into two lanes of workers, lookups and changes;
+//! one writer thread that owns the database's write connection (fed by a
+//! bounded channel, and sweeping expired peers between writes); and a
+//! small pool of reader connections for lookups.
 //!
 //! A request is checked in this order, and nothing is written unless it
 //! passes all of it: route and method (404, 405), body size (413),
@@ -33,8 +34,16 @@ use super::db::{Change, Outcome, PeerRow, Reader, Signature, WriteError, Writer}
 use crate::identity::NodeId;
 use crate::nix::base64;
 
-/// HTTP worker threads.
-const WORKERS: usize = 8;
+/// Workers for lookups (GET); each holds a reader only while it queries. As many as readers: more only contend
+/// for the 2 cores a small tracker has (8 gave a p99 at 16 connections
+/// half again as long).
+const LOOKUP_WORKERS: usize = 4;
+/// Workers for changes: they read, check and parse a body, then wait for
+/// the writer; in a lane of their own, so writes waiting on the database
+/// never hold up lookups.
+const CHANGE_WORKERS: usize = 4;
+/// Requests waiting in a lane at most; past that, 503 at once.
+const LANE_QUEUE: usize = 256;
 /// Reader connections.
 const READERS: usize = 4;
 /// Writes waiting for the writer at most; past that, 503 at once.
@@ -111,7 +120,6 @@ pub fn run(config: &TrackerConfig) -> Result<(), String> {
     log::debug!("connection limits: {limits:?}");
     let server = tiny_http::Server::from_listener_with_limits(listener, None, limits)
         .map_err(|e| format!("cannot start HTTP server on {addr}: {e}"))?;
-    let server = Arc::new(server);
 
     let mut threads = Vec::new();
     let spawn_error = |e: io::Error| format!("cannot start a thread: {e}");
@@ -122,16 +130,29 @@ pub fn run(config: &TrackerConfig) -> Result<(), String> {
             .map_err(spawn_error)?,
     );
     watch_sighup(Arc::clone(&context)).map_err(|e| format!("cannot watch SIGHUP: {e}"))?;
-    for n in 0..WORKERS {
-        let context = Arc::clone(&context);
-        let server = Arc::clone(&server);
-        threads.push(
-            std::thread::Builder::new()
-                .name(format!("tracker-http-{n}"))
-                .spawn(move || worker(&context, &server))
-                .map_err(spawn_error)?,
-        );
+    let (to_lookups, lookups) = bounded(LANE_QUEUE);
+    let (to_changes, changes) = bounded(LANE_QUEUE);
+    for (lane, count, queue) in [
+        ("lookup", LOOKUP_WORKERS, lookups),
+        ("change", CHANGE_WORKERS, changes),
+    ] {
+        for n in 0..count {
+            let context = Arc::clone(&context);
+            let queue = queue.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("tracker-{lane}-{n}"))
+                    .spawn(move || worker(&context, &queue))
+                    .map_err(spawn_error)?,
+            );
+        }
     }
+    threads.push(
+        std::thread::Builder::new()
+            .name("tracker-dispatch".into())
+            .spawn(move || dispatch(&server, &to_lookups, &to_changes))
+            .map_err(spawn_error)?,
+    );
     log::info!(
         "peerix-tracker {} listening on {local_addr}, database {}, peer TTL {} s",
         env!("CARGO_PKG_VERSION"),
@@ -280,49 +301,86 @@ impl Context {
     }
 }
 
-fn worker(context: &Context, server: &tiny_http::Server) {
+/// Takes requests from tiny_http (one thread waits on its queue: several
+/// made the tail at 16 connections longer) and hands each to its lane:
+/// lookups (GET) or changes, so that writes waiting on the database never
+/// hold up lookups. A full lane is a 503 at once.
+fn dispatch(
+    server: &tiny_http::Server,
+    to_lookups: &Sender<Request>,
+    to_changes: &Sender<Request>,
+) {
     loop {
-        let mut request = match server.recv() {
+        let request = match server.recv() {
             Ok(request) => request,
             Err(e) => {
+                // One connection's error; a pause keeps a run of them from
+                // spinning.
                 log::debug!("HTTP: {e}");
                 std::thread::sleep(Duration::from_millis(10));
                 continue;
             }
         };
-        // A bug in one request must not take the worker down.
-        let response = catch_unwind(AssertUnwindSafe(|| handle(context, &mut request)))
-            .unwrap_or_else(|_| {
-                log::error!("a request handler panicked; the worker carries on");
-                Err(ApiError::new(500, "internal error"))
-            });
-        let (status, body) = match response {
-            Ok(body) => (200, body),
-            Err(e) => {
-                if e.status >= 500 {
-                    log::warn!("{} {}: {}", request.method(), request.url(), e.message);
-                } else {
-                    log::debug!(
-                        "{} {}: {} {}",
-                        request.method(),
-                        request.url(),
-                        e.status,
-                        e.message
-                    );
-                }
-                (e.status, e.body())
-            }
+        let lane = if *request.method() == tiny_http::Method::Get {
+            to_lookups
+        } else {
+            to_changes
         };
-        let response = Response::new(
-            StatusCode(status),
-            vec![json_header()],
-            Cursor::new(body.clone().into_bytes()),
-            Some(body.len()),
-            None,
-        );
-        if let Err(e) = request.respond(response) {
-            log::debug!("response not delivered: {e}");
+        match lane.try_send(request) {
+            Ok(()) => {}
+            Err(TrySendError::Full(request)) => {
+                // Small, into an empty send buffer: it does not wait.
+                respond(request, Err(ApiError::new(503, "busy, try again later")));
+            }
+            Err(TrySendError::Disconnected(_)) => return,
         }
+    }
+}
+
+fn worker(context: &Context, queue: &Receiver<Request>) {
+    for request in queue {
+        serve(context, request);
+    }
+}
+
+fn serve(context: &Context, mut request: Request) {
+    // A bug in one request must not take the worker down.
+    let response =
+        catch_unwind(AssertUnwindSafe(|| handle(context, &mut request))).unwrap_or_else(|_| {
+            log::error!("a request handler panicked; the worker carries on");
+            Err(ApiError::new(500, "internal error"))
+        });
+    respond(request, response);
+}
+
+fn respond(request: Request, response: Result<String, ApiError>) {
+    let (status, body) = match response {
+        Ok(body) => (200, body),
+        Err(e) => {
+            if e.status >= 500 {
+                log::warn!("{} {}: {}", request.method(), request.url(), e.message);
+            } else {
+                log::debug!(
+                    "{} {}: {} {}",
+                    request.method(),
+                    request.url(),
+                    e.status,
+                    e.message
+                );
+            }
+            (e.status, e.body())
+        }
+    };
+    let length = body.len();
+    let response = Response::new(
+        StatusCode(status),
+        vec![json_header()],
+        Cursor::new(body.into_bytes()),
+        Some(length),
+        None,
+    );
+    if let Err(e) = request.respond(response) {
+        log::debug!("response not delivered: {e}");
     }
 }
 
