@@ -92,6 +92,10 @@ pub struct Config {
     pub scan_interval: Option<Duration>,
     /// How long SIGTERM waits for running requests before exiting.
     pub shutdown_timeout: Duration,
+    /// Whether other hosts may read `/metrics`.
+    pub metrics_public: bool,
+    /// Whether other hosts may read `/dashboard` and its JSON.
+    pub dashboard_public: bool,
     pub verbose: bool,
     pub lan: LanConfig,
     /// Connect and read timeout for HTTP requests to peers.
@@ -115,6 +119,8 @@ impl Default for Config {
             filter_patterns: Vec::new(),
             scan_interval: Some(DEFAULT_SCAN_INTERVAL),
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            metrics_public: false,
+            dashboard_public: false,
             verbose: false,
             lan: LanConfig::default(),
             peer_timeout: DEFAULT_PEER_TIMEOUT,
@@ -633,6 +639,8 @@ mod tests {
             "--no-broadcast",
             "--timeout",
             "--verify-before-send",
+            "--metrics-public",
+            "--dashboard-public",
             "--config",
             "--verbose",
         ] {

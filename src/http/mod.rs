@@ -8,8 +8,9 @@
 //! - **peer**: loopback requests that need the peers (a narinfo this host
 //!   lacks, a NAR passed through). They wait on the network, within
 //!   deadlines; a local worker hands them over and goes back to nix.
-//! - **network**: everything from other hosts (`/local/`, `/health`). Its
-//!   queue is bounded: when it is full, a client gets 503 at once.
+//! - **network**: everything from other hosts (`/local/`, `/health`, and
+//!   the stats pages when a flag opens them). Its queue is bounded: when it
+//!   is full, a client gets 503 at once.
 //!
 //! Connections are bounded by tiny_http's [`tiny_http::Limits`]: a cap on
 //! open connections with the network's share below it, per-IP caps, head
@@ -17,10 +18,19 @@
 //!
 //! Root endpoints serve this host's own nix and answer loopback clients that
 //! name this host in `Host` only (see [`access`]). `/local/...` serves peers
-//! and LAN hosts, under the share policy.
+//! and LAN hosts, under the share policy. `/metrics` and `/dashboard` are
+//! root endpoints unless a flag opens them; the control endpoints always
+//! are.
+//!
+//! Each worker times the requests it answers and counts them by route kind
+//! in the [`Stats`] core.
 
 mod access;
+#[cfg(test)]
+mod bench;
+mod dashboard;
 mod health;
+mod metrics;
 mod proxy;
 mod range;
 mod respond;
@@ -41,6 +51,9 @@ use crate::fetch::transfer::MemoryBudget;
 use crate::lan::Lan;
 use crate::lan::summaries::Summaries;
 use crate::lan::summary::Publisher;
+use crate::stats::{
+    LanView, NodeInfo, PublishedView, Snapshot, Stats, StoreView, SummariesView, View,
+};
 use crate::store::LocalStore;
 
 pub use access::is_loopback;
@@ -49,7 +62,14 @@ pub use access::is_loopback;
 pub struct ServerContext {
     pub store: Arc<LocalStore>,
     pub priority: u32,
-    pub started: Instant,
+    /// The counters every page renders.
+    pub stats: Arc<Stats>,
+    /// This host, as the dashboard shows it; the port is set once bound.
+    pub node: NodeInfo,
+    /// Which stats pages other hosts may read.
+    pub public: PublicPages,
+    /// Asks the scanner for a rescan now; `None` when nothing can.
+    pub rescan: Option<Box<dyn Fn() -> std::io::Result<()> + Send + Sync>>,
     /// The address the server was told to bind: a name the root endpoints
     /// accept in `Host`.
     pub bind: IpAddr,
@@ -66,6 +86,85 @@ pub struct ServerContext {
     pub verify_before_send: u64,
     /// while this budget for the memory they take lasts.
     pub held_nars: MemoryBudget,
+}
+
+/// The stats pages other hosts may read; by default only this host may.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PublicPages {
+    pub metrics: bool,
+    pub dashboard: bool,
+}
+
+/// A path no store has: the daemon's answer for it shows it answers.
+const PROBE_PATH: &str = "/nix/store/00000000000000000000000000000000-peerix-health-probe";
+
+impl ServerContext {
+    /// One snapshot of the stats, and of what the store, the peer table and
+    /// the LAN side show now.
+    pub(crate) fn snapshot(&self) -> Snapshot {
+        let index = self.store.index();
+        let store = StoreView {
+            daemon_reachable: self.store.daemon_reachable(),
+            scans: self.store.completed_scans(),
+            indexed: index.len(),
+            shared: index.shared_len(),
+        };
+        drop(index);
+        self.stats.probe_daemon(|| {
+            let answer = self.store.daemon().is_valid_path(PROBE_PATH);
+            if let Err(e) = &answer {
+                log::debug!("nix-daemon probe: {e}");
+            }
+            answer.is_ok()
+        });
+        let lan = self.lan.as_ref().map(|lan| LanView {
+            port: lan.port(),
+            summaries: self.summaries.as_ref().map(|summaries| {
+                let (hosts_heard, hosts_with_summary, bytes) = summaries.coverage();
+                SummariesView {
+                    hosts_heard,
+                    hosts_with_summary,
+                    covers_lan: summaries.cover_all(),
+                    bytes,
+                }
+            }),
+            published: self.publisher.as_ref().map(|p| {
+                let published = p.current();
+                PublishedView {
+                    generation: published.generation,
+                    paths: published.paths,
+                    bytes: published.bytes.len(),
+                }
+            }),
+        });
+        self.stats.snapshot(View {
+            node: &self.node,
+            store,
+            peers: self.resolver.as_ref().map(|r| r.peers()),
+            lan,
+            addresses: addresses(self.node.bind),
+        })
+    }
+}
+
+/// The addresses this host is reached at: the bound one, or every
+/// interface's but loopback when bound to all.
+fn addresses(bind: IpAddr) -> Vec<IpAddr> {
+    if !bind.is_unspecified() {
+        return vec![bind];
+    }
+    match if_addrs::get_if_addrs() {
+        Ok(interfaces) => interfaces
+            .into_iter()
+            .filter(|i| !i.is_loopback())
+            .map(|i| i.ip())
+            .filter(|ip| ip.is_ipv4() == bind.is_ipv4() || bind.is_ipv6())
+            .collect(),
+        Err(e) => {
+            log::debug!("cannot list network interfaces: {e}");
+            Vec::new()
+        }
+    }
 }
 
 /// How many threads each lane has.
@@ -109,9 +208,10 @@ struct Activity {
 
 impl Server {
     /// Binds `addr` and starts the lanes' workers answering requests.
-    pub fn start(addr: SocketAddr, lanes: Lanes, context: ServerContext) -> io::Result<Server> {
+    pub fn start(addr: SocketAddr, lanes: Lanes, mut context: ServerContext) -> io::Result<Server> {
         let listener = bind(addr)?;
         let local_addr = listener.local_addr()?;
+        context.node.port = local_addr.port();
         let limits = connection_limits(open_files_limit());
         log::debug!("connection limits: {limits:?}");
         let server = tiny_http::Server::from_listener_with_limits(listener, None, limits)
@@ -324,12 +424,23 @@ fn worker(
     activity: &Activity,
 ) {
     for request in queue {
+        let began = Instant::now();
         // A bug in one request must not take the worker (and so the cache) down.
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             serve::handle(context, request, lane)
         }));
-        if outcome.is_err() {
-            log::error!("a request handler panicked; the worker carries on");
+        match outcome {
+            Ok(Some(handled)) => {
+                context
+                    .stats
+                    .request(handled.kind, handled.status, began.elapsed())
+            }
+            // Handed to the peer lane, whose worker counts it.
+            Ok(None) => {}
+            Err(_) => {
+                log::error!("a request handler panicked; the worker carries on");
+                context.stats.error();
+            }
         }
         // A request handed to the peer lane was counted once more there.
         activity.running.fetch_sub(1, Ordering::SeqCst);
