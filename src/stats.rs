@@ -559,9 +559,10 @@ impl Snapshot {
     }
 }
 
-/// How often the nix-daemon is asked at most on behalf of `/health` and
-/// `/metrics`; in between, the last answer stands.
-const DAEMON_PROBE_EVERY: Duration = Duration::from_secs(1);
+/// How often the nix-daemon is asked at most on behalf of `/health`,
+/// `/metrics` and the dashboard; in between, the last answer stands. Each
+/// probe is a connection the daemon logs.
+const DAEMON_PROBE_EVERY: Duration = Duration::from_secs(5);
 
 /// The counters. One per process, shared by every thread through an `Arc`.
 pub struct Stats {
@@ -958,7 +959,7 @@ mod tests {
     }
 
     #[test]
-    fn the_daemon_is_asked_at_most_once_a_second() {
+    fn the_daemon_is_asked_at_most_once_a_probe_interval() {
         let stats = Stats::new();
         let mut asked = 0;
         for _ in 0..10 {

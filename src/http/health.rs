@@ -3,9 +3,9 @@
 //! index, the LAN counters and, for this host only, the peer table.
 //!
 //! The checks:
-//! - `daemon_socket`: the nix-daemon answers a query now (asked at most
-//!   once a second). The top-level `daemon` field stays what the last use
-//!   of the daemon found, as before.
+//! - `daemon_socket`: a nix-daemon listens on the socket and shakes hands
+//!   (asked at most every 5 s). The top-level `daemon` field stays what
+//!   the last use of the daemon found, as before.
 //! - `index`: a first scan is done, and, with a scan interval, the last
 //!   one is no older than two intervals and a minute.
 //! - `lan`, when LAN discovery is asked for: its UDP side runs.

@@ -95,9 +95,6 @@ pub struct PublicPages {
     pub dashboard: bool,
 }
 
-/// A path no store has: the daemon's answer for it shows it answers.
-const PROBE_PATH: &str = "/nix/store/00000000000000000000000000000000-peerix-health-probe";
-
 impl ServerContext {
     /// One snapshot of the stats, and of what the store, the peer table and
     /// the LAN side show now.
@@ -111,9 +108,10 @@ impl ServerContext {
         };
         drop(index);
         self.stats.probe_daemon(|| {
-            let answer = self.store.daemon().is_valid_path(PROBE_PATH);
+            let socket = self.store.daemon().socket_path();
+            let answer = daemon_answers(socket);
             if let Err(e) = &answer {
-                log::debug!("nix-daemon probe: {e}");
+                log::debug!("nix-daemon at {}: {e}", socket.display());
             }
             answer.is_ok()
         });
@@ -145,6 +143,42 @@ impl ServerContext {
             addresses: addresses(self.node.bind),
         })
     }
+}
+
+/// How long the health probe waits for the nix-daemon's greeting.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Whether a nix-daemon listens on `socket` and shakes hands, on a
+/// connection of its own: a pooled connection would say nothing, as its
+/// worker process outlives a daemon that is gone. The connection is closed
+/// right after the handshake, where the daemon's worker takes the end of
+/// the connection for a normal one.
+fn daemon_answers(socket: &std::path::Path) -> io::Result<()> {
+    use crate::store::daemon::{Fault, ReplyReader};
+    use std::io::Write;
+    const WORKER_MAGIC_1: u64 = 0x6e69_7863;
+    /// 1.35, as the daemon client asks.
+    const CLIENT_VERSION: u64 = 0x123;
+    let stream = std::os::unix::net::UnixStream::connect(socket)?;
+    stream.set_read_timeout(Some(PROBE_TIMEOUT))?;
+    stream.set_write_timeout(Some(PROBE_TIMEOUT))?;
+    let fault = |fault: Fault| match fault {
+        Fault::Io(e) => e,
+        Fault::Protocol(why) | Fault::Remote(why) => io::Error::other(why),
+    };
+    let mut writer = &stream;
+    let mut replies = ReplyReader::new(io::BufReader::new(&stream));
+    writer.write_all(&WORKER_MAGIC_1.to_le_bytes())?;
+    replies.read_hello().map_err(fault)?;
+    let mut hello = CLIENT_VERSION.to_le_bytes().to_vec();
+    if replies.minor() >= 14 {
+        hello.extend_from_slice(&0u64.to_le_bytes()); // no CPU affinity
+    }
+    if replies.minor() >= 11 {
+        hello.extend_from_slice(&0u64.to_le_bytes()); // reserveSpace
+    }
+    writer.write_all(&hello)?;
+    replies.read_hello_end().map_err(fault)
 }
 
 /// The addresses this host is reached at: the bound one, or every
