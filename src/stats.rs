@@ -767,6 +767,7 @@ impl Stats {
     }
 
     /// Reads every counter, and what `view` names, into one snapshot.
+    #[inline(never)]
     pub fn snapshot(&self, view: View<'_>) -> Snapshot {
         let index_age = self.watch_store(&view.store);
         let now = Instant::now();

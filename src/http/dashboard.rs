@@ -55,6 +55,7 @@ static PAGE: LazyLock<(Vec<u8>, String)> = LazyLock::new(|| {
     (page.into_bytes(), policy)
 });
 
+#[inline(never)]
 pub(super) fn page() -> Response<Cursor<Vec<u8>>> {
     let (page, policy) = &*PAGE;
     body(200, page.clone(), "text/html; charset=utf-8")
@@ -70,6 +71,7 @@ pub(crate) fn page_weight() -> usize {
     PAGE.0.len()
 }
 
+#[inline(never)]
 pub(super) fn json(snapshot: &Snapshot) -> Response<Cursor<Vec<u8>>> {
     body(
         200,
@@ -81,6 +83,7 @@ pub(super) fn json(snapshot: &Snapshot) -> Response<Cursor<Vec<u8>>> {
 }
 
 /// `dashboard.json`.
+#[inline(never)]
 pub(crate) fn render(s: &Snapshot) -> Value {
     let (health, _) = health::render(s, false);
     let node = &s.node;
@@ -157,6 +160,7 @@ pub(crate) fn render(s: &Snapshot) -> Value {
 }
 
 /// `POST /control/<action>`; returns the status.
+#[inline(never)]
 pub(super) fn control(context: &ServerContext, request: Request, action: Control) -> u16 {
     if let Some(origin) = header_value(&request, "Origin")
         && !origin_is_local(origin, context.bind)

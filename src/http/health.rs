@@ -19,6 +19,7 @@ use tiny_http::Response;
 use super::respond::{body, header};
 use crate::stats::{PeerView, Snapshot};
 
+#[inline(never)]
 pub(super) fn health(snapshot: &Snapshot, with_peers: bool) -> Response<Cursor<Vec<u8>>> {
     let (json, healthy) = render(snapshot, with_peers);
     let status = if healthy { 200 } else { 503 };
@@ -27,6 +28,7 @@ pub(super) fn health(snapshot: &Snapshot, with_peers: bool) -> Response<Cursor<V
 }
 
 /// The `/health` document, and whether every check passed.
+#[inline(never)]
 pub(crate) fn render(snapshot: &Snapshot, with_peers: bool) -> (Value, bool) {
     let store = &snapshot.store;
     let mut checks = serde_json::Map::new();

@@ -18,6 +18,7 @@ use crate::stats::{BUCKET_LABELS, DropReason, PeerState, Snapshot, Source};
 
 const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
+#[inline(never)]
 pub(super) fn metrics(snapshot: &Snapshot) -> Response<Cursor<Vec<u8>>> {
     body(200, render(snapshot).into_bytes(), CONTENT_TYPE)
         .with_header(header("Cache-Control", "no-store"))
@@ -57,6 +58,7 @@ impl Out {
     }
 }
 
+#[inline(never)]
 pub(crate) fn render(s: &Snapshot) -> String {
     let mut out = Out {
         text: String::with_capacity(16 * 1024),

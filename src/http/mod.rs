@@ -98,6 +98,7 @@ pub struct PublicPages {
 impl ServerContext {
     /// One snapshot of the stats, and of what the store, the peer table and
     /// the LAN side show now.
+    #[inline(never)]
     pub(crate) fn snapshot(&self) -> Snapshot {
         let index = self.store.index();
         let store = StoreView {

@@ -37,6 +37,9 @@ pub(super) struct Handled {
 
 /// Answers `request`; `None` when it was handed to the peer lane, whose
 /// worker answers (and counts) it.
+// Not inlined into the worker loop: a worker that waits for its first
+// request keeps only its own small stack frame resident.
+#[inline(never)]
 pub(super) fn handle(context: &ServerContext, request: Request, lane: &Lane) -> Option<Handled> {
     let from_loopback = request.remote_addr().is_some_and(is_loopback);
     let route = match Route::parse(request.url()) {
