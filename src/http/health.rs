@@ -100,7 +100,11 @@ fn index_fresh(snapshot: &Snapshot) -> bool {
     match (snapshot.index_age, snapshot.node.scan_interval) {
         (None, _) => false,
         (Some(_), None) => true,
-        (Some(age), Some(interval)) => age <= interval * 2 + Duration::from_secs(60),
+        (Some(age), Some(interval)) => {
+            age <= interval
+                .saturating_mul(2)
+                .saturating_add(Duration::from_secs(60))
+        }
     }
 }
 
@@ -155,4 +159,67 @@ pub(crate) fn peer(peer: &PeerView) -> Value {
         "available": peer.state == crate::stats::PeerState::Ok,
         "banned": peer.state == crate::stats::PeerState::Banned,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::{NodeInfo, Stats, StoreView, View};
+    use std::net::IpAddr;
+    use std::path::PathBuf;
+
+    fn snapshot(scans: u64, interval: Option<Duration>, lan_wanted: bool) -> Snapshot {
+        let stats = Stats::new();
+        let node = NodeInfo {
+            version: "0",
+            mode: "local",
+            id: None,
+            bind: IpAddr::from([127, 0, 0, 1]),
+            port: 1,
+            lan_port: None,
+            daemon_socket: PathBuf::from("/x"),
+            scan_interval: interval,
+            lan_wanted,
+        };
+        let store = StoreView {
+            daemon_reachable: true,
+            scans,
+            indexed: 3,
+            shared: 2,
+        };
+        stats.snapshot(View {
+            node: &node,
+            store,
+            peers: None,
+            lan: None,
+            addresses: Vec::new(),
+        })
+    }
+
+    #[test]
+    fn every_check_must_pass_to_be_healthy() {
+        let (json, healthy) = render(&snapshot(1, Some(Duration::from_secs(3600)), false), false);
+        assert!(healthy, "{json}");
+        assert_eq!(json["status"], "healthy");
+        assert_eq!(json["checks"]["index"]["status"], "ok");
+        assert!(json.get("peers").is_none());
+
+        let (json, healthy) = render(&snapshot(0, None, false), true);
+        assert!(!healthy, "no scan yet: {json}");
+        assert_eq!(json["checks"]["index"]["status"], "fail");
+        assert_eq!(json["peers"], serde_json::json!([]));
+
+        let (json, healthy) = render(&snapshot(1, None, true), false);
+        assert!(!healthy, "LAN asked for, not running: {json}");
+        assert_eq!(json["checks"]["lan"]["status"], "fail");
+    }
+
+    #[test]
+    fn a_huge_scan_interval_does_not_overflow() {
+        let (_, healthy) = render(
+            &snapshot(1, Some(Duration::from_secs(u64::MAX)), false),
+            false,
+        );
+        assert!(healthy);
+    }
 }

@@ -342,3 +342,80 @@ pub(crate) fn render(s: &Snapshot) -> String {
     }
     out.text
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::{LanView, NodeInfo, RouteKind, Stats, StoreView, View};
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::net::IpAddr;
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    #[test]
+    fn every_sample_belongs_to_a_declared_family_once() {
+        let stats = Stats::new();
+        stats.request(RouteKind::NarInfo, 200, Duration::from_micros(700));
+        stats.request(RouteKind::Nar, 206, Duration::from_secs(90));
+        let node = NodeInfo {
+            version: "0.1.0",
+            mode: "lan",
+            id: None,
+            bind: IpAddr::from([0, 0, 0, 0]),
+            port: 12304,
+            lan_port: Some(12304),
+            daemon_socket: PathBuf::from("/x"),
+            scan_interval: None,
+            lan_wanted: true,
+        };
+        let snapshot = stats.snapshot(View {
+            node: &node,
+            store: StoreView::default(),
+            peers: None,
+            lan: Some(LanView::default()),
+            addresses: Vec::new(),
+        });
+        let text = render(&snapshot);
+        let mut families = BTreeMap::new();
+        let mut samples = BTreeMap::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').unwrap();
+                assert!(families.insert(name, kind).is_none(), "{name} twice");
+            } else if !line.starts_with("# HELP ") {
+                let (key, value) = line.rsplit_once(' ').unwrap();
+                value.parse::<f64>().unwrap();
+                let name = key.split('{').next().unwrap();
+                let family = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|suffix| name.strip_suffix(suffix))
+                    .filter(|base| families.get(base) == Some(&"histogram"))
+                    .unwrap_or(name);
+                assert!(families.contains_key(family), "{line}: undeclared");
+                assert!(
+                    name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+                    "{name}"
+                );
+                assert!(samples.insert(key, value).is_none(), "{key} twice");
+            }
+        }
+        let counters: BTreeSet<_> = families
+            .iter()
+            .filter(|(_, kind)| **kind == "counter")
+            .map(|(name, _)| *name)
+            .collect();
+        assert!(counters.iter().all(|name| name.ends_with("_total")));
+        let narinfo = "peerix_request_duration_seconds_bucket{route=\"narinfo\",le=";
+        assert_eq!(samples[format!("{narinfo}\"0.0005\"}}").as_str()], "0");
+        assert_eq!(samples[format!("{narinfo}\"0.001\"}}").as_str()], "1");
+        assert_eq!(samples[format!("{narinfo}\"+Inf\"}}").as_str()], "1");
+        let nar = "peerix_request_duration_seconds_bucket{route=\"nar\",le=";
+        assert_eq!(samples[format!("{nar}\"60\"}}").as_str()], "0");
+        assert_eq!(samples[format!("{nar}\"+Inf\"}}").as_str()], "1");
+        assert_eq!(
+            samples["peerix_request_duration_seconds_sum{route=\"nar\"}"],
+            "90.000000"
+        );
+        assert_eq!(samples["peerix_requests_total"], "2");
+    }
+}
