@@ -68,7 +68,7 @@ pub const DEFAULT_VERIFY_BEFORE_SEND: u64 = 4 * 1024 * 1024;
 /// Sections and keys of the original peerix for features this version does
 /// not have yet.
 const UNBUILT: &[&str] = &[
-    "tracker",
+    "tracker.peer_id",
     "security",
     "store.filter_concurrency",
     "store.no_verify",
@@ -90,6 +90,12 @@ pub struct Config {
     pub filter_mode: FilterMode,
     pub filter_patterns: Vec<String>,
     pub scan_interval: Option<Duration>,
+    /// The tracker's base URL (`http://host:port`), if one is used.
+    pub tracker: Option<String>,
+    /// `--lan-discovery` or `--no-lan`, if given: without either, the LAN is
+    /// asked when no tracker is set ([`Config::lan`]`.enabled` says the
+    /// outcome).
+    pub lan_discovery: Option<bool>,
     /// How long SIGTERM waits for running requests before exiting.
     pub shutdown_timeout: Duration,
     /// Whether other hosts may read `/metrics`.
@@ -118,6 +124,8 @@ impl Default for Config {
             filter_mode: FilterMode::Signed,
             filter_patterns: Vec::new(),
             scan_interval: Some(DEFAULT_SCAN_INTERVAL),
+            tracker: None,
+            lan_discovery: None,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             metrics_public: false,
             dashboard_public: false,
@@ -405,6 +413,9 @@ fn merge(
                 .map_err(|e| ConfigError(format!("{name}: {e}")))?;
         }
     }
+    // As the original chooses: a tracker means tracker discovery, none
+    // means the LAN; --lan-discovery adds the LAN to a tracker.
+    config.lan.enabled = config.lan_discovery.unwrap_or(config.tracker.is_none());
     Ok(config)
 }
 
@@ -603,9 +614,9 @@ mod tests {
             "{e}"
         );
 
-        let (path, _g4) = write_config("[tracker]\nurl = \"http://t:12305\"\n");
+        let (path, _g4) = write_config("[security]\nallow_insecure_http = true\n");
         let e = run(&["--config", path.to_str().unwrap()]).unwrap_err();
-        assert!(e.0.contains("tracker"), "{e}");
+        assert!(e.0.contains("security"), "{e}");
 
         let (path, _g5) = write_config("[bogus]\n");
         let e = run(&["--config", path.to_str().unwrap()]).unwrap_err();
@@ -1010,5 +1021,26 @@ mod tests {
     #[test]
     fn the_default_trusted_key_is_a_key() {
         crate::nix::keys::PublicKey::parse(DEFAULT_TRUSTED_KEY).unwrap();
+    }
+
+    #[test]
+    fn a_tracker_turns_the_lan_off_unless_it_is_asked_for() {
+        let config = run(&["--tracker", "http://10.0.0.2:12305/"]).unwrap();
+        assert_eq!(config.tracker.as_deref(), Some("http://10.0.0.2:12305"));
+        assert!(!config.lan.enabled, "tracker mode");
+        let both = run(&["--tracker", "http://t:1", "--lan-discovery"]).unwrap();
+        assert!(both.lan.enabled, "--lan-discovery adds the LAN");
+        assert!(run(&[]).unwrap().lan.enabled, "no tracker: the LAN");
+        for bad in [
+            "https://t:1",
+            "t:1",
+            "http://",
+            "http://t:1/path",
+            "http://user@t",
+            "http://t:1?x",
+        ] {
+            let e = run(&["--tracker", bad]).unwrap_err();
+            assert!(e.0.contains("--tracker"), "{bad}: {e}");
+        }
     }
 }

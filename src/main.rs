@@ -13,6 +13,7 @@ use peerix::fetch::client::PeerClient;
 use peerix::fetch::resolver::Resolver;
 use peerix::fetch::transfer::MemoryBudget;
 use peerix::http::{Lanes, PublicPages, Server, ServerContext};
+use peerix::identity::Identity;
 use peerix::lan::Lan;
 use peerix::lan::summaries::Summaries;
 use peerix::lan::summary::Publisher;
@@ -22,7 +23,9 @@ use peerix::peers::{Discovery, PeerTable};
 use peerix::stats::{NodeInfo, Stats, StoreView};
 use peerix::store::daemon::DaemonPool;
 use peerix::store::policy::SharePolicy;
+use peerix::store::scanner::ShareDelta;
 use peerix::store::{LocalStore, scanner};
+use peerix::tracker::client::{SharedSet, TrackerClient};
 
 /// nix-daemon connections open at most. Each one is a forked nix-daemon
 /// process, so not one per worker: lookups take about 100 µs, and most are
@@ -135,6 +138,40 @@ fn start_lan(
     }
 }
 
+/// Starts the tracker client: this node's identity from the state
+/// directory (an unreadable key is an error: a new identity is never made
+/// over an old one), and the announcing thread when this host answers
+/// peers.
+fn start_tracker(
+    config: &Config,
+    url: &str,
+    store: &Arc<LocalStore>,
+    deltas: crossbeam_channel::Receiver<ShareDelta>,
+) -> Result<Arc<TrackerClient>, String> {
+    let identity = Identity::load_or_create(&config.state_dir)?;
+    let answer_peers = !config.bind.is_loopback();
+    let listed = Arc::clone(store);
+    let shared: SharedSet = Box::new(move |each| listed.index().for_each_shared(each));
+    let client = TrackerClient::start(
+        url,
+        identity,
+        config.port,
+        config.peer_timeout,
+        answer_peers.then_some((shared, deltas)),
+    )
+    .map_err(|e| format!("cannot start the tracker client: {e}"))?;
+    log::info!(
+        "tracker {url}: node {}{}",
+        client.node_id(),
+        if answer_peers {
+            ""
+        } else {
+            " (HTTP on loopback: looking paths up, announcing none)"
+        }
+    );
+    Ok(client)
+}
+
 fn init_logging(verbose: bool) {
     let default = if verbose { "debug" } else { "info" };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default))
@@ -184,19 +221,36 @@ fn run(config: &Config) -> Result<(), String> {
         );
     }
     let wakeup = scanner::Wakeup::on_sighup().map_err(|e| format!("cannot handle SIGHUP: {e}"))?;
+    // The scanner's share deltas go to the tracker, the one that needs them.
+    // Unbounded: one delta a scan at most, and a dropped one would leave a
+    // gap in what the tracker knows.
+    let (delta_sender, delta_receiver) = match config.tracker {
+        Some(_) => {
+            let (sender, receiver) = crossbeam_channel::unbounded();
+            (Some(sender), Some(receiver))
+        }
+        None => (None, None),
+    };
     let scan_store = Arc::clone(&store);
     let interval = config.scan_interval;
     std::thread::Builder::new()
         .name("scanner".into())
-        .spawn(move || scanner::run(scan_store, interval, wakeup))
+        .spawn(move || scanner::run(scan_store, interval, wakeup, delta_sender))
         .map_err(|e| format!("cannot start the scanner thread: {e}"))?;
 
     // Every source of peers joins the one resolver, with one peer table;
     // HTTP reaches them all.
     let stats = Arc::new(Stats::new());
     let peers = Arc::new(PeerTable::new());
+    let tracker = match (&config.tracker, delta_receiver) {
+        (Some(url), Some(deltas)) => Some(start_tracker(config, url, &store, deltas)?),
+        _ => None,
+    };
     let lan_side = start_lan(config, &store, &peers, &stats);
     let mut sources: Vec<Arc<dyn Discovery>> = Vec::new();
+    if let Some(tracker) = &tracker {
+        sources.push(Arc::clone(tracker) as Arc<dyn Discovery>);
+    }
     if let Some((lan, summaries, _)) = &lan_side {
         sources.push(Arc::clone(summaries) as Arc<dyn Discovery>);
         sources.push(Arc::clone(lan) as Arc<dyn Discovery>);
@@ -218,8 +272,13 @@ fn run(config: &Config) -> Result<(), String> {
     let store_for_readiness = Arc::clone(&store);
     let node = NodeInfo {
         version: env!("CARGO_PKG_VERSION"),
-        mode: if lan.is_some() { "lan" } else { "local" },
-        id: None,
+        mode: match (lan.is_some(), tracker.is_some()) {
+            (true, true) => "lan+tracker",
+            (true, false) => "lan",
+            (false, true) => "tracker",
+            (false, false) => "local",
+        },
+        id: tracker.as_ref().map(|t| t.node_id().to_string()),
         bind: config.bind,
         port: config.port,
         lan_port: lan.as_ref().map(|lan| lan.port()),
@@ -244,6 +303,7 @@ fn run(config: &Config) -> Result<(), String> {
         lan,
         summaries,
         publisher,
+        tracker,
         verify_before_send: config.verify_before_send,
         held_nars: MemoryBudget::new(config.verify_before_send.max(HELD_NARS_MIN_BUDGET)),
     };

@@ -382,7 +382,7 @@ struct StoreWatch {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeInfo {
     pub version: &'static str,
-    /// `lan`, or `local` when no peer mode is on.
+    /// `lan`, `tracker`, `lan+tracker`, or `local` when no peer mode is on.
     pub mode: &'static str,
     /// The node id, once this host has one (tracker, Iroh).
     pub id: Option<String>,
@@ -418,12 +418,27 @@ pub struct PublishedView {
     pub bytes: usize,
 }
 
+/// The tracker client, as a snapshot sees it (its counters live in
+/// `tracker::client`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TrackerView {
+    pub node_id: String,
+    /// Whether the last exchange with the tracker worked.
+    pub reachable: bool,
+    pub announces: u64,
+    pub hashes_sent: u64,
+    pub lookups: u64,
+    pub lookup_failures: u64,
+    pub failures: u64,
+}
+
 /// What a snapshot is taken of, besides the counters.
 pub struct View<'a> {
     pub node: &'a NodeInfo,
     pub store: StoreView,
     pub peers: Option<&'a PeerTable>,
     pub lan: Option<LanView>,
+    pub tracker: Option<TrackerView>,
     /// The interface addresses of this host, for the dashboard.
     pub addresses: Vec<IpAddr>,
 }
@@ -513,6 +528,7 @@ pub struct Snapshot {
     pub daemon_answers: Option<bool>,
     pub rescans_requested: u64,
     pub lan: Option<LanView>,
+    pub tracker: Option<TrackerView>,
     pub lan_counters: LanCountersSnapshot,
     pub summary_counters: [u64; 4],
     pub peers: Vec<PeerView>,
@@ -827,6 +843,7 @@ impl Stats {
             daemon_answers: daemon_answers.map(|(_, answer)| answer),
             rescans_requested: load(&self.rescans_requested),
             lan: view.lan,
+            tracker: view.tracker,
             lan_counters: LanCountersSnapshot {
                 queries: load(&lan.queries),
                 replies_received: load(&lan.replies_received),
@@ -999,6 +1016,7 @@ mod tests {
             store: StoreView::default(),
             peers: None,
             lan: None,
+            tracker: None,
             addresses: Vec::new(),
         });
         assert_eq!(snap.requests(), 3);

@@ -30,6 +30,12 @@ fn ops_agree_with_nix_path_info() {
     let mut want: Vec<String> = expected.iter().map(|i| i.path.clone()).collect();
     want.sort();
     assert_eq!(all, want);
+    let mut streamed = Vec::new();
+    let count = daemon
+        .for_each_valid_path(|path| streamed.push(path.to_string()))
+        .expect("QueryAllValidPaths, streamed");
+    streamed.sort();
+    assert_eq!((count, &streamed), (want.len() as u64, &want));
 
     for info in &expected {
         let got = daemon
@@ -141,6 +147,13 @@ fn the_pool_recovers_after_a_daemon_restart() {
     // connection while the daemon lives: the next op must retry on a new one.
     kill_all(&format!("^nix-daemon [0-9]+ .*{}$", a.store()));
     assert!(daemon.query_path_info(&many.first).unwrap().is_some());
+    // The streamed listing too, which had handed out nothing when it failed.
+    kill_all(&format!("^nix-daemon [0-9]+ .*{}$", a.store()));
+    let mut listed = Vec::new();
+    daemon
+        .for_each_valid_path(|path| listed.push(path.to_string()))
+        .expect("the listing retries on a new connection");
+    assert_eq!(listed, std::slice::from_ref(&many.first));
 
     // Now the daemon and its workers: ops fail until it is back.
     kill_all(&format!("^nix-daemon .*{}$", a.store()));

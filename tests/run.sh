@@ -5,9 +5,9 @@
 #
 # Installs what the integration tests drive (real nix, a static busybox as
 # the fixture builder, iproute2 for network namespaces, curl as the client
-# inside them, promtool and chromium for tests/ops.rs) only when something
-# is missing, then runs `cargo test --all-targets`. Exits non-zero when
-# anything fails.
+# inside them, pkill and prlimit, promtool and chromium for tests/ops.rs)
+# only when something is missing, then runs `cargo test --all-targets`.
+# Exits non-zero when anything fails.
 set -eu
 
 cd "$(dirname "$0")/.."
@@ -25,6 +25,8 @@ need nix-build nix-bin
 need nix-daemon nix-bin
 need ip iproute2
 need curl curl
+need pkill procps
+need prlimit util-linux
 # tests/ops.rs: Prometheus's own checker for /metrics, and a real headless
 # browser for the dashboard.
 need promtool prometheus

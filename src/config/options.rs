@@ -114,8 +114,8 @@ const GENERAL: &[Opt] = &[
         &[value(
             "workers",
             "N",
-            "HTTP threads for work that waits on peers; half as many (at least 2) \
-             serve this host's own requests and half as many other hosts'",
+            "HTTP threads for work that waits on peers; a quarter as many (at least \
+             2) serve this host's own requests and a quarter as many other hosts'",
         )],
         |c, v| {
             let workers = v.int()?;
@@ -285,6 +285,21 @@ const GENERAL: &[Opt] = &[
     .example("0"),
     opt(
         &[value(
+            "tracker",
+            "URL",
+            "the tracker (http://HOST:PORT): register this node, announce what it shares, \
+             and ask it who holds a path; the LAN is then asked only with --lan-discovery",
+        )],
+        |c, v| {
+            c.tracker = Some(tracker_url(&v.string()?)?);
+            Ok(())
+        },
+    )
+    .key("tracker", "url")
+    .default_text("none")
+    .example("\"http://10.0.0.2:12305\""),
+    opt(
+        &[value(
             "shutdown-timeout",
             "SECS",
             "on SIGTERM, stop taking requests and let running ones finish for at most SECS seconds",
@@ -372,12 +387,12 @@ const LAN: &[Opt] = &[
             ),
         ],
         |c, v| {
-            c.lan.enabled = v.bool()?;
+            c.lan_discovery = Some(v.bool()?);
             Ok(())
         },
     )
     .key("lan", "discovery")
-    .default_text("on, as no tracker is configured")
+    .default_text("on without a --tracker, off with one")
     .example("false"),
     opt(
         &[value(
@@ -471,6 +486,25 @@ const LAN: &[Opt] = &[
     .default("4194304")
     .example("1048576"),
 ];
+
+/// A tracker URL: `http://host[:port]`, nothing after but a `/`. TLS would
+/// cost the binary a TLS stack; a tracker is reached on a LAN or a VPN.
+fn tracker_url(text: &str) -> Result<String, String> {
+    let rest = text.strip_prefix("http://").ok_or_else(|| {
+        format!("`{text}`: the tracker URL must start with http:// (https is not supported)")
+    })?;
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    let valid = !authority.is_empty()
+        && authority
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b));
+    if !valid {
+        return Err(format!(
+            "`{text}`: expected http://HOST[:PORT], with no path, query or user"
+        ));
+    }
+    Ok(format!("http://{authority}"))
+}
 
 const fn opt(flags: &'static [Flag], set: Setter) -> Opt {
     Opt {

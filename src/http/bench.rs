@@ -105,6 +105,7 @@ fn snapshot(stats: &Stats, table: &PeerTable, node: &NodeInfo) -> Snapshot {
                 bytes: 75_000,
             }),
         }),
+        tracker: None,
         addresses: vec![IpAddr::from([10, 0, 0, 1])],
     })
 }

@@ -79,6 +79,10 @@ function render(d) {
     ["HTTP", n.bind + ":" + n.port],
     ["addresses", n.addresses.length ? n.addresses.join(", ") : "none"],
     ["LAN", n.lan_port ? "UDP port " + n.lan_port : "off"],
+    ["tracker", d.tracker.enabled
+      ? (d.tracker.reachable ? "reachable" : "unreachable") + ", " + d.tracker.announces + " announces, " +
+        d.tracker.lookups + " lookups (" + d.tracker.lookup_failures + " failed)"
+      : "off"],
   ]);
   const checks = Object.entries(d.checks).map(([k, c]) => k + ": " + c.status).join(", ");
   pairs("store", [

@@ -132,6 +132,7 @@ pub(crate) fn render(s: &Snapshot) -> Value {
             "can_pause": false,
         },
         "lan": health["lan"],
+        "tracker": health["tracker"],
         "peers": {
             "total": s.peers.len(),
             "by_state": PeerState::ALL

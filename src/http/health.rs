@@ -9,6 +9,7 @@
 //! - `index`: a first scan is done, and, with a scan interval, the last
 //!   one is no older than two intervals and a minute.
 //! - `lan`, when LAN discovery is asked for: its UDP side runs.
+//! - `tracker`, when a tracker is configured: its last exchange worked.
 
 use std::io::Cursor;
 use std::time::Duration;
@@ -70,6 +71,17 @@ pub(crate) fn render(snapshot: &Snapshot, with_peers: bool) -> (Value, bool) {
             ),
         );
     }
+    if let Some(tracker) = &snapshot.tracker {
+        checks.insert(
+            "tracker".into(),
+            check(
+                tracker.reachable,
+                json!({
+                    "detail": if tracker.reachable { "reachable" } else { "unreachable" },
+                }),
+            ),
+        );
+    }
     let healthy = checks.values().all(|c| c["status"] == "ok");
     let mut json = json!({
         "status": if healthy { "healthy" } else { "degraded" },
@@ -83,6 +95,7 @@ pub(crate) fn render(snapshot: &Snapshot, with_peers: bool) -> (Value, bool) {
         "available_hashes": store.shared,
         "peers_connected": snapshot.peers_connected(),
         "lan": lan(snapshot),
+        "tracker": tracker(snapshot),
     });
     if with_peers {
         json["peers"] = snapshot.peers.iter().map(peer).collect();
@@ -142,6 +155,23 @@ fn lan(snapshot: &Snapshot) -> Value {
     })
 }
 
+/// The tracker client's state.
+fn tracker(snapshot: &Snapshot) -> Value {
+    let Some(t) = &snapshot.tracker else {
+        return json!({ "enabled": false });
+    };
+    json!({
+        "enabled": true,
+        "node_id": t.node_id,
+        "reachable": t.reachable,
+        "announces": t.announces,
+        "hashes_sent": t.hashes_sent,
+        "lookups": t.lookups,
+        "lookup_failures": t.lookup_failures,
+        "failures": t.failures,
+    })
+}
+
 /// A peer table entry.
 pub(crate) fn peer(peer: &PeerView) -> Value {
     json!({
@@ -192,6 +222,7 @@ mod tests {
             store,
             peers: None,
             lan: None,
+            tracker: None,
             addresses: Vec::new(),
         })
     }

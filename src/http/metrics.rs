@@ -274,6 +274,47 @@ pub(crate) fn render(s: &Snapshot) -> String {
         s.rescans_requested,
     );
 
+    if let Some(t) = &s.tracker {
+        o.single(
+            "peerix_tracker_up",
+            "gauge",
+            "Whether the last exchange with the tracker worked.",
+            u8::from(t.reachable),
+        );
+        o.single(
+            "peerix_tracker_announces_total",
+            "counter",
+            "Announcements this host made to the tracker.",
+            t.announces,
+        );
+        o.single(
+            "peerix_tracker_hashes_sent_total",
+            "counter",
+            "Hash parts sent to the tracker.",
+            t.hashes_sent,
+        );
+        o.family(
+            "peerix_tracker_lookups_total",
+            "counter",
+            "Lookups asked of the tracker, by result.",
+        );
+        o.sample(
+            "peerix_tracker_lookups_total",
+            &[("result", "answered")],
+            t.lookups.saturating_sub(t.lookup_failures),
+        );
+        o.sample(
+            "peerix_tracker_lookups_total",
+            &[("result", "failed")],
+            t.lookup_failures,
+        );
+        o.single(
+            "peerix_tracker_failures_total",
+            "counter",
+            "Exchanges with the tracker that failed.",
+            t.failures,
+        );
+    }
     if s.lan.is_some() {
         let c = &s.lan_counters;
         o.single(
@@ -346,7 +387,7 @@ pub(crate) fn render(s: &Snapshot) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stats::{LanView, NodeInfo, RouteKind, Stats, StoreView, View};
+    use crate::stats::{LanView, NodeInfo, RouteKind, Stats, StoreView, TrackerView, View};
     use std::collections::{BTreeMap, BTreeSet};
     use std::net::IpAddr;
     use std::path::PathBuf;
@@ -373,6 +414,7 @@ mod tests {
             store: StoreView::default(),
             peers: None,
             lan: Some(LanView::default()),
+            tracker: Some(TrackerView::default()),
             addresses: Vec::new(),
         });
         let text = render(&snapshot);

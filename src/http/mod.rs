@@ -9,8 +9,10 @@
 //!   lacks, a NAR passed through). They wait on the network, within
 //!   deadlines; a local worker hands them over and goes back to nix.
 //! - **network**: everything from other hosts (`/local/`, `/health`, and
-//!   the stats pages when a flag opens them). Its queue is bounded: when it
-//!   is full, a client gets 503 at once.
+//!   the stats pages when a flag opens them).
+//!
+//! tiny_http itself queues loopback requests apart from the others, so a
+//! request reaches its worker with no thread in between.
 //!
 //! Connections are bounded by tiny_http's [`tiny_http::Limits`]: a cap on
 //! open connections with the network's share below it, per-IP caps, head
@@ -43,7 +45,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TrySendError, bounded, unbounded};
+use crossbeam_channel::{Receiver, Sender, unbounded};
 use socket2::{Domain, Socket, Type};
 
 use crate::fetch::resolver::Resolver;
@@ -52,9 +54,10 @@ use crate::lan::Lan;
 use crate::lan::summaries::Summaries;
 use crate::lan::summary::Publisher;
 use crate::stats::{
-    LanView, NodeInfo, PublishedView, Snapshot, Stats, StoreView, SummariesView, View,
+    LanView, NodeInfo, PublishedView, Snapshot, Stats, StoreView, SummariesView, TrackerView, View,
 };
 use crate::store::LocalStore;
+use crate::tracker::client::TrackerClient;
 
 pub use access::is_loopback;
 
@@ -82,6 +85,8 @@ pub struct ServerContext {
     /// This host's store summary, for `/local/summary`; `None` when this
     /// host does not answer peers.
     pub publisher: Option<Arc<Publisher>>,
+    /// The tracker client, for its counters on the stats pages.
+    pub tracker: Option<Arc<TrackerClient>>,
     /// Peer NARs up to this size are verified whole before nix gets a byte,
     pub verify_before_send: u64,
     /// while this budget for the memory they take lasts.
@@ -136,11 +141,25 @@ impl ServerContext {
                 }
             }),
         });
+        let tracker = self.tracker.as_ref().map(|tracker| {
+            let c = &tracker.stats;
+            let load = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
+            TrackerView {
+                node_id: tracker.node_id().to_string(),
+                reachable: c.reachable.load(Ordering::Relaxed),
+                announces: load(&c.announces),
+                hashes_sent: load(&c.hashes_sent),
+                lookups: load(&c.lookups),
+                lookup_failures: load(&c.lookup_failures),
+                failures: load(&c.failures),
+            }
+        });
         self.stats.snapshot(View {
             node: &self.node,
             store,
             peers: self.resolver.as_ref().map(|r| r.peers()),
             lan,
+            tracker,
             addresses: addresses(self.node.bind),
         })
     }
@@ -212,10 +231,11 @@ pub struct Lanes {
 
 impl Lanes {
     /// `peer_workers` for the lookups and transfers that wait on peers (the
-    /// `--workers` option); half as many, at least two, for each of the
-    /// others, whose requests are short or bounded by deadlines.
+    /// `--workers` option); a quarter as many, at least two, for each of
+    /// the others, whose requests are short (an index lookup, a NAR by
+    /// sendfile) or bounded by deadlines. Each idle thread costs RSS.
     pub fn for_workers(peer_workers: usize) -> Lanes {
-        let others = (peer_workers / 2).max(2);
+        let others = (peer_workers / 4).max(2);
         Lanes {
             local: others,
             peer: peer_workers.max(1),
@@ -223,9 +243,6 @@ impl Lanes {
         }
     }
 }
-
-/// Network requests waiting for a worker at most; past that, 503.
-const NETWORK_QUEUE: usize = 64;
 
 /// A running server: its address, and what its threads are doing. The
 /// threads run until the process ends.
@@ -251,45 +268,44 @@ impl Server {
         log::debug!("connection limits: {limits:?}");
         let server = tiny_http::Server::from_listener_with_limits(listener, None, limits)
             .map_err(|e| io::Error::other(format!("cannot start HTTP server on {addr}: {e}")))?;
+        let server = Arc::new(server);
         let context = Arc::new(context);
         let activity = Arc::new(Activity::default());
-        let (to_local, local_queue) = unbounded();
         let (to_peer, peer_queue) = unbounded();
-        let (to_network, network_queue) = bounded(NETWORK_QUEUE);
-
-        let spawn = |name: String, job: Box<dyn FnOnce() + Send>| -> io::Result<()> {
-            std::thread::Builder::new().name(name).spawn(job).map(drop)
+        let handoff = Handoff {
+            to_peer,
+            pool: Arc::new(PeerPool {
+                queue: peer_queue,
+                context: Arc::clone(&context),
+                activity: Arc::clone(&activity),
+                idle: AtomicUsize::new(0),
+                spawned: AtomicUsize::new(0),
+                max: lanes.peer.max(1),
+            }),
         };
-        let lane_specs: [(&str, usize, &Receiver<tiny_http::Request>, Lane); 3] = [
+        let lane_specs = [
             (
                 "local",
                 lanes.local,
-                &local_queue,
-                Lane::Local(Handoff {
-                    to_peer: to_peer.clone(),
-                    activity: Arc::clone(&activity),
-                }),
+                Intake::Loopback(Arc::clone(&server)),
+                Lane::Local(handoff),
             ),
-            ("peer", lanes.peer, &peer_queue, Lane::Peer),
-            ("net", lanes.network, &network_queue, Lane::Network),
+            (
+                "net",
+                lanes.network,
+                Intake::Network(Arc::clone(&server)),
+                Lane::Network,
+            ),
         ];
-        for (name, count, queue, lane) in lane_specs {
+        for (name, count, intake, lane) in lane_specs {
             for n in 0..count.max(1) {
-                let queue = queue.clone();
-                let context = Arc::clone(&context);
-                let lane = lane.clone();
-                let activity = Arc::clone(&activity);
-                spawn(
-                    format!("http-{name}-{n}"),
-                    Box::new(move || worker(&queue, &context, &lane, &activity)),
-                )?;
+                let (intake, lane) = (intake.clone(), lane.clone());
+                let (context, activity) = (Arc::clone(&context), Arc::clone(&activity));
+                std::thread::Builder::new()
+                    .name(format!("http-{name}-{n}"))
+                    .spawn(move || worker(&intake, &context, &lane, &activity))?;
             }
         }
-        let dispatch_activity = Arc::clone(&activity);
-        spawn(
-            "http-dispatch".into(),
-            Box::new(move || dispatch(&server, &to_local, &to_network, &dispatch_activity)),
-        )?;
         Ok(Server {
             local_addr,
             activity,
@@ -325,62 +341,96 @@ pub(crate) enum Lane {
 #[derive(Clone)]
 pub(crate) struct Handoff {
     to_peer: Sender<tiny_http::Request>,
+    pool: Arc<PeerPool>,
+}
+
+/// The peer lane's threads, started as work comes (up to `max`) and kept:
+/// a host whose peers are never asked pays for none of them.
+struct PeerPool {
+    queue: Receiver<tiny_http::Request>,
+    context: Arc<ServerContext>,
     activity: Arc<Activity>,
+    idle: AtomicUsize,
+    spawned: AtomicUsize,
+    max: usize,
 }
 
 impl Handoff {
     /// Queues `request` for the peer lane, where it counts as running until
-    /// answered; gives it back when that lane is gone.
+    /// answered, and starts a worker there if none is free; gives the
+    /// request back when the lane cannot take it.
     pub(crate) fn send(&self, request: tiny_http::Request) -> Option<tiny_http::Request> {
-        self.activity.running.fetch_add(1, Ordering::SeqCst);
-        let refused = self.to_peer.send(request).err()?;
-        self.activity.running.fetch_sub(1, Ordering::SeqCst);
-        Some(refused.into_inner())
+        let pool = &self.pool;
+        pool.activity.running.fetch_add(1, Ordering::SeqCst);
+        if let Err(refused) = self.to_peer.send(request) {
+            pool.activity.running.fetch_sub(1, Ordering::SeqCst);
+            return Some(refused.into_inner());
+        }
+        if pool.idle.load(Ordering::SeqCst) == 0 {
+            let grown = pool
+                .spawned
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                    (n < pool.max).then_some(n + 1)
+                });
+            if let Ok(n) = grown {
+                let worker_pool = Arc::clone(pool);
+                let spawned = std::thread::Builder::new()
+                    .name(format!("http-peer-{n}"))
+                    .spawn(move || peer_worker(&worker_pool));
+                if let Err(e) = spawned {
+                    pool.spawned.fetch_sub(1, Ordering::SeqCst);
+                    log::error!("cannot start a peer lane worker: {e}");
+                }
+            }
+        }
+        None
     }
 }
 
-/// Sorts requests into lanes by the socket's peer address.
-fn dispatch(
-    server: &tiny_http::Server,
-    to_local: &Sender<tiny_http::Request>,
-    to_network: &Sender<tiny_http::Request>,
-    activity: &Activity,
-) {
+fn peer_worker(pool: &PeerPool) {
     loop {
-        let request = match server.recv() {
-            Ok(request) => request,
-            Err(e) => {
-                // tiny_http's accept loop retries by itself; an error here
-                // is one connection's, not the server's. A short pause
-                // keeps a run of them from spinning.
-                log::debug!("HTTP: {e}");
-                std::thread::sleep(Duration::from_millis(10));
-                continue;
-            }
+        pool.idle.fetch_add(1, Ordering::SeqCst);
+        let next = pool.queue.recv();
+        pool.idle.fetch_sub(1, Ordering::SeqCst);
+        let Ok(request) = next else {
+            return;
         };
-        if activity.draining.load(Ordering::SeqCst) {
-            let response = respond::text(503, "shutting down\n")
-                .with_header(respond::header("Connection", "close"));
-            respond::respond(request, response);
-            continue;
-        }
-        // Counted until a worker has answered it (see `worker`).
-        activity.running.fetch_add(1, Ordering::SeqCst);
-        if request.remote_addr().is_some_and(is_loopback) {
-            if to_local.send(request).is_err() {
-                return;
+        // Counted as running by the handoff; counted down here.
+        answer_counted(&pool.context, request, &Lane::Peer);
+        pool.activity.running.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Where a worker takes its requests from: tiny_http's queue of loopback
+/// requests or of the others (kept apart by tiny_http itself, with no
+/// thread in between).
+#[derive(Clone)]
+enum Intake {
+    Loopback(Arc<tiny_http::Server>),
+    Network(Arc<tiny_http::Server>),
+}
+
+impl Intake {
+    /// The next request; `None` once there will be none.
+    fn next(&self) -> Option<tiny_http::Request> {
+        let (server, loopback) = match self {
+            Intake::Loopback(server) => (server, true),
+            Intake::Network(server) => (server, false),
+        };
+        loop {
+            let received = if loopback {
+                server.recv_loopback()
+            } else {
+                server.recv()
+            };
+            match received {
+                Ok(request) => return Some(request),
+                // Only an unblocked queue errs: the server is going away.
+                Err(e) => {
+                    log::debug!("HTTP: {e}");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
             }
-            continue;
-        }
-        match to_network.try_send(request) {
-            Ok(()) => {}
-            Err(TrySendError::Full(request)) => {
-                activity.running.fetch_sub(1, Ordering::SeqCst);
-                // A small response into an empty send buffer: it does not
-                // wait on the client.
-                respond::respond(request, respond::text(503, "busy, try again later\n"));
-            }
-            Err(TrySendError::Disconnected(_)) => return,
         }
     }
 }
@@ -448,37 +498,44 @@ fn connection_limits(open_files: u64) -> tiny_http::Limits {
         max_connections,
         max_remote_connections,
         max_connections_per_ip: (max_remote_connections / 4).max(4),
+        // The lanes: loopback requests have workers of their own.
+        separate_loopback: true,
         ..tiny_http::Limits::default()
     }
 }
 
-fn worker(
-    queue: &Receiver<tiny_http::Request>,
-    context: &ServerContext,
-    lane: &Lane,
-    activity: &Activity,
-) {
-    for request in queue {
-        let began = Instant::now();
-        // A bug in one request must not take the worker (and so the cache) down.
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            serve::handle(context, request, lane)
-        }));
-        match outcome {
-            Ok(Some(handled)) => {
-                context
-                    .stats
-                    .request(handled.kind, handled.status, began.elapsed())
-            }
-            // Handed to the peer lane, whose worker counts it.
-            Ok(None) => {}
-            Err(_) => {
-                log::error!("a request handler panicked; the worker carries on");
-                context.stats.error();
-            }
+fn worker(intake: &Intake, context: &ServerContext, lane: &Lane, activity: &Activity) {
+    while let Some(request) = intake.next() {
+        if activity.draining.load(Ordering::SeqCst) {
+            let response = respond::text(503, "shutting down\n")
+                .with_header(respond::header("Connection", "close"));
+            respond::respond(request, response);
+            continue;
         }
+        activity.running.fetch_add(1, Ordering::SeqCst);
+        answer_counted(context, request, lane);
         // A request handed to the peer lane was counted once more there.
         activity.running.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Answers one request, timed and counted by route kind. A bug in one
+/// request must not take the worker (and so the cache) down.
+fn answer_counted(context: &ServerContext, request: tiny_http::Request, lane: &Lane) {
+    let began = Instant::now();
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        serve::handle(context, request, lane)
+    }));
+    match outcome {
+        Ok(Some(handled)) => context
+            .stats
+            .request(handled.kind, handled.status, began.elapsed()),
+        // Handed to the peer lane, whose worker counts it.
+        Ok(None) => {}
+        Err(_) => {
+            log::error!("a request handler panicked; the worker carries on");
+            context.stats.error();
+        }
     }
 }
 

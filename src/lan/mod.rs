@@ -320,12 +320,25 @@ impl Discovery for Lan {
         "lan"
     }
 
+    /// Nothing is sent yet: the query goes out when its answers are first
+    /// wanted, so a lookup the summaries settle sends no packet at all.
     fn search(&self, hash: &HashPart) -> Box<dyn Search + '_> {
-        Box::new(self.query(hash))
+        Box::new(LanSearch {
+            lan: self,
+            hash: *hash,
+            query: None,
+        })
     }
 }
 
-impl Search for Query<'_> {
+/// A LAN search: the broadcast query, sent on first use.
+struct LanSearch<'l> {
+    lan: &'l Lan,
+    hash: HashPart,
+    query: Option<Query<'l>>,
+}
+
+impl Search for LanSearch<'_> {
     fn is_directory(&self) -> bool {
         false
     }
@@ -335,7 +348,10 @@ impl Search for Query<'_> {
         usable: &dyn Fn(&PeerId) -> bool,
         enough: &dyn Fn(&[PeerId]) -> bool,
     ) -> Vec<PeerId> {
-        self.next_answers(usable, enough)
+        let (lan, hash) = (self.lan, self.hash);
+        self.query
+            .get_or_insert_with(|| lan.query(&hash))
+            .next_answers(usable, enough)
     }
 }
 

@@ -240,19 +240,27 @@ impl<R: Read> ReplyReader<R> {
     }
 
     fn read_bytes(&mut self) -> FaultResult<Vec<u8>> {
+        let mut buf = Vec::new();
+        self.read_bytes_into(&mut buf)?;
+        Ok(buf)
+    }
+
+    /// Reads one string into `buf`, replacing what it held.
+    fn read_bytes_into(&mut self, buf: &mut Vec<u8>) -> FaultResult<()> {
         let len = self.read_u64()?;
         if len > MAX_STRING {
             return Err(Fault::Protocol(format!("string of {len} bytes")));
         }
-        let mut buf = vec![0u8; len as usize];
-        self.reader.read_exact(&mut buf)?;
+        buf.clear();
+        buf.resize(len as usize, 0);
+        self.reader.read_exact(buf)?;
         let mut pad = [0u8; 8];
         let pad = &mut pad[..((8 - len % 8) % 8) as usize];
         self.reader.read_exact(pad)?;
         if pad.iter().any(|&b| b != 0) {
             return Err(Fault::Protocol("non-zero string padding".into()));
         }
-        Ok(buf)
+        Ok(())
     }
 
     pub fn read_string(&mut self) -> FaultResult<String> {
@@ -271,6 +279,24 @@ impl<R: Read> ReplyReader<R> {
             list.push(self.read_string()?);
         }
         Ok(list)
+    }
+
+    /// Reads a list of strings, handing each to `each` as it arrives, from
+    /// one reused buffer: a list of any length costs no more memory than its
+    /// longest string. Returns how many there were.
+    pub fn read_string_list_with(&mut self, mut each: impl FnMut(&str)) -> FaultResult<u64> {
+        let count = self.read_u64()?;
+        if count > MAX_LIST {
+            return Err(Fault::Protocol(format!("list of {count} entries")));
+        }
+        let mut buf = Vec::new();
+        for _ in 0..count {
+            self.read_bytes_into(&mut buf)?;
+            let s = std::str::from_utf8(&buf)
+                .map_err(|_| Fault::Protocol("string is not UTF-8".into()))?;
+            each(s);
+        }
+        Ok(count)
     }
 
     fn skip_fields(&mut self) -> FaultResult<()> {
@@ -491,6 +517,18 @@ impl DaemonPool {
     fn run<T>(
         &self,
         op: &'static str,
+        exchange: impl FnMut(&mut Connection) -> FaultResult<T>,
+    ) -> Result<T, DaemonError> {
+        self.run_retrying_if(op, || true, exchange)
+    }
+
+    /// `run`, where the retry on a new connection is made only while
+    /// `may_retry` says so (an exchange that has handed out part of its
+    /// reply cannot be repeated).
+    fn run_retrying_if<T>(
+        &self,
+        op: &'static str,
+        may_retry: impl Fn() -> bool,
         mut exchange: impl FnMut(&mut Connection) -> FaultResult<T>,
     ) -> Result<T, DaemonError> {
         if let Slot::Idle(mut conn) = self.acquire() {
@@ -498,6 +536,10 @@ impl DaemonPool {
                 Ok(value) => {
                     self.release(Some(conn));
                     return Ok(value);
+                }
+                Err(Fault::Io(e)) if !may_retry() => {
+                    self.release(None);
+                    return Err(attach(op, Fault::Io(e)));
                 }
                 Err(Fault::Io(e)) => {
                     // Keep the slot for the new connection below.
@@ -559,6 +601,27 @@ impl DaemonPool {
             c.replies.stderr_loop()?;
             c.replies.read_string_list()
         })
+    }
+
+    /// QueryAllValidPaths as a stream: `each` gets every valid path as it is
+    /// read, and the list is never held whole. Returns how many there were.
+    /// A failure part-way is an error (the paths seen so far are not the
+    /// listing), never a second listing.
+    pub fn for_each_valid_path(&self, mut each: impl FnMut(&str)) -> Result<u64, DaemonError> {
+        let delivered = std::cell::Cell::new(false);
+        self.run_retrying_if(
+            "QueryAllValidPaths",
+            || !delivered.get(),
+            |c| {
+                c.write_u64(OP_QUERY_ALL_VALID_PATHS)?;
+                c.writer.flush()?;
+                c.replies.stderr_loop()?;
+                c.replies.read_string_list_with(|path| {
+                    delivered.set(true);
+                    each(path);
+                })
+            },
+        )
     }
 
     /// `None` when the path is not valid.

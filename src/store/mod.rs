@@ -175,7 +175,7 @@ impl LocalStore {
             policy,
             signing_key,
             index: RwLock::new(Arc::new(Index::default())),
-            cache: PathCache::new(cache::DEFAULT_CAPACITY),
+            cache: PathCache::new(cache::DEFAULT_CAPACITY, cache::DEFAULT_BYTE_BUDGET),
             scans: AtomicU64::new(0),
             daemon_reachable: AtomicBool::new(false),
         }
@@ -200,9 +200,23 @@ impl LocalStore {
 
     /// Installs a freshly scanned index.
     pub fn replace_index(&self, index: Index) {
-        *self.index.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(index);
+        self.complete_scan(Some(index));
+    }
+
+    /// Counts a completed scan, and installs its index if it built one
+    /// (`None`: the index did not change).
+    pub fn complete_scan(&self, index: Option<Index>) {
+        if let Some(index) = index {
+            let old = std::mem::replace(
+                &mut *self.index.write().unwrap_or_else(|e| e.into_inner()),
+                Arc::new(index),
+            );
+            // Freed here, not under the lock (unless a reader still holds it).
+            drop(old);
+        }
         self.scans.fetch_add(1, Ordering::Relaxed);
-        // Share decisions may have changed with the store; cached ones are re-made.
+        // A path deleted and built again between two scans may have new
+        // metadata; cached lookups are made again.
         self.cache.clear();
     }
 
@@ -244,18 +258,16 @@ impl LocalStore {
     }
 
     fn lookup_uncached(&self, hash: &HashPart) -> Result<Option<LocalPath>, StoreError> {
-        let path = match self.index().get(hash) {
-            Some(entry) => entry.path.to_string(),
-            // Once a scan has listed every valid path, a hash it did not
-            // list is a miss without asking the daemon: most narinfo
-            // requests are misses (nix asks every substituter), and each
-            // round trip cost a worker a daemon connection. A path that
-            // became valid since is found after the next scan.
-            None if self.completed_scans() > 0 => return Ok(None),
-            None => match self.daemon.query_path_from_hash_part(hash.as_str())? {
-                Some(path) => path,
-                None => return Ok(None),
-            },
+        // Once a scan has listed every valid path, a hash it did not list is
+        // a miss without asking the daemon: most narinfo requests are misses
+        // (nix asks every substituter), and each round trip cost a worker a
+        // daemon connection. A path that became valid since is found after
+        // the next scan. The index holds no names: a hit asks the daemon.
+        if self.completed_scans() > 0 && !self.index().contains(hash) {
+            return Ok(None);
+        }
+        let Some(path) = self.daemon.query_path_from_hash_part(hash.as_str())? else {
+            return Ok(None);
         };
         let Some(info) = self.daemon.query_path_info(&path)? else {
             return Ok(None);

@@ -1,5 +1,16 @@
-//! The scanner thread: rebuilds the index of valid paths and their share
-//! decisions at start, every scan interval, and on SIGHUP.
+//! The scanner thread: keeps the index of valid paths and their share
+//! decisions up to date, at start, every scan interval, and on SIGHUP.
+//!
+//! Scans are incremental. A path's metadata does not change once it is
+//! valid, so a rescan lists the valid paths (QueryAllValidPaths, read as a
+//! stream, never held whole) and asks the daemon about the new ones only;
+//! the rest keep their share decision, and paths no longer listed drop out.
+//! A rescan that finds nothing new and nothing gone builds nothing. Once a
+//! day (`REDECIDE_AFTER`) a scan makes every decision again, for paths that
+//! were signed after they became valid.
+//!
+//! When the shared set changes, the scanner sends the difference as a
+//! [`ShareDelta`] to whoever subscribed (the LAN summary).
 //!
 //! While the nix-daemon cannot be reached it retries with a capped backoff, so
 //! peerix can start before the daemon (or on a machine with none yet) and pick
@@ -10,13 +21,32 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::nix::store_path::StorePath;
+use crossbeam_channel::{Sender, TrySendError};
 
-use super::index::Index;
+use crate::nix::store_path::{HashPart, StorePath};
+
+use super::index::{Bits, Index, PackedHash, pack, pack_path, unpack};
 use super::{LocalPathInfo, LocalStore, StoreError};
 
 const FIRST_RETRY: Duration = Duration::from_millis(500);
 const MAX_RETRY: Duration = Duration::from_secs(30);
+/// How old share decisions may grow before a scan makes them all again.
+pub const REDECIDE_AFTER: Duration = Duration::from_secs(24 * 3600);
+
+/// How the shared set changed in one scan.
+///
+/// `generation` is the index's generation after the change: a counter that
+/// goes up by one exactly when the shared set changes (scans that change
+/// nothing shared leave it, and send nothing). So deltas come numbered
+/// 1, 2, 3, …, and a receiver that sees a gap has missed one and should
+/// rebuild from [`Index::for_each_shared`]. The first delta (generation 1,
+/// from the first scan) adds every shared path.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ShareDelta {
+    pub generation: u64,
+    pub added: Vec<HashPart>,
+    pub removed: Vec<HashPart>,
+}
 
 /// Wakes the scanner early: SIGHUP writes a byte into this socket pair.
 pub struct Wakeup {
@@ -46,18 +76,46 @@ impl Wakeup {
 }
 
 /// Runs the scanner loop for ever.
-pub fn run(store: Arc<LocalStore>, interval: Option<Duration>, mut wakeup: Wakeup) {
+///
+/// `deltas`: where to send each change of the shared set. The scanner never
+/// waits on it: it uses `try_send`, so the channel should be unbounded (a
+/// delta per scan that changed something, sent after the index is
+/// installed); on a full bounded channel the delta is dropped and the
+/// receiver sees a gap in the generations. A receiver that is gone is
+/// dropped.
+pub fn run(
+    store: Arc<LocalStore>,
+    interval: Option<Duration>,
+    mut wakeup: Wakeup,
+    mut deltas: Option<Sender<ShareDelta>>,
+) {
     let mut retry = FIRST_RETRY;
+    let mut decided_at: Option<Instant> = None;
     loop {
         let started = Instant::now();
-        match scan(&store) {
-            Ok(index) => {
+        let redecide = decided_at.is_none_or(|at| at.elapsed() >= REDECIDE_AFTER);
+        let old = store.index();
+        match scan(&store, &old, redecide, deltas.is_some()) {
+            Ok(outcome) => {
+                let index = outcome.index.as_ref().unwrap_or(&old);
                 log::info!(
-                    "scan: {} valid paths, {} shared, in {} ms",
+                    "scan: {} valid paths (+{} new, -{} gone{}), {} shared, {} asked of the daemon, in {} ms",
                     index.len(),
+                    outcome.new,
+                    outcome.gone,
+                    if redecide && !old.is_empty() {
+                        ", all decided again"
+                    } else {
+                        ""
+                    },
                     index.shared_len(),
+                    outcome.asked,
                     started.elapsed().as_millis()
                 );
+                drop(old);
+                if redecide {
+                    decided_at = Some(started);
+                }
                 if !store.daemon_reachable() {
                     log::info!(
                         "nix-daemon at {} is reachable",
@@ -65,13 +123,27 @@ pub fn run(store: Arc<LocalStore>, interval: Option<Duration>, mut wakeup: Wakeu
                     );
                 }
                 store.set_daemon_reachable(true);
-                store.replace_index(index);
+                store.complete_scan(outcome.index);
+                if let (Some(tx), Some(delta)) = (&deltas, outcome.delta) {
+                    match tx.try_send(delta) {
+                        Ok(()) => {}
+                        Err(TrySendError::Full(delta)) => log::warn!(
+                            "share delta {} dropped: its receiver is behind",
+                            delta.generation
+                        ),
+                        Err(TrySendError::Disconnected(_)) => {
+                            log::debug!("the share delta receiver is gone");
+                            deltas = None;
+                        }
+                    }
+                }
                 retry = FIRST_RETRY;
                 if wakeup.wait(interval) {
                     log::info!("SIGHUP: rescanning the store");
                 }
             }
             Err(e) => {
+                drop(old);
                 if store.daemon_reachable() || store.completed_scans() == 0 && retry == FIRST_RETRY
                 {
                     log::warn!(
@@ -86,31 +158,546 @@ pub fn run(store: Arc<LocalStore>, interval: Option<Duration>, mut wakeup: Wakeu
     }
 }
 
-/// Builds a new index from the daemon's list of valid paths.
-pub fn scan(store: &LocalStore) -> Result<Index, StoreError> {
+/// Lists the valid paths and decides the new ones against `old`.
+pub fn scan(
+    store: &LocalStore,
+    old: &Index,
+    redecide: bool,
+    want_delta: bool,
+) -> Result<ScanOutcome, StoreError> {
     let daemon = store.daemon();
     let policy = store.policy();
-    let mut index = Index::default();
-    for raw in daemon.query_all_valid_paths()? {
-        let Ok(path) = StorePath::parse(&raw) else {
-            log::warn!("scan: skipping unparsable store path {raw:?}");
-            continue;
-        };
-        let shared = match policy.allows_name(&path) {
-            Some(decided) => decided,
-            None => match daemon.query_path_info(&raw)? {
-                Some(info) => match LocalPathInfo::from_daemon(info) {
-                    Ok(info) => policy.allows(&info),
-                    Err(e) => {
-                        log::warn!("scan: not sharing {raw}: {e}");
-                        false
-                    }
-                },
-                None => continue, // gone since the listing
-            },
-        };
-        index.insert(path, shared);
+    let mut rescan = Rescan::new(old, redecide);
+    let started = Instant::now();
+    let listed =
+        daemon.for_each_valid_path(|raw| rescan.visit(raw, |path| policy.allows_name(path)))?;
+    log::debug!(
+        "scan: {listed} paths listed in {} ms",
+        started.elapsed().as_millis()
+    );
+    let started = Instant::now();
+    rescan.resolve(|path| {
+        let raw = path.to_string();
+        // `None`: gone since the listing.
+        let info = daemon.query_path_info(&raw)?;
+        Ok::<_, StoreError>(info.map(|info| match LocalPathInfo::from_daemon(info) {
+            Ok(info) => policy.allows(&info),
+            Err(e) => {
+                log::warn!("scan: not sharing {raw}: {e}");
+                false
+            }
+        }))
+    })?;
+    log::debug!(
+        "scan: {} decisions asked of the daemon in {} ms",
+        rescan.asked,
+        started.elapsed().as_millis()
+    );
+    Ok(rescan.finish(want_delta))
+}
+
+/// What a scan found.
+#[derive(Debug)]
+pub struct ScanOutcome {
+    /// The new index; `None` when nothing changed.
+    pub index: Option<Index>,
+    /// How the shared set changed; `None` when it did not, or no delta was wanted.
+    pub delta: Option<ShareDelta>,
+    /// Paths listed that the old index did not have.
+    pub new: usize,
+    /// Paths of the old index no longer listed.
+    pub gone: usize,
+    /// Paths whose share decision needed the daemon.
+    pub asked: usize,
+}
+
+/// One scan's listing, held against the previous index: the part of the
+/// scan that needs no daemon. `visit` each listed path, `resolve` the ones
+/// the name alone could not decide, then `finish`.
+pub struct Rescan<'a> {
+    old: &'a Index,
+    redecide: bool,
+    /// Old entries listed again.
+    seen: Bits,
+    new_shared: Vec<PackedHash>,
+    new_unshared: Vec<PackedHash>,
+    /// Base names of listed paths that wait for a decision, one a line.
+    pending: String,
+    asked: usize,
+}
+
+impl<'a> Rescan<'a> {
+    /// `redecide`: decide every listed path again, not only the new ones.
+    pub fn new(old: &'a Index, redecide: bool) -> Rescan<'a> {
+        Rescan {
+            old,
+            redecide,
+            seen: Bits::new(old.len()),
+            new_shared: Vec::new(),
+            new_unshared: Vec::new(),
+            pending: String::new(),
+            asked: 0,
+        }
     }
-    index.shrink_to_fit();
-    Ok(index)
+
+    /// One listed path. A path the old index has keeps its decision (unless
+    /// deciding again); for another, `by_name` decides from the name when it
+    /// can, else it waits for `resolve`.
+    pub fn visit(&mut self, raw: &str, by_name: impl FnOnce(&StorePath) -> Option<bool>) {
+        let Some(packed) = pack_path(raw) else {
+            log::warn!("scan: skipping unparsable store path {raw:?}");
+            return;
+        };
+        if let Some(i) = self.old.position_of(&packed) {
+            self.seen.set(i);
+            if !self.redecide {
+                return;
+            }
+        }
+        let Ok(path) = StorePath::parse(raw) else {
+            log::warn!("scan: skipping unparsable store path {raw:?}");
+            return;
+        };
+        match by_name(&path) {
+            Some(shared) => self.add(packed, shared),
+            None => {
+                self.pending.push_str(path.base_name());
+                self.pending.push('\n');
+            }
+        }
+    }
+
+    fn add(&mut self, packed: PackedHash, shared: bool) {
+        if shared {
+            self.new_shared.push(packed);
+        } else {
+            self.new_unshared.push(packed);
+        }
+    }
+
+    /// Decides the paths that wait for it; `decide` answers `None` for a path
+    /// that is no longer valid, which is then left out.
+    pub fn resolve<E>(
+        &mut self,
+        mut decide: impl FnMut(&StorePath) -> Result<Option<bool>, E>,
+    ) -> Result<(), E> {
+        let pending = std::mem::take(&mut self.pending);
+        for base in pending.lines() {
+            // Parsed once already, in `visit`.
+            let Ok(path) = StorePath::from_base_name(base) else {
+                continue;
+            };
+            self.asked += 1;
+            if let Some(shared) = decide(&path)? {
+                self.add(pack(&path.hash_part()), shared);
+            }
+        }
+        Ok(())
+    }
+
+    /// The new index (if anything changed) and the change of the shared set.
+    pub fn finish(mut self, want_delta: bool) -> ScanOutcome {
+        let old = self.old;
+        for list in [&mut self.new_shared, &mut self.new_unshared] {
+            list.sort_unstable();
+            list.dedup();
+        }
+        let new = if self.redecide {
+            let listed_new = |h: &&PackedHash| old.position_of(h).is_none();
+            self.new_shared.iter().filter(listed_new).count()
+                + self.new_unshared.iter().filter(listed_new).count()
+        } else {
+            self.new_shared.len() + self.new_unshared.len()
+        };
+        let mut outcome = ScanOutcome {
+            index: None,
+            delta: None,
+            new,
+            gone: old.len() - self.seen.count_ones(),
+            asked: self.asked,
+        };
+        if !self.redecide && outcome.new == 0 && outcome.gone == 0 {
+            return outcome;
+        }
+        let mut index = self.build();
+        if self.redecide && index.same_entries(old) {
+            return outcome;
+        }
+        let mut delta = ShareDelta::default();
+        let (added, removed) = diff_shared(old, &index, want_delta.then_some(&mut delta));
+        let changed = added > 0 || removed > 0;
+        let generation = old.generation() + u64::from(changed);
+        index.set_generation(generation);
+        if changed && want_delta {
+            delta.generation = generation;
+            outcome.delta = Some(delta);
+        }
+        outcome.index = Some(index);
+        outcome
+    }
+
+    /// Merges the old entries still listed (unless all were decided again)
+    /// with the new decisions.
+    fn build(&mut self) -> Index {
+        let shared = std::mem::take(&mut self.new_shared);
+        let unshared = std::mem::take(&mut self.new_unshared);
+        let kept_old = if self.redecide {
+            0
+        } else {
+            self.seen.count_ones()
+        };
+        // The first scan of a store where every path is decided alike
+        // takes its list as it is.
+        if kept_old == 0 && unshared.is_empty() {
+            let mut bits = Bits::new(shared.len());
+            for i in 0..shared.len() {
+                bits.set(i);
+            }
+            return Index::from_parts(shared, bits, 0);
+        }
+        if kept_old == 0 && shared.is_empty() {
+            let bits = Bits::new(unshared.len());
+            return Index::from_parts(unshared, bits, 0);
+        }
+        let old = self
+            .old
+            .entries()
+            .enumerate()
+            .filter(|(i, _)| !self.redecide && self.seen.get(*i))
+            .map(|(_, (h, s))| (*h, s));
+        let capacity = kept_old + shared.len() + unshared.len();
+        let new = merge(
+            shared.iter().map(|h| (*h, true)),
+            unshared.iter().map(|h| (*h, false)),
+        );
+        Index::from_sorted(merge(old, new), capacity, 0)
+    }
+}
+
+/// Two sorted sequences as one; of equal hashes, `a`'s comes first.
+fn merge(
+    a: impl Iterator<Item = (PackedHash, bool)>,
+    b: impl Iterator<Item = (PackedHash, bool)>,
+) -> impl Iterator<Item = (PackedHash, bool)> {
+    let (mut a, mut b) = (a.peekable(), b.peekable());
+    std::iter::from_fn(move || match (a.peek(), b.peek()) {
+        (Some(x), Some(y)) if y.0 < x.0 => b.next(),
+        (Some(_), _) => a.next(),
+        (None, _) => b.next(),
+    })
+}
+
+/// How many hashes `new` shares that `old` did not, and how many the other
+/// way; with `delta`, which ones, listed in it.
+fn diff_shared(old: &Index, new: &Index, delta: Option<&mut ShareDelta>) -> (usize, usize) {
+    let (mut added, mut removed) = (0, 0);
+    let mut delta = delta;
+    let mut a = old.entries().filter(|e| e.1).map(|e| e.0).peekable();
+    let mut b = new.entries().filter(|e| e.1).map(|e| e.0).peekable();
+    loop {
+        let take_a = match (a.peek(), b.peek()) {
+            (Some(x), Some(y)) if x == y => {
+                a.next();
+                b.next();
+                continue;
+            }
+            (Some(x), Some(y)) => x < y,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (None, None) => break,
+        };
+        if take_a {
+            let h = a.next().unwrap_or_else(|| unreachable!());
+            removed += 1;
+            if let Some(d) = delta.as_deref_mut() {
+                d.removed.push(unpack(h));
+            }
+        } else {
+            let h = b.next().unwrap_or_else(|| unreachable!());
+            added += 1;
+            if let Some(d) = delta.as_deref_mut() {
+                d.added.push(unpack(h));
+            }
+        }
+    }
+    (added, removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use super::*;
+    use crate::store::index::tests::Rng;
+
+    fn path(hash: &HashPart, n: u64) -> String {
+        format!("/nix/store/{hash}-p{n}")
+    }
+
+    /// One scan of `listing` against `old` with daemon decisions from
+    /// `decide_fn` (`None`: gone since the listing); no decisions by name.
+    /// Returns the outcome and how many decisions were asked.
+    fn scan_with(
+        old: &Index,
+        listing: &[String],
+        redecide: bool,
+        decide_fn: impl Fn(&HashPart) -> Option<bool>,
+    ) -> (ScanOutcome, usize) {
+        let mut calls = 0;
+        let mut rescan = Rescan::new(old, redecide);
+        for raw in listing {
+            rescan.visit(raw, |_| None);
+        }
+        rescan
+            .resolve(|p| {
+                calls += 1;
+                Ok::<_, ()>(decide_fn(&p.hash_part()))
+            })
+            .unwrap();
+        (rescan.finish(true), calls)
+    }
+
+    fn shared_set(index: &Index) -> BTreeSet<HashPart> {
+        index.shared_hashes().collect()
+    }
+
+    #[test]
+    fn a_rescan_with_nothing_new_asks_nothing_and_builds_nothing() {
+        let mut rng = Rng(11);
+        let hashes: Vec<HashPart> = (0..500).map(|_| rng.hash()).collect();
+        let listing: Vec<String> = hashes.iter().zip(0..).map(|(h, n)| path(h, n)).collect();
+        let (first, calls) = scan_with(&Index::default(), &listing, false, |h| {
+            Some(h.as_str() < "h")
+        });
+        assert_eq!(calls, 500, "the first scan decides every path");
+        assert_eq!((first.new, first.gone, first.asked), (500, 0, 500));
+        let index = first.index.expect("a first index");
+        assert_eq!(index.generation(), 1);
+        let delta = first.delta.expect("a first delta");
+        assert_eq!(delta.generation, 1);
+        assert!(delta.removed.is_empty());
+        assert_eq!(
+            delta.added.iter().copied().collect::<BTreeSet<_>>(),
+            shared_set(&index)
+        );
+
+        let mut reversed = listing.clone();
+        reversed.reverse();
+        let (again, calls) = scan_with(&index, &reversed, false, |_| panic!("asked"));
+        assert_eq!(calls, 0);
+        assert_eq!((again.new, again.gone, again.asked), (0, 0, 0));
+        assert!(again.index.is_none() && again.delta.is_none());
+    }
+
+    #[test]
+    fn rescans_agree_with_a_model_on_random_inputs() {
+        for seed in 1..60u64 {
+            let mut rng = Rng(seed);
+            // The model: hash -> (path number, shared); the index's truth.
+            let mut model: BTreeMap<HashPart, bool> = BTreeMap::new();
+            let mut index = Index::default();
+            let mut names: BTreeMap<HashPart, u64> = BTreeMap::new();
+            let mut generation = 0;
+            for round in 0..6 {
+                // Keep some of the old paths, add some new ones.
+                let mut listing: Vec<HashPart> = model
+                    .keys()
+                    .copied()
+                    .filter(|_| rng.below(5) != 0)
+                    .collect();
+                let fresh: Vec<HashPart> = (0..rng.below(60)).map(|_| rng.hash()).collect();
+                listing.extend(&fresh);
+                if rng.below(4) == 0 && !listing.is_empty() {
+                    // A path listed twice.
+                    let again = listing[rng.below(listing.len() as u64) as usize];
+                    listing.push(again);
+                }
+                for (i, h) in fresh.iter().enumerate() {
+                    names
+                        .entry(*h)
+                        .or_insert(seed * 1000 + round * 100 + i as u64);
+                }
+                let raw: Vec<String> = listing.iter().map(|h| path(h, names[h])).collect();
+                // Decisions that differ from round to round: kept ones must not change.
+                let salt = rng.next();
+                let decide = |h: &HashPart| {
+                    let x = h
+                        .as_str()
+                        .bytes()
+                        .fold(salt, |a, b| a.rotate_left(5) ^ u64::from(b));
+                    // One in seven is gone by the time it is asked about.
+                    (x % 7 != 0).then_some(x % 3 != 0)
+                };
+                let (outcome, calls) = scan_with(&index, &raw, false, decide);
+
+                let listed: BTreeSet<HashPart> = listing.iter().copied().collect();
+                let new: BTreeSet<HashPart> = listed
+                    .iter()
+                    .copied()
+                    .filter(|h| !model.contains_key(h))
+                    .collect();
+                let mut next: BTreeMap<HashPart, bool> = model
+                    .iter()
+                    .filter(|(h, _)| listed.contains(h))
+                    .map(|(h, s)| (*h, *s))
+                    .collect();
+                for h in &new {
+                    if let Some(s) = decide(h) {
+                        next.insert(*h, s);
+                    }
+                }
+                let gone = model.keys().filter(|h| !listed.contains(h)).count();
+                assert!(calls >= new.len(), "every new path is asked about");
+                assert!(calls <= new.len() + 1, "and nothing else (but a repeat)");
+                assert_eq!(outcome.asked, calls);
+                assert_eq!(outcome.gone, gone, "seed {seed} round {round}");
+                let shared_before: BTreeSet<HashPart> =
+                    model.iter().filter(|e| *e.1).map(|e| *e.0).collect();
+                let shared_after: BTreeSet<HashPart> =
+                    next.iter().filter(|e| *e.1).map(|e| *e.0).collect();
+                let changed = shared_before != shared_after;
+                if changed {
+                    generation += 1;
+                }
+                match &outcome.index {
+                    Some(new_index) => {
+                        let got: BTreeMap<HashPart, bool> =
+                            new_index.entries().map(|(p, s)| (unpack(p), s)).collect();
+                        assert_eq!(got, next, "seed {seed} round {round}");
+                        assert_eq!(new_index.shared_len(), shared_after.len());
+                        assert_eq!(new_index.generation(), generation);
+                    }
+                    None => {
+                        assert_eq!(next, model, "no index: nothing changed");
+                        assert_eq!(outcome.new + outcome.gone, 0);
+                    }
+                }
+                match &outcome.delta {
+                    Some(delta) => {
+                        assert!(changed);
+                        assert_eq!(delta.generation, generation);
+                        let added: BTreeSet<_> = delta.added.iter().copied().collect();
+                        let removed: BTreeSet<_> = delta.removed.iter().copied().collect();
+                        assert_eq!(added.len(), delta.added.len(), "no repeats");
+                        assert_eq!(
+                            added,
+                            shared_after.difference(&shared_before).copied().collect()
+                        );
+                        assert_eq!(
+                            removed,
+                            shared_before.difference(&shared_after).copied().collect()
+                        );
+                    }
+                    None => assert!(!changed, "seed {seed} round {round}: a change unsent"),
+                }
+                if let Some(new_index) = outcome.index {
+                    index = new_index;
+                }
+                model = next;
+            }
+        }
+    }
+
+    #[test]
+    fn decisions_by_name_need_no_daemon() {
+        let mut rng = Rng(5);
+        let listing: Vec<String> = (0..100).map(|n| path(&rng.hash(), n)).collect();
+        let empty = Index::default();
+        let mut rescan = Rescan::new(&empty, false);
+        let mut by_name = 0;
+        for raw in &listing {
+            rescan.visit(raw, |p| {
+                by_name += 1;
+                Some(!p.name().ends_with('7'))
+            });
+        }
+        rescan.resolve(|_| Err("asked the daemon")).unwrap();
+        let outcome = rescan.finish(false);
+        assert_eq!((by_name, outcome.asked, outcome.new), (100, 0, 100));
+        assert!(outcome.delta.is_none(), "no delta unless wanted");
+        let index = outcome.index.unwrap();
+        assert_eq!(index.len(), 100);
+        assert_eq!(index.shared_len(), 90);
+        assert_eq!(index.generation(), 1);
+    }
+
+    #[test]
+    fn deciding_again_keeps_what_did_not_change() {
+        let mut rng = Rng(9);
+        let hashes: Vec<HashPart> = (0..200).map(|_| rng.hash()).collect();
+        let listing: Vec<String> = hashes.iter().zip(0..).map(|(h, n)| path(h, n)).collect();
+        let (first, _) = scan_with(&Index::default(), &listing, false, |_| Some(false));
+        let index = first.index.unwrap();
+        assert_eq!((index.shared_len(), index.generation()), (0, 0));
+        assert!(
+            first.delta.is_none(),
+            "nothing shared: no change of the shared set"
+        );
+
+        // The same decisions again: every path asked, nothing built.
+        let (same, calls) = scan_with(&index, &listing, true, |_| Some(false));
+        assert_eq!((calls, same.new, same.gone), (200, 0, 0));
+        assert!(same.index.is_none() && same.delta.is_none());
+
+        // Two paths were signed since: only a full decision finds them.
+        let signed = [hashes[3], hashes[150]];
+        let decide = |h: &HashPart| Some(signed.contains(h));
+        let (incremental, calls) = scan_with(&index, &listing, false, decide);
+        assert_eq!(calls, 0);
+        assert!(incremental.index.is_none());
+        let (full, calls) = scan_with(&index, &listing, true, decide);
+        assert_eq!(calls, 200);
+        let new_index = full.index.unwrap();
+        assert_eq!(new_index.shared_len(), 2);
+        assert_eq!(new_index.generation(), 1);
+        let delta = full.delta.unwrap();
+        let mut want = signed.to_vec();
+        want.sort();
+        assert_eq!((delta.added, delta.removed), (want, vec![]));
+    }
+
+    #[test]
+    fn unparsable_paths_are_skipped() {
+        let h = "0c4kzwq7qxdkaz2zd6ibpcrl5dl8bm1d";
+        let listing = [
+            format!("/nix/store/{h}-ok"),
+            format!("/nix/store/{h}"),
+            format!("/nix/store/{h}-a/b"),
+            format!("/tmp/{h}-x"),
+            "".to_string(),
+        ];
+        let (outcome, calls) = scan_with(&Index::default(), &listing, false, |_| Some(true));
+        assert_eq!(calls, 1);
+        let index = outcome.index.unwrap();
+        assert_eq!(index.len(), 1);
+        assert!(index.is_shared(&HashPart::parse(h).unwrap()));
+    }
+
+    #[test]
+    fn merge_keeps_order_and_the_first_of_equals() {
+        let e = |b: u8, s| ([b; 20], s);
+        let merged: Vec<_> = merge(
+            [e(1, true), e(3, true), e(5, true)].into_iter(),
+            [e(2, false), e(3, false), e(6, false)].into_iter(),
+        )
+        .collect();
+        let firsts: Vec<(u8, bool)> = merged.iter().map(|(h, s)| (h[0], *s)).collect();
+        assert_eq!(
+            firsts,
+            [
+                (1, true),
+                (2, false),
+                (3, true),
+                (3, false),
+                (5, true),
+                (6, false)
+            ]
+        );
+        let index = Index::from_sorted(merged.into_iter(), 6, 0);
+        assert_eq!(index.len(), 5, "the second 3 is dropped");
+        assert_eq!(
+            index.get_packed(&[3; 20]),
+            Some(super::super::index::IndexEntry { shared: true })
+        );
+    }
 }

@@ -134,8 +134,8 @@ nar_size=$(field "$info_a" NarSize)
 nar_hash=$(field "$info_a" NarHash)
 b_nar=$(field "$info_b" URL)
 case $b_nar in
-lan/"$a_ip:$port"/nar/*) ;;
-*) fail "B's narinfo of $big names URL $b_nar, not one under lan/$a_ip:$port/nar/" ;;
+peer/http:"$a_ip:$port"/nar/*) ;;
+*) fail "B's narinfo of $big names URL $b_nar, not one under peer/http:$a_ip:$port/nar/" ;;
 esac
 b_nar=$b_url/$b_nar
 a_nar=$a_url/$(field "$info_a" URL)

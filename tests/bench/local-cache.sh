@@ -60,7 +60,7 @@ if [ -z "$peerix" ]; then
 fi
 peerix_port=$(free_port)
 "$peerix" --bind 127.0.0.1 --port "$peerix_port" --daemon-socket "$work/d.sock" \
-    --store-root "$store" --no-filter --scan-interval 0 >"$work/peerix.log" 2>&1 &
+    --store-root "$store" --no-lan --no-filter --scan-interval 0 >"$work/peerix.log" 2>&1 &
 peerix_pid=$!
 pids+=("$peerix_pid")
 wait_for "peerix's first scan" sh -c "curl -sf http://127.0.0.1:$peerix_port/health | grep -q '\"scans\":[1-9]'"

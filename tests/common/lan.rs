@@ -970,3 +970,379 @@ pub fn substitute_ok(host: &LanHost, key: &KeyPair, path: &str, what: &str) {
     let out = host.substitute(&[&key.public], path);
     super::assert_success(what, &out);
 }
+
+// ---------------------------------------------------------------------------
+// Store summaries, written and read by the test from the documented format
+// (src/lan/summary.rs), not with peerix's own code
+// ---------------------------------------------------------------------------
+
+/// Probes per path of a version-1 summary.
+pub const SUMMARY_PROBES: u64 = 7;
+/// The header of a version-1 summary, in bytes.
+pub const SUMMARY_HEADER: usize = 24;
+
+/// The filter length, in bits, a version-1 summary of `count` paths has.
+pub fn summary_filter_bits(count: u32) -> u64 {
+    (u64::from(count) * 10).div_ceil(8) * 8
+}
+
+/// The 20 bytes a 32-character nix32 hash part stands for (Nix's base32:
+/// the last character holds the lowest bits).
+pub fn nix32_decode_hash_part(hash: &str) -> [u8; 20] {
+    const ALPHABET: &[u8] = b"0123456789abcdfghijklmnpqrsvwxyz";
+    assert_eq!(hash.len(), 32, "a hash part has 32 characters: {hash:?}");
+    let mut bytes = [0u8; 20];
+    for (n, c) in hash.bytes().rev().enumerate() {
+        let digit = ALPHABET
+            .iter()
+            .position(|&a| a == c)
+            .unwrap_or_else(|| panic!("{:?} is not a nix32 character in {hash}", c as char))
+            as u16;
+        let bit = n * 5;
+        let (i, j) = (bit / 8, bit % 8);
+        let shifted = digit << j;
+        bytes[i] |= shifted as u8;
+        if i + 1 < bytes.len() {
+            bytes[i + 1] |= (shifted >> 8) as u8;
+        }
+    }
+    bytes
+}
+
+/// The bits a hash part sets in a filter of `bits` bits: `(h1 + j * h2) mod
+/// bits`, `h1`, `h2` the first and second 8 bytes little-endian, `h2 | 1`.
+pub fn summary_probes(hash: &str, bits: u64) -> Vec<u64> {
+    let bytes = nix32_decode_hash_part(hash);
+    let word = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+    let (h1, h2) = (word(0), word(8) | 1);
+    (0..SUMMARY_PROBES)
+        .map(|j| h1.wrapping_add(j.wrapping_mul(h2)) % bits)
+        .collect()
+}
+
+/// A summary's wire form with the header fields as given: magic `PXSM`,
+/// `version`, 7 probes, 2 reserved bytes, then generation, count and the
+/// filter's length in bits (little-endian), then `filter`.
+pub fn summary_wire(version: u8, generation: u64, count: u32, filter: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(SUMMARY_HEADER + filter.len());
+    out.extend_from_slice(b"PXSM");
+    out.push(version);
+    out.push(SUMMARY_PROBES as u8);
+    out.extend_from_slice(&[0, 0]);
+    out.extend_from_slice(&generation.to_le_bytes());
+    out.extend_from_slice(&count.to_le_bytes());
+    let bits = u32::try_from(filter.len() * 8).expect("a filter under 4 Gbit");
+    out.extend_from_slice(&bits.to_le_bytes());
+    out.extend_from_slice(filter);
+    out
+}
+
+/// An honest version-1 summary of `hashes` at `generation`.
+pub fn build_summary(generation: u64, hashes: &[&str]) -> Vec<u8> {
+    let count = u32::try_from(hashes.len()).expect("count fits u32");
+    let bits = summary_filter_bits(count);
+    let mut filter = vec![0u8; (bits / 8) as usize];
+    if bits > 0 {
+        for hash in hashes {
+            for bit in summary_probes(hash, bits) {
+                filter[(bit / 8) as usize] |= 1 << (bit % 8);
+            }
+        }
+    }
+    summary_wire(1, generation, count, &filter)
+}
+
+/// A version-1 summary as the test reads it.
+#[derive(Clone, Debug)]
+pub struct SummaryView {
+    pub generation: u64,
+    pub count: u32,
+    pub filter: Vec<u8>,
+}
+
+impl SummaryView {
+    /// Reads a version-1 summary; panics (naming `what`) on anything else.
+    pub fn parse(bytes: &[u8], what: &str) -> SummaryView {
+        assert!(
+            bytes.len() >= SUMMARY_HEADER,
+            "{what}: {} bytes, shorter than the header",
+            bytes.len()
+        );
+        assert_eq!(&bytes[..4], b"PXSM", "{what}: magic");
+        assert_eq!(bytes[4], 1, "{what}: version");
+        assert_eq!(u64::from(bytes[5]), SUMMARY_PROBES, "{what}: probes");
+        assert_eq!(bytes[6..8], [0, 0], "{what}: reserved bytes");
+        let generation = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
+        let count = u32::from_le_bytes(bytes[16..20].try_into().expect("4 bytes"));
+        let bits = u32::from_le_bytes(bytes[20..24].try_into().expect("4 bytes"));
+        assert_eq!(
+            u64::from(bits),
+            summary_filter_bits(count),
+            "{what}: filter bits for {count} paths"
+        );
+        assert_eq!(
+            bytes.len() as u64,
+            SUMMARY_HEADER as u64 + u64::from(bits) / 8,
+            "{what}: length"
+        );
+        SummaryView {
+            generation,
+            count,
+            filter: bytes[SUMMARY_HEADER..].to_vec(),
+        }
+    }
+
+    /// Whether the summary may contain `hash` (false: it does not).
+    pub fn may_contain(&self, hash: &str) -> bool {
+        let bits = self.filter.len() as u64 * 8;
+        bits > 0
+            && summary_probes(hash, bits)
+                .into_iter()
+                .all(|bit| self.filter[(bit / 8) as usize] & (1 << (bit % 8)) != 0)
+    }
+}
+
+/// `[0x02][generation u64 BE][paths u32 BE][http port u32 BE]`
+pub fn announce_packet(generation: u64, paths: u32, port: u32) -> Vec<u8> {
+    let mut packet = vec![2u8];
+    packet.extend_from_slice(&generation.to_be_bytes());
+    packet.extend_from_slice(&paths.to_be_bytes());
+    packet.extend_from_slice(&port.to_be_bytes());
+    packet
+}
+
+// ---------------------------------------------------------------------------
+// A fake host that announces a store summary
+// ---------------------------------------------------------------------------
+
+/// What a [`FakeSummaryHost`] answers to `GET /local/summary`.
+#[derive(Clone, Debug)]
+pub enum SummaryServe {
+    /// `200` with these bytes.
+    Bytes(Vec<u8>),
+    /// This status, with a short text body.
+    Status(u16),
+}
+
+/// How a [`FakeSummaryHost`] behaves.
+pub struct SummaryHostSpec {
+    /// The generation it announces.
+    pub generation: u64,
+    /// The path count it announces.
+    pub paths: u32,
+    /// What `/local/summary` serves (whatever was announced).
+    pub summary: SummaryServe,
+    /// The paths it has: LAN queries for them are answered, and their
+    /// narinfos and NARs are served honestly.
+    pub items: Vec<FakeItem>,
+    /// Answer every LAN query, held or not (a host that claims everything).
+    pub answer_every_query: bool,
+}
+
+/// A peer of peerix-rs's kind, run by the test: it announces a store summary
+/// over UDP once at start (broadcast) and to every host that solicits one,
+/// and serves `/local/summary` as its spec says, on port 12304 in host `i`'s
+/// namespace. Stopped (threads joined) on drop.
+pub struct FakeSummaryHost {
+    /// UDP queries seen and answered; narinfo and NAR requests served.
+    pub stats: Arc<FakeStats>,
+    /// `GET /local/summary` requests, with the address they came from.
+    pub summary_requests: Arc<Mutex<Vec<Ipv4Addr>>>,
+    pub ip: Ipv4Addr,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl FakeSummaryHost {
+    pub fn start(lan: &Lan, i: usize, spec: SummaryHostSpec) -> FakeSummaryHost {
+        let ns = lan.ns(i).to_string();
+        let (udp, listener) = in_netns(&ns, || {
+            let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, LAN_PORT));
+            let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+            socket.set_reuse_address(true)?;
+            socket.set_broadcast(true)?;
+            socket.bind(&addr.into())?;
+            let tcp = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+            tcp.set_reuse_address(true)?;
+            tcp.bind(&addr.into())?;
+            tcp.listen(64)?;
+            io::Result::Ok((UdpSocket::from(socket), TcpListener::from(tcp)))
+        })
+        .unwrap_or_else(|e| panic!("binding the fake summary host's sockets in {ns}: {e}"));
+        let spec = Arc::new(spec);
+        let mut host = FakeSummaryHost {
+            stats: Arc::new(FakeStats::default()),
+            summary_requests: Arc::new(Mutex::new(Vec::new())),
+            ip: lan_ip(i),
+            stop: Arc::new(AtomicBool::new(false)),
+            threads: Vec::new(),
+        };
+        udp.set_read_timeout(Some(FAKE_TICK))
+            .expect("read timeout on the fake summary host's UDP socket");
+        listener
+            .set_nonblocking(true)
+            .expect("nonblocking fake summary listener");
+        let announcement = announce_packet(spec.generation, spec.paths, u32::from(LAN_PORT));
+        udp.send_to(&announcement, SocketAddr::from((BROADCAST, LAN_PORT)))
+            .expect("broadcasting the fake host's announcement");
+        {
+            let (stop, stats, spec) = (host.stop.clone(), host.stats.clone(), spec.clone());
+            host.threads.push(thread::spawn(move || {
+                summary_host_udp(&udp, &stop, &stats, &spec, &announcement)
+            }));
+        }
+        {
+            let (stop, stats, requests) = (
+                host.stop.clone(),
+                host.stats.clone(),
+                host.summary_requests.clone(),
+            );
+            host.threads.push(thread::spawn(move || {
+                let mut handlers = Vec::new();
+                while !stop.load(Ordering::SeqCst) {
+                    let (stream, from) = match listener.accept() {
+                        Ok(accepted) => accepted,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            thread::sleep(FAKE_TICK / 5);
+                            continue;
+                        }
+                        Err(_) => continue,
+                    };
+                    stats.tcp_connections.fetch_add(1, Ordering::SeqCst);
+                    let (stop, stats, requests, spec) =
+                        (stop.clone(), stats.clone(), requests.clone(), spec.clone());
+                    handlers.push(thread::spawn(move || {
+                        let from = match from.ip() {
+                            std::net::IpAddr::V4(v4) => v4,
+                            std::net::IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
+                        };
+                        let _ =
+                            summary_host_connection(stream, from, &stop, &stats, &requests, &spec);
+                    }));
+                }
+                for handler in handlers {
+                    let _ = handler.join();
+                }
+            }));
+        }
+        host
+    }
+
+    /// `ip:12304`.
+    pub fn addr(&self) -> String {
+        format!("{}:{LAN_PORT}", self.ip)
+    }
+
+    /// How many times `from` fetched `/local/summary`.
+    pub fn summary_requests_from(&self, from: Ipv4Addr) -> usize {
+        self.summary_requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|&&ip| ip == from)
+            .count()
+    }
+}
+
+impl Drop for FakeSummaryHost {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for handle in self.threads.drain(..) {
+            let _ = handle.join();
+        }
+    }
+}
+
+fn summary_host_udp(
+    socket: &UdpSocket,
+    stop: &AtomicBool,
+    stats: &FakeStats,
+    spec: &SummaryHostSpec,
+    announcement: &[u8],
+) {
+    let mut buf = [0u8; 2048];
+    while !stop.load(Ordering::SeqCst) {
+        let Ok((n, from)) = socket.recv_from(&mut buf) else {
+            continue; // timeout: check the stop flag
+        };
+        if buf[..n] == [3] {
+            let _ = socket.send_to(announcement, from);
+            continue;
+        }
+        let Some((id, hash)) = parse_request(&buf[..n]) else {
+            continue;
+        };
+        stats.udp_requests.fetch_add(1, Ordering::SeqCst);
+        if spec.answer_every_query || spec.items.iter().any(|item| item.hash == hash) {
+            let reply = response_packet(id, u32::from(LAN_PORT), &hash);
+            if socket.send_to(&reply, from).is_ok() {
+                stats.udp_replies.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+fn summary_host_connection(
+    mut stream: TcpStream,
+    from: Ipv4Addr,
+    stop: &AtomicBool,
+    stats: &FakeStats,
+    requests: &Mutex<Vec<Ipv4Addr>>,
+    spec: &SummaryHostSpec,
+) -> io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(FAKE_TICK))?;
+    stream.set_write_timeout(Some(FAKE_IO_TIMEOUT))?;
+    let Some(head) = read_head(&mut stream, stop) else {
+        return Ok(());
+    };
+    let mut parts = head.lines().next().unwrap_or("").split_whitespace();
+    let head_only = parts.next() == Some("HEAD");
+    let path = parts.next().unwrap_or("").split('?').next().unwrap_or("");
+    let mut respond = |status: &str, kind: &str, body: &[u8]| {
+        let text = format!(
+            "HTTP/1.1 {status}\r\nConnection: close\r\nContent-Type: {kind}\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        stream.write_all(text.as_bytes())?;
+        if !head_only {
+            stream.write_all(body)?;
+        }
+        stream.flush()?;
+        stream.shutdown(Shutdown::Both)
+    };
+    if path == "/local/summary" {
+        requests
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(from);
+        return match &spec.summary {
+            SummaryServe::Bytes(bytes) => respond("200 OK", "application/octet-stream", bytes),
+            SummaryServe::Status(code) => respond(
+                &format!("{code} Status"),
+                "text/plain",
+                b"no summary here\n",
+            ),
+        };
+    }
+    if let Some(hash) = path
+        .strip_prefix("/local/")
+        .and_then(|p| p.strip_suffix(".narinfo"))
+    {
+        stats.narinfo_requests.fetch_add(1, Ordering::SeqCst);
+        return match spec.items.iter().find(|item| item.hash == hash) {
+            Some(item) => respond("200 OK", "text/x-nix-narinfo", item.narinfo.as_bytes()),
+            None => respond("404 Not Found", "text/plain", b"not found\n"),
+        };
+    }
+    let item = path
+        .strip_prefix("/local/nar/")
+        .and_then(|file| spec.items.iter().find(|item| item.nar_file == file));
+    match item {
+        Some(item) => {
+            stats.nar_requests.fetch_add(1, Ordering::SeqCst);
+            respond("200 OK", "application/x-nix-nar", &item.nar)
+        }
+        None => respond("404 Not Found", "text/plain", b"not found\n"),
+    }
+}

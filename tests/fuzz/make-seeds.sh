@@ -137,7 +137,7 @@ seed_config file-all "$(printf '%s\n' '[server]' 'bind = "0.0.0.0"' 'port = 1230
     'extra_peers = ["peer.example:12304", "10.1.2.3"]' '' '[store]' \
     'daemon_socket = "/nix/var/nix/daemon-socket/socket"' 'store_root = "/"' 'scan_interval = 3600' \
     'filter_mode = "signed"' 'filter_patterns = []' 'no_filter = false' \
-    "trusted_keys = [\"cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=\", \"$(cat "$work/sk" | cut -d: -f1):xinwI5uI3quuMs+xYP44C4fJWyCXVMslJ2CQwHoiG3A=\"]" \
+    "trusted_keys = [\"cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=\", \"$(cut -d: -f1 "$work/sk"):xinwI5uI3quuMs+xYP44C4fJWyCXVMslJ2CQwHoiG3A=\"]" \
     '' '[signing]' 'private_key = "/etc/nix/peerix-secret-key"')"
 
 du -sh "$out"

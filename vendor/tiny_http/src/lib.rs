@@ -152,6 +152,8 @@ pub struct Server {
 
     // queue for messages received by child threads
     messages: Arc<MessagesQueue<Message>>,
+    // loopback clients' requests, when `Limits::separate_loopback` is set
+    loopback: Arc<MessagesQueue<Message>>,
 
     // result of TcpListener::local_addr()
     listening_addr: ListenAddr,
@@ -308,11 +310,13 @@ impl Server {
         // creating a task where server.accept() is continuously called
         // and ClientConnection objects are pushed in the messages queue
         let messages = MessagesQueue::with_capacity(8);
+        let loopback = MessagesQueue::with_capacity(8);
         let limiter = ConnLimiter::new(&limits);
 
         let shared = Arc::new(Shared {
             limits: Arc::new(limits),
             messages: messages.clone(),
+            loopback: loopback.clone(),
             ssl,
         });
         let inside_close_trigger = close_trigger.clone();
@@ -324,6 +328,7 @@ impl Server {
         // result
         Ok(Server {
             messages,
+            loopback,
             close: close_trigger,
             listening_addr: local_addr,
             limiter,
@@ -361,6 +366,16 @@ impl Server {
         }
     }
 
+    /// Blocks until a loopback client's request has been submitted and
+    /// returns it; only with `Limits::separate_loopback`.
+    pub fn recv_loopback(&self) -> IoResult<Request> {
+        match self.loopback.pop() {
+            Some(Message::Error(err)) => Err(err),
+            Some(Message::NewRequest(rq)) => Ok(rq),
+            None => Err(IoError::new(IoErrorKind::Other, "thread unblocked")),
+        }
+    }
+
     /// Same as `recv()` but doesn't block longer than timeout
     pub fn recv_timeout(&self, timeout: Duration) -> IoResult<Option<Request>> {
         match self.messages.pop_timeout(timeout) {
@@ -384,6 +399,7 @@ impl Server {
     /// This method allows graceful shutdown of server.
     pub fn unblock(&self) {
         self.messages.unblock();
+        self.loopback.unblock();
     }
 }
 
@@ -424,6 +440,7 @@ impl Drop for Server {
 struct Shared {
     limits: Arc<Limits>,
     messages: Arc<MessagesQueue<Message>>,
+    loopback: Arc<MessagesQueue<Message>>,
     ssl: Option<SslContext>,
 }
 
@@ -584,7 +601,11 @@ fn serve_connection(
         Arc::clone(&shared.limits),
         accepted_at,
     );
-    let messages = &shared.messages;
+    let messages = if shared.limits.separate_loopback && limits::is_loopback(peer.as_ref()) {
+        &shared.loopback
+    } else {
+        &shared.messages
+    };
     // Synchronization is needed for HTTPS requests to avoid a deadlock
     if client.secure() {
         let (sender, receiver) = mpsc::channel();

@@ -40,6 +40,12 @@ pub struct Limits {
     /// Per-read timeout while the application reads a body (default 10 s);
     /// also the deadline for draining an unread body.
     pub body_timeout: Duration,
+    /// Queue loopback clients' requests apart from the others (default
+    /// false): [`crate::Server::recv`] then returns only non-loopback
+    /// requests and [`crate::Server::recv_loopback`] the loopback ones, so
+    /// an application can keep workers for itself that no remote client can
+    /// hold.
+    pub separate_loopback: bool,
 }
 
 impl Default for Limits {
@@ -54,6 +60,7 @@ impl Default for Limits {
             max_head: 16 * 1024,
             max_drain: 64 * 1024,
             body_timeout: Duration::from_secs(10),
+            separate_loopback: false,
         }
     }
 }
