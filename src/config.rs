@@ -98,6 +98,10 @@ pub struct Config {
     pub lan_discovery: Option<bool>,
     /// How long SIGTERM waits for running requests before exiting.
     pub shutdown_timeout: Duration,
+    /// Whether other hosts may read `/metrics`.
+    pub metrics_public: bool,
+    /// Whether other hosts may read `/dashboard` and its JSON.
+    pub dashboard_public: bool,
     pub verbose: bool,
     pub lan: LanConfig,
     /// Connect and read timeout for HTTP requests to peers.
@@ -123,6 +127,8 @@ impl Default for Config {
             tracker: None,
             lan_discovery: None,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            metrics_public: false,
+            dashboard_public: false,
             verbose: false,
             lan: LanConfig::default(),
             peer_timeout: DEFAULT_PEER_TIMEOUT,
@@ -644,6 +650,8 @@ mod tests {
             "--no-broadcast",
             "--timeout",
             "--verify-before-send",
+            "--metrics-public",
+            "--dashboard-public",
             "--config",
             "--verbose",
         ] {

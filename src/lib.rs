@@ -14,5 +14,6 @@ pub mod lan;
 pub mod nix;
 pub mod notify;
 pub mod peers;
+pub mod stats;
 pub mod store;
 pub mod tracker;

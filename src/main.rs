@@ -6,13 +6,13 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use peerix::config::{self, Command, Config};
 use peerix::fetch::client::PeerClient;
 use peerix::fetch::resolver::Resolver;
 use peerix::fetch::transfer::MemoryBudget;
-use peerix::http::{Lanes, Server, ServerContext};
+use peerix::http::{Lanes, PublicPages, Server, ServerContext};
 use peerix::identity::Identity;
 use peerix::lan::Lan;
 use peerix::lan::summaries::Summaries;
@@ -20,6 +20,7 @@ use peerix::lan::summary::Publisher;
 use peerix::nix::keys::{PublicKey, SecretKey};
 use peerix::notify;
 use peerix::peers::{Discovery, PeerTable};
+use peerix::stats::{NodeInfo, Stats, StoreView};
 use peerix::store::daemon::DaemonPool;
 use peerix::store::policy::SharePolicy;
 use peerix::store::scanner::ShareDelta;
@@ -70,7 +71,12 @@ type LanSide = (Arc<Lan>, Arc<Summaries>, Option<Arc<Publisher>>);
 /// Starts LAN discovery if it is on: the UDP side, and the directory of
 /// the peers' store summaries. Failing to start it is not fatal: this host's
 /// own cache still works, which is what its nix needs most.
-fn start_lan(config: &Config, store: &Arc<LocalStore>, peers: &Arc<PeerTable>) -> Option<LanSide> {
+fn start_lan(
+    config: &Config,
+    store: &Arc<LocalStore>,
+    peers: &Arc<PeerTable>,
+    stats: &Arc<Stats>,
+) -> Option<LanSide> {
     if !config.lan.enabled {
         log::info!("LAN discovery is off");
         return None;
@@ -98,13 +104,14 @@ fn start_lan(config: &Config, store: &Arc<LocalStore>, peers: &Arc<PeerTable>) -
             Box::new(move |each| listed.index().for_each_shared(each)),
         ))
     });
-    let summaries = match Summaries::start(Arc::clone(peers), config.peer_timeout) {
-        Ok(summaries) => summaries,
-        Err(e) => {
-            log::error!("LAN discovery could not start: {e}; serving this host's store only");
-            return None;
-        }
-    };
+    let summaries =
+        match Summaries::start(Arc::clone(peers), config.peer_timeout, Arc::clone(stats)) {
+            Ok(summaries) => summaries,
+            Err(e) => {
+                log::error!("LAN discovery could not start: {e}; serving this host's store only");
+                return None;
+            }
+        };
     match Lan::start(
         &config.lan,
         config.port,
@@ -112,6 +119,7 @@ fn start_lan(config: &Config, store: &Arc<LocalStore>, peers: &Arc<PeerTable>) -
         shares,
         publisher.clone(),
         Some(Arc::clone(&summaries)),
+        Arc::clone(stats),
     ) {
         Ok(lan) => {
             log::info!(
@@ -232,12 +240,13 @@ fn run(config: &Config) -> Result<(), String> {
 
     // Every source of peers joins the one resolver, with one peer table;
     // HTTP reaches them all.
+    let stats = Arc::new(Stats::new());
     let peers = Arc::new(PeerTable::new());
     let tracker = match (&config.tracker, delta_receiver) {
         (Some(url), Some(deltas)) => Some(start_tracker(config, url, &store, deltas)?),
         _ => None,
     };
-    let lan_side = start_lan(config, &store, &peers);
+    let lan_side = start_lan(config, &store, &peers, &stats);
     let mut sources: Vec<Arc<dyn Discovery>> = Vec::new();
     if let Some(tracker) = &tracker {
         sources.push(Arc::clone(tracker) as Arc<dyn Discovery>);
@@ -261,10 +270,34 @@ fn run(config: &Config) -> Result<(), String> {
         None => (None, None, None),
     };
     let store_for_readiness = Arc::clone(&store);
+    let node = NodeInfo {
+        version: env!("CARGO_PKG_VERSION"),
+        mode: match (lan.is_some(), tracker.is_some()) {
+            (true, true) => "lan+tracker",
+            (true, false) => "lan",
+            (false, true) => "tracker",
+            (false, false) => "local",
+        },
+        id: tracker.as_ref().map(|t| t.node_id().to_string()),
+        bind: config.bind,
+        port: config.port,
+        lan_port: lan.as_ref().map(|lan| lan.port()),
+        daemon_socket: config.daemon_socket.clone(),
+        scan_interval: config.scan_interval,
+        lan_wanted: config.lan.enabled,
+    };
+    // The scanner wakes on SIGHUP: the control endpoint sends one.
+    let rescan = || signal_hook::low_level::raise(signal_hook::consts::SIGHUP);
     let context = ServerContext {
         store,
         priority: config.priority,
-        started: Instant::now(),
+        stats: Arc::clone(&stats),
+        node,
+        public: PublicPages {
+            metrics: config.metrics_public,
+            dashboard: config.dashboard_public,
+        },
+        rescan: Some(Box::new(rescan)),
         bind: config.bind,
         resolver,
         lan,
@@ -296,8 +329,15 @@ fn run(config: &Config) -> Result<(), String> {
         signal_hook::flag::register(signal, Arc::clone(&stop))
             .map_err(|e| format!("cannot handle signal {signal}: {e}"))?;
     }
+    let mut ticks = 0u32;
     while !stop.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(100));
+        // About once a second: when a scan completes, and whether the
+        // daemon comes or goes, for the index age and the activity log.
+        ticks = ticks.wrapping_add(1);
+        if ticks % 10 == 0 {
+            watch_store(&stats, &store_for_readiness);
+        }
     }
     log::info!(
         "stopping: letting running requests finish (at most {:?})",
@@ -311,6 +351,16 @@ fn run(config: &Config) -> Result<(), String> {
         log::info!("stopped");
     }
     Ok(())
+}
+
+fn watch_store(stats: &Stats, store: &LocalStore) {
+    let index = store.index();
+    stats.watch_store(&StoreView {
+        daemon_reachable: store.daemon_reachable(),
+        scans: store.completed_scans(),
+        indexed: index.len(),
+        shared: index.shared_len(),
+    });
 }
 
 /// Tells systemd the service is ready once the first scan is done (so

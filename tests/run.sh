@@ -5,8 +5,9 @@
 #
 # Installs what the integration tests drive (real nix, a static busybox as
 # the fixture builder, iproute2 for network namespaces, curl as the client
-# inside them, pkill and prlimit) only when something is missing, then runs
-# `cargo test --all-targets`. Exits non-zero when anything fails.
+# inside them, pkill and prlimit, promtool and chromium for tests/ops.rs)
+# only when something is missing, then runs `cargo test --all-targets`.
+# Exits non-zero when anything fails.
 set -eu
 
 cd "$(dirname "$0")/.."
@@ -26,6 +27,10 @@ need ip iproute2
 need curl curl
 need pkill procps
 need prlimit util-linux
+# tests/ops.rs: Prometheus's own checker for /metrics, and a real headless
+# browser for the dashboard.
+need promtool prometheus
+need chromium chromium
 [ -x /bin/busybox ] && /bin/busybox --list >/dev/null 2>&1 || missing="$missing busybox-static"
 # The fixtures run /bin/busybox as a builder with no libraries around it.
 if [ -x /bin/busybox ] && command -v file >/dev/null 2>&1 && ! file -L /bin/busybox | grep -q 'statically linked'; then

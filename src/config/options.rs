@@ -312,6 +312,33 @@ const GENERAL: &[Opt] = &[
     .key("server", "shutdown_timeout")
     .default("10")
     .example("30"),
+    opt(
+        &[switch(
+            "metrics-public",
+            "true",
+            "answer /metrics to other hosts too (by default this host only)",
+        )],
+        |c, v| {
+            c.metrics_public = v.bool()?;
+            Ok(())
+        },
+    )
+    .key("server", "metrics_public")
+    .example("true"),
+    opt(
+        &[switch(
+            "dashboard-public",
+            "true",
+            "serve /dashboard to other hosts too (by default this host only); \
+             its control buttons still work for this host only",
+        )],
+        |c, v| {
+            c.dashboard_public = v.bool()?;
+            Ok(())
+        },
+    )
+    .key("server", "dashboard_public")
+    .example("true"),
     Opt {
         action: Action::ConfigFile,
         ..opt(

@@ -1,120 +1,256 @@
-//! `/health`: whether this host's store is reachable, its index, the LAN
-//! counters and, for this host only, the peer table.
+//! `/health`: the original peerix's shape (`status` healthy or degraded,
+//! `uptime_seconds`, named `checks`), 200 or 503 when degraded; plus the
+//! index, the LAN counters and, for this host only, the peer table.
+//!
+//! The checks:
+//! - `daemon_socket`: a nix-daemon listens on the socket and shakes hands
+//!   (asked at most every 5 s). The top-level `daemon` field stays what
+//!   the last use of the daemon found, as before.
+//! - `index`: a first scan is done, and, with a scan interval, the last
+//!   one is no older than two intervals and a minute.
+//! - `lan`, when LAN discovery is asked for: its UDP side runs.
+//! - `tracker`, when a tracker is configured: its last exchange worked.
 
 use std::io::Cursor;
-use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::Duration;
 
+use serde_json::{Value, json};
 use tiny_http::Response;
 
-use super::ServerContext;
-use super::respond::body;
+use super::respond::{body, header};
+use crate::stats::{PeerView, Snapshot};
 
-pub(super) fn health(context: &ServerContext, with_peers: bool) -> Response<Cursor<Vec<u8>>> {
-    let store = &context.store;
-    let index = store.index();
-    let daemon = store.daemon_reachable();
-    let mut json = serde_json::json!({
-        "status": if daemon { "healthy" } else { "degraded" },
-        "uptime_seconds": context.started.elapsed().as_secs(),
-        "daemon": if daemon { "connected" } else { "unreachable" },
-        "scans": store.completed_scans(),
-        "indexed_paths": index.len(),
-        "shared_paths": index.shared_len(),
-        "lan": lan_health(context),
-        "tracker": tracker_health(context),
+#[inline(never)]
+pub(super) fn health(snapshot: &Snapshot, with_peers: bool) -> Response<Cursor<Vec<u8>>> {
+    let (json, healthy) = render(snapshot, with_peers);
+    let status = if healthy { 200 } else { 503 };
+    body(status, format!("{json}\n").into_bytes(), "application/json")
+        .with_header(header("Cache-Control", "no-store"))
+}
+
+/// The `/health` document, and whether every check passed.
+#[inline(never)]
+pub(crate) fn render(snapshot: &Snapshot, with_peers: bool) -> (Value, bool) {
+    let store = &snapshot.store;
+    let mut checks = serde_json::Map::new();
+    let daemon_ok = snapshot.daemon_answers.unwrap_or(store.daemon_reachable);
+    checks.insert(
+        "daemon_socket".into(),
+        check(
+            daemon_ok,
+            json!({
+                "detail": if daemon_ok { "answers" } else { "does not answer" },
+            }),
+        ),
+    );
+    let index_ok = index_fresh(snapshot);
+    checks.insert(
+        "index".into(),
+        check(
+            index_ok,
+            json!({
+                "scans": store.scans,
+                "age_seconds": snapshot.index_age.map(|age| age.as_secs()),
+                "detail": match (store.scans, index_ok) {
+                    (0, _) => "no scan done yet",
+                    (_, true) => "fresh",
+                    (_, false) => "stale: the last scan is older than two scan intervals",
+                },
+            }),
+        ),
+    );
+    if snapshot.node.lan_wanted {
+        let running = snapshot.lan.is_some();
+        checks.insert(
+            "lan".into(),
+            check(
+                running,
+                json!({
+                    "detail": if running { "listening" } else { "could not start" },
+                }),
+            ),
+        );
+    }
+    if let Some(tracker) = &snapshot.tracker {
+        checks.insert(
+            "tracker".into(),
+            check(
+                tracker.reachable,
+                json!({
+                    "detail": if tracker.reachable { "reachable" } else { "unreachable" },
+                }),
+            ),
+        );
+    }
+    let healthy = checks.values().all(|c| c["status"] == "ok");
+    let mut json = json!({
+        "status": if healthy { "healthy" } else { "degraded" },
+        "uptime_seconds": snapshot.uptime.as_secs(),
+        "version": snapshot.node.version,
+        "checks": checks,
+        "daemon": if store.daemon_reachable { "connected" } else { "unreachable" },
+        "scans": store.scans,
+        "indexed_paths": store.indexed,
+        "shared_paths": store.shared,
+        "available_hashes": store.shared,
+        "peers_connected": snapshot.peers_connected(),
+        "lan": lan(snapshot),
+        "tracker": tracker(snapshot),
     });
     if with_peers {
-        json["peers"] = peers_health(context);
+        json["peers"] = snapshot.peers.iter().map(peer).collect();
     }
-    body(200, format!("{json}\n").into_bytes(), "application/json")
+    (json, healthy)
 }
 
-/// The tracker client's state for `/health`.
-fn tracker_health(context: &ServerContext) -> serde_json::Value {
-    let Some(tracker) = context.tracker.as_ref() else {
-        return serde_json::json!({ "enabled": false });
+fn check(ok: bool, mut details: Value) -> Value {
+    details["status"] = Value::from(if ok { "ok" } else { "fail" });
+    details
+}
+
+/// Whether the index is there and recent enough for its scan interval.
+fn index_fresh(snapshot: &Snapshot) -> bool {
+    match (snapshot.index_age, snapshot.node.scan_interval) {
+        (None, _) => false,
+        (Some(_), None) => true,
+        (Some(age), Some(interval)) => {
+            age <= interval
+                .saturating_mul(2)
+                .saturating_add(Duration::from_secs(60))
+        }
+    }
+}
+
+/// The LAN counters.
+fn lan(snapshot: &Snapshot) -> Value {
+    let Some(lan) = &snapshot.lan else {
+        return json!({ "enabled": false });
     };
-    let stats = &tracker.stats;
-    let get = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
-    serde_json::json!({
+    let c = &snapshot.lan_counters;
+    let [fetched, dropped, fetch_failures, misses_answered] = snapshot.summary_counters;
+    json!({
         "enabled": true,
-        "node_id": tracker.node_id().to_string(),
-        "reachable": stats.reachable.load(Ordering::Relaxed),
-        "announces": get(&stats.announces),
-        "hashes_sent": get(&stats.hashes_sent),
-        "lookups": get(&stats.lookups),
-        "lookup_failures": get(&stats.lookup_failures),
-        "failures": get(&stats.failures),
+        "port": lan.port,
+        "queries": c.queries,
+        "replies_received": c.replies_received,
+        "replies_shunned": c.replies_shunned,
+        "replies_sent": c.replies_sent,
+        "replies_rate_limited": c.replies_rate_limited,
+        "packets_dropped": c.packets_dropped(),
+        "summaries": lan.summaries.as_ref().map(|s| json!({
+            "hosts_heard": s.hosts_heard,
+            "hosts_with_summary": s.hosts_with_summary,
+            "covers_lan": s.covers_lan,
+            "bytes": s.bytes,
+            "fetched": fetched,
+            "dropped": dropped,
+            "fetch_failures": fetch_failures,
+            "misses_answered": misses_answered,
+        })),
+        "summary": lan.published.as_ref().map(|p| json!({
+            "generation": p.generation,
+            "paths": p.paths,
+            "bytes": p.bytes,
+        })),
     })
 }
 
-/// The LAN counters for `/health`.
-fn lan_health(context: &ServerContext) -> serde_json::Value {
-    let Some(lan) = context.lan.as_ref() else {
-        return serde_json::json!({ "enabled": false });
+/// The tracker client's state.
+fn tracker(snapshot: &Snapshot) -> Value {
+    let Some(t) = &snapshot.tracker else {
+        return json!({ "enabled": false });
     };
-    let summaries = context.summaries.as_ref().map(|summaries| {
-        let (hosts, fresh, bytes) = summaries.coverage();
-        let stats = &summaries.stats;
-        let get = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
-        serde_json::json!({
-            "hosts_heard": hosts,
-            "hosts_with_summary": fresh,
-            "covers_lan": summaries.cover_all(),
-            "bytes": bytes,
-            "fetched": get(&stats.fetched),
-            "dropped": get(&stats.dropped),
-            "fetch_failures": get(&stats.fetch_failures),
-            "misses_answered": get(&stats.misses_answered),
-        })
-    });
-    let published = context.publisher.as_ref().map(|p| {
-        let published = p.current();
-        serde_json::json!({
-            "generation": published.generation,
-            "paths": published.paths,
-            "bytes": published.bytes.len(),
-        })
-    });
-    let stats = &lan.stats;
-    let get = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
-    serde_json::json!({
+    json!({
         "enabled": true,
-        "port": lan.port(),
-        "queries": get(&stats.queries),
-        "replies_received": get(&stats.replies_received),
-        "replies_shunned": get(&stats.replies_shunned),
-        "replies_sent": get(&stats.replies_sent),
-        "replies_rate_limited": get(&stats.replies_rate_limited),
-        "packets_dropped": get(&stats.packets_dropped),
-        "summaries": summaries,
-        "summary": published,
+        "node_id": t.node_id,
+        "reachable": t.reachable,
+        "announces": t.announces,
+        "hashes_sent": t.hashes_sent,
+        "lookups": t.lookups,
+        "lookup_failures": t.lookup_failures,
+        "failures": t.failures,
     })
 }
 
-/// The peer table for `/health`.
-fn peers_health(context: &ServerContext) -> serde_json::Value {
-    let Some(resolver) = context.resolver.as_ref() else {
-        return serde_json::json!([]);
-    };
-    let now = Instant::now();
-    resolver
-        .peers()
-        .snapshot()
-        .into_iter()
-        .map(|(host, record)| {
-            serde_json::json!({
-                "host": host.to_string(),
-                "addr": record.last_seen_as.to_string(),
-                "successes": record.successes,
-                "failures": record.failures,
-                "lies": record.lies,
-                "bytes": record.bytes,
-                "latency_ms": record.latency_ms,
-                "available": record.is_available(now),
-                "banned": record.is_banned(now),
-            })
+/// A peer table entry.
+pub(crate) fn peer(peer: &PeerView) -> Value {
+    json!({
+        "host": peer.host,
+        "addr": peer.addr,
+        "source": peer.source.label(),
+        "state": peer.state.label(),
+        "successes": peer.successes,
+        "failures": peer.failures,
+        "lies": peer.lies,
+        "bytes": peer.bytes,
+        "latency_ms": peer.latency_ms,
+        "reputation": peer.reputation(),
+        "last_seen_seconds": peer.last_seen.as_secs(),
+        "available": peer.state == crate::stats::PeerState::Ok,
+        "banned": peer.state == crate::stats::PeerState::Banned,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::{NodeInfo, Stats, StoreView, View};
+    use std::net::IpAddr;
+    use std::path::PathBuf;
+
+    fn snapshot(scans: u64, interval: Option<Duration>, lan_wanted: bool) -> Snapshot {
+        let stats = Stats::new();
+        let node = NodeInfo {
+            version: "0",
+            mode: "local",
+            id: None,
+            bind: IpAddr::from([127, 0, 0, 1]),
+            port: 1,
+            lan_port: None,
+            daemon_socket: PathBuf::from("/x"),
+            scan_interval: interval,
+            lan_wanted,
+        };
+        let store = StoreView {
+            daemon_reachable: true,
+            scans,
+            indexed: 3,
+            shared: 2,
+        };
+        stats.snapshot(View {
+            node: &node,
+            store,
+            peers: None,
+            lan: None,
+            tracker: None,
+            addresses: Vec::new(),
         })
-        .collect()
+    }
+
+    #[test]
+    fn every_check_must_pass_to_be_healthy() {
+        let (json, healthy) = render(&snapshot(1, Some(Duration::from_secs(3600)), false), false);
+        assert!(healthy, "{json}");
+        assert_eq!(json["status"], "healthy");
+        assert_eq!(json["checks"]["index"]["status"], "ok");
+        assert!(json.get("peers").is_none());
+
+        let (json, healthy) = render(&snapshot(0, None, false), true);
+        assert!(!healthy, "no scan yet: {json}");
+        assert_eq!(json["checks"]["index"]["status"], "fail");
+        assert_eq!(json["peers"], serde_json::json!([]));
+
+        let (json, healthy) = render(&snapshot(1, None, true), false);
+        assert!(!healthy, "LAN asked for, not running: {json}");
+        assert_eq!(json["checks"]["lan"]["status"], "fail");
+    }
+
+    #[test]
+    fn a_huge_scan_interval_does_not_overflow() {
+        let (_, healthy) = render(
+            &snapshot(1, Some(Duration::from_secs(u64::MAX)), false),
+            false,
+        );
+        assert!(healthy);
+    }
 }

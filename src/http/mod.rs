@@ -8,7 +8,8 @@
 //! - **peer**: loopback requests that need the peers (a narinfo this host
 //!   lacks, a NAR passed through). They wait on the network, within
 //!   deadlines; a local worker hands them over and goes back to nix.
-//! - **network**: everything from other hosts (`/local/`, `/health`).
+//! - **network**: everything from other hosts (`/local/`, `/health`, and
+//!   the stats pages when a flag opens them).
 //!
 //! tiny_http itself queues loopback requests apart from the others, so a
 //! request reaches its worker with no thread in between.
@@ -19,10 +20,19 @@
 //!
 //! Root endpoints serve this host's own nix and answer loopback clients that
 //! name this host in `Host` only (see [`access`]). `/local/...` serves peers
-//! and LAN hosts, under the share policy.
+//! and LAN hosts, under the share policy. `/metrics` and `/dashboard` are
+//! root endpoints unless a flag opens them; the control endpoints always
+//! are.
+//!
+//! Each worker times the requests it answers and counts them by route kind
+//! in the [`Stats`] core.
 
 mod access;
+#[cfg(test)]
+mod bench;
+mod dashboard;
 mod health;
+mod metrics;
 mod proxy;
 mod range;
 mod respond;
@@ -43,6 +53,9 @@ use crate::fetch::transfer::MemoryBudget;
 use crate::lan::Lan;
 use crate::lan::summaries::Summaries;
 use crate::lan::summary::Publisher;
+use crate::stats::{
+    LanView, NodeInfo, PublishedView, Snapshot, Stats, StoreView, SummariesView, TrackerView, View,
+};
 use crate::store::LocalStore;
 use crate::tracker::client::TrackerClient;
 
@@ -52,7 +65,14 @@ pub use access::is_loopback;
 pub struct ServerContext {
     pub store: Arc<LocalStore>,
     pub priority: u32,
-    pub started: Instant,
+    /// The counters every page renders.
+    pub stats: Arc<Stats>,
+    /// This host, as the dashboard shows it; the port is set once bound.
+    pub node: NodeInfo,
+    /// Which stats pages other hosts may read.
+    pub public: PublicPages,
+    /// Asks the scanner for a rescan now; `None` when nothing can.
+    pub rescan: Option<Box<dyn Fn() -> std::io::Result<()> + Send + Sync>>,
     /// The address the server was told to bind: a name the root endpoints
     /// accept in `Host`.
     pub bind: IpAddr,
@@ -65,12 +85,140 @@ pub struct ServerContext {
     /// This host's store summary, for `/local/summary`; `None` when this
     /// host does not answer peers.
     pub publisher: Option<Arc<Publisher>>,
-    /// The tracker client, for `/health`.
+    /// The tracker client, for its counters on the stats pages.
     pub tracker: Option<Arc<TrackerClient>>,
     /// Peer NARs up to this size are verified whole before nix gets a byte,
     pub verify_before_send: u64,
     /// while this budget for the memory they take lasts.
     pub held_nars: MemoryBudget,
+}
+
+/// The stats pages other hosts may read; by default only this host may.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PublicPages {
+    pub metrics: bool,
+    pub dashboard: bool,
+}
+
+impl ServerContext {
+    /// One snapshot of the stats, and of what the store, the peer table and
+    /// the LAN side show now.
+    #[inline(never)]
+    pub(crate) fn snapshot(&self) -> Snapshot {
+        let index = self.store.index();
+        let store = StoreView {
+            daemon_reachable: self.store.daemon_reachable(),
+            scans: self.store.completed_scans(),
+            indexed: index.len(),
+            shared: index.shared_len(),
+        };
+        drop(index);
+        self.stats.probe_daemon(|| {
+            let socket = self.store.daemon().socket_path();
+            let answer = daemon_answers(socket);
+            if let Err(e) = &answer {
+                log::debug!("nix-daemon at {}: {e}", socket.display());
+            }
+            answer.is_ok()
+        });
+        let lan = self.lan.as_ref().map(|lan| LanView {
+            port: lan.port(),
+            summaries: self.summaries.as_ref().map(|summaries| {
+                let (hosts_heard, hosts_with_summary, bytes) = summaries.coverage();
+                SummariesView {
+                    hosts_heard,
+                    hosts_with_summary,
+                    covers_lan: summaries.cover_all(),
+                    bytes,
+                }
+            }),
+            published: self.publisher.as_ref().map(|p| {
+                let published = p.current();
+                PublishedView {
+                    generation: published.generation,
+                    paths: published.paths,
+                    bytes: published.bytes.len(),
+                }
+            }),
+        });
+        let tracker = self.tracker.as_ref().map(|tracker| {
+            let c = &tracker.stats;
+            let load = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
+            TrackerView {
+                node_id: tracker.node_id().to_string(),
+                reachable: c.reachable.load(Ordering::Relaxed),
+                announces: load(&c.announces),
+                hashes_sent: load(&c.hashes_sent),
+                lookups: load(&c.lookups),
+                lookup_failures: load(&c.lookup_failures),
+                failures: load(&c.failures),
+            }
+        });
+        self.stats.snapshot(View {
+            node: &self.node,
+            store,
+            peers: self.resolver.as_ref().map(|r| r.peers()),
+            lan,
+            tracker,
+            addresses: addresses(self.node.bind),
+        })
+    }
+}
+
+/// How long the health probe waits for the nix-daemon's greeting.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Whether a nix-daemon listens on `socket` and shakes hands, on a
+/// connection of its own: a pooled connection would say nothing, as its
+/// worker process outlives a daemon that is gone. The connection is closed
+/// right after the handshake, where the daemon's worker takes the end of
+/// the connection for a normal one.
+fn daemon_answers(socket: &std::path::Path) -> io::Result<()> {
+    use crate::store::daemon::{Fault, ReplyReader};
+    use std::io::Write;
+    const WORKER_MAGIC_1: u64 = 0x6e69_7863;
+    /// 1.35, as the daemon client asks.
+    const CLIENT_VERSION: u64 = 0x123;
+    let stream = std::os::unix::net::UnixStream::connect(socket)?;
+    stream.set_read_timeout(Some(PROBE_TIMEOUT))?;
+    stream.set_write_timeout(Some(PROBE_TIMEOUT))?;
+    let fault = |fault: Fault| match fault {
+        Fault::Io(e) => e,
+        Fault::Protocol(why) | Fault::Remote(why) => io::Error::other(why),
+    };
+    let mut writer = &stream;
+    let mut replies = ReplyReader::new(io::BufReader::new(&stream));
+    writer.write_all(&WORKER_MAGIC_1.to_le_bytes())?;
+    replies.read_hello().map_err(fault)?;
+    let mut hello = CLIENT_VERSION.to_le_bytes().to_vec();
+    if replies.minor() >= 14 {
+        hello.extend_from_slice(&0u64.to_le_bytes()); // no CPU affinity
+    }
+    if replies.minor() >= 11 {
+        hello.extend_from_slice(&0u64.to_le_bytes()); // reserveSpace
+    }
+    writer.write_all(&hello)?;
+    replies.read_hello_end().map_err(fault)
+}
+
+/// The addresses this host is reached at: the bound one, or every
+/// interface's but loopback when bound to all.
+fn addresses(bind: IpAddr) -> Vec<IpAddr> {
+    if !bind.is_unspecified() {
+        return vec![bind];
+    }
+    match if_addrs::get_if_addrs() {
+        Ok(interfaces) => interfaces
+            .into_iter()
+            .filter(|i| !i.is_loopback())
+            .map(|i| i.ip())
+            .filter(|ip| ip.is_ipv4() == bind.is_ipv4() || bind.is_ipv6())
+            .collect(),
+        Err(e) => {
+            log::debug!("cannot list network interfaces: {e}");
+            Vec::new()
+        }
+    }
 }
 
 /// How many threads each lane has.
@@ -112,9 +260,10 @@ struct Activity {
 
 impl Server {
     /// Binds `addr` and starts the lanes' workers answering requests.
-    pub fn start(addr: SocketAddr, lanes: Lanes, context: ServerContext) -> io::Result<Server> {
+    pub fn start(addr: SocketAddr, lanes: Lanes, mut context: ServerContext) -> io::Result<Server> {
         let listener = bind(addr)?;
         let local_addr = listener.local_addr()?;
+        context.node.port = local_addr.port();
         let limits = connection_limits(open_files_limit());
         log::debug!("connection limits: {limits:?}");
         let server = tiny_http::Server::from_listener_with_limits(listener, None, limits)
@@ -247,12 +396,7 @@ fn peer_worker(pool: &PeerPool) {
             return;
         };
         // Counted as running by the handoff; counted down here.
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            serve::handle(&pool.context, request, &Lane::Peer)
-        }));
-        if outcome.is_err() {
-            log::error!("a request handler panicked; the worker carries on");
-        }
+        answer_counted(&pool.context, request, &Lane::Peer);
         pool.activity.running.fetch_sub(1, Ordering::SeqCst);
     }
 }
@@ -369,15 +513,29 @@ fn worker(intake: &Intake, context: &ServerContext, lane: &Lane, activity: &Acti
             continue;
         }
         activity.running.fetch_add(1, Ordering::SeqCst);
-        // A bug in one request must not take the worker (and so the cache) down.
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            serve::handle(context, request, lane)
-        }));
-        if outcome.is_err() {
-            log::error!("a request handler panicked; the worker carries on");
-        }
+        answer_counted(context, request, lane);
         // A request handed to the peer lane was counted once more there.
         activity.running.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Answers one request, timed and counted by route kind. A bug in one
+/// request must not take the worker (and so the cache) down.
+fn answer_counted(context: &ServerContext, request: tiny_http::Request, lane: &Lane) {
+    let began = Instant::now();
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        serve::handle(context, request, lane)
+    }));
+    match outcome {
+        Ok(Some(handled)) => context
+            .stats
+            .request(handled.kind, handled.status, began.elapsed()),
+        // Handed to the peer lane, whose worker counts it.
+        Ok(None) => {}
+        Err(_) => {
+            log::error!("a request handler panicked; the worker carries on");
+            context.stats.error();
+        }
     }
 }
 

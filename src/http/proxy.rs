@@ -17,15 +17,30 @@ use crate::fetch::transfer::{self, Outcome, Plan, Sink, is_client_gone};
 use crate::nix::hash::NarHash;
 use crate::nix::store_path::HashPart;
 use crate::peers::PeerId;
+use crate::stats::{Client, Source};
+
+/// A path found on a peer.
+pub struct PeerNarInfo {
+    /// The narinfo to give nix.
+    pub text: String,
+    /// The store path's name, after its hash part.
+    pub name: String,
+    pub peer: PeerId,
+}
 
 /// The narinfo to give nix for a path found on a peer, or `None`.
-pub fn peer_narinfo(context: &ServerContext, hash: &HashPart) -> Option<String> {
+pub fn peer_narinfo(context: &ServerContext, hash: &HashPart) -> Option<PeerNarInfo> {
     let offer = context.resolver.as_ref()?.offer(hash)?;
     let mut narinfo = offer.narinfo.clone();
     narinfo.url = peer_nar_url(&offer.source.peer, hash, &narinfo.nar_hash);
-    Some(narinfo.render())
+    Some(PeerNarInfo {
+        text: narinfo.render(),
+        name: narinfo.store_path.name().to_string(),
+        peer: offer.source.peer,
+    })
 }
 
+/// Passes a peer's NAR through to this host's nix; returns the status.
 pub fn serve_peer_nar(
     context: &ServerContext,
     request: Request,
@@ -33,10 +48,11 @@ pub fn serve_peer_nar(
     hash: &HashPart,
     nar_hash: &NarHash,
     head: bool,
-) {
+) -> u16 {
     let Some(resolver) = context.resolver.as_ref() else {
         return respond(request, text(404, "not found\n"));
     };
+    context.stats.peer_request();
     let Some(mut source) = resolver.nar_source(hash, nar_hash, named) else {
         return respond(request, text(404, "no peer offers this NAR\n"));
     };
@@ -53,7 +69,7 @@ pub fn serve_peer_nar(
         {
             log::debug!("response not delivered: {e}");
         }
-        return;
+        return status;
     }
     // Small NARs are held whole until they check out, while the memory
     // budget for that lasts; past it they stream, verified all the same.
@@ -78,14 +94,21 @@ pub fn serve_peer_nar(
         head_lines,
     };
     let began = Instant::now();
+    // The last holder given is the one that completed the transfer.
+    let mut holder = None;
     let outcome = transfer::copy(
         &plan,
-        &mut || source.next_holder(),
+        &mut || {
+            let next = source.next_holder();
+            holder = next.as_ref().map(|h| h.peer);
+            next
+        },
         resolver.transport(),
         resolver.peers(),
         resolver.buffers(),
         &mut sink,
     );
+    let stats = &context.stats;
     match outcome {
         Outcome::Done => {
             if let Some(mut writer) = sink.writer.take()
@@ -94,19 +117,36 @@ pub fn serve_peer_nar(
                 if !is_client_gone(&e) {
                     log::error!("flushing NAR {nar_hash}: {e}; aborting the response");
                     abort(&socket);
+                    stats.error();
                 }
-                return;
+                return status;
             }
             log::info!(
                 "passed {hash} ({} bytes) through from peers in {:.2?}",
                 end - start,
                 began.elapsed()
             );
+            let name = stats.name_of(hash);
+            stats.nar_served(Client::Local, *hash, name.as_deref(), end - start);
+            // The bytes up to `end` went through the hash check.
+            if let Some(peer) = holder {
+                stats.received(Source::of(&peer), end);
+                stats.event(
+                    "peer",
+                    format!(
+                        "fetched {} ({} bytes) from {peer}",
+                        label(hash, name.as_deref()),
+                        end - start
+                    ),
+                );
+            }
+            status
         }
         Outcome::NoHolder => {
             log::warn!("no peer could supply NAR {nar_hash} of {hash}");
-            if let Some(request) = sink.request.take() {
-                respond(request, text(404, "no peer could supply this NAR\n"));
+            match sink.request.take() {
+                Some(request) => respond(request, text(404, "no peer could supply this NAR\n")),
+                None => status,
             }
         }
         Outcome::Broken(why) => {
@@ -114,8 +154,21 @@ pub fn serve_peer_nar(
             // it sees a failed download, never a wrong or short success.
             log::error!("NAR {nar_hash} of {hash}: {why}; aborting the response");
             abort(&socket);
+            stats.error();
+            status
         }
-        Outcome::ClientGone => log::debug!("client left during NAR {nar_hash}"),
+        Outcome::ClientGone => {
+            log::debug!("client left during NAR {nar_hash}");
+            status
+        }
+    }
+}
+
+/// A path as the activity log names it: `<hash>-<name>`, or the hash part.
+pub(super) fn label(hash: &HashPart, name: Option<&str>) -> String {
+    match name {
+        Some(name) => format!("{hash}-{name}"),
+        None => hash.to_string(),
     }
 }
 

@@ -107,10 +107,13 @@ pub(super) fn nar_head(status: u16, start: u64, end: u64, size: u64) -> String {
     head
 }
 
-pub(super) fn respond(request: Request, response: Response<Cursor<Vec<u8>>>) {
+/// Sends `response`; returns its status, for the stats.
+pub(super) fn respond(request: Request, response: Response<Cursor<Vec<u8>>>) -> u16 {
+    let status = response.status_code().0;
     if let Err(e) = request.respond(response) {
         log::debug!("response not delivered: {e}");
     }
+    status
 }
 
 pub(super) fn header(name: &str, value: &str) -> Header {

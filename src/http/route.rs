@@ -8,6 +8,7 @@ use crate::nix::hash::NarHash;
 use crate::nix::narinfo::{nar_file_name, parse_nar_file_name};
 use crate::nix::store_path::HashPart;
 use crate::peers::PeerId;
+use crate::stats::RouteKind;
 
 /// Who a route serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,12 +30,28 @@ pub enum Route {
     /// earlier versions that nix may still have cached, is read too.)
     PeerNar(PeerId, HashPart, NarHash),
     Health,
+    /// Prometheus text: `/metrics`.
+    Metrics,
+    /// The dashboard page, and the JSON it reads: `/dashboard`,
+    /// `/dashboard.json`.
+    Dashboard,
+    DashboardJson,
+    /// `POST /control/<action>`.
+    Control(Control),
     /// This host's store summary: `/local/summary`.
     Summary,
     /// A known prefix with a malformed name: 400.
     BadRequest(&'static str),
     /// 404.
     NotFound,
+}
+
+/// What the control endpoints do to the scanner.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Control {
+    Rescan,
+    Pause,
+    Resume,
 }
 
 impl Route {
@@ -48,8 +65,17 @@ impl Route {
                 None => return Route::BadRequest("request target must start with /"),
             },
         };
-        if scope == Scope::Root && rest == "health" {
-            return Route::Health;
+        if scope == Scope::Root {
+            match rest {
+                "health" => return Route::Health,
+                "metrics" => return Route::Metrics,
+                "dashboard" => return Route::Dashboard,
+                "dashboard.json" => return Route::DashboardJson,
+                "control/rescan" => return Route::Control(Control::Rescan),
+                "control/pause" => return Route::Control(Control::Pause),
+                "control/resume" => return Route::Control(Control::Resume),
+                _ => {}
+            }
         }
         if rest == "nix-cache-info" {
             return Route::CacheInfo(scope);
@@ -86,6 +112,27 @@ impl Route {
             );
         }
         Route::NotFound
+    }
+
+    /// The kind of request, as stats count it.
+    pub fn kind(&self) -> RouteKind {
+        match self {
+            Route::CacheInfo(Scope::Root) => RouteKind::CacheInfo,
+            Route::CacheInfo(Scope::Local) => RouteKind::LocalCacheInfo,
+            Route::NarInfo(Scope::Root, _) => RouteKind::NarInfo,
+            Route::NarInfo(Scope::Local, _) => RouteKind::LocalNarInfo,
+            Route::Nar(Scope::Root, ..) => RouteKind::Nar,
+            Route::Nar(Scope::Local, ..) => RouteKind::LocalNar,
+            Route::PeerNar(..) => RouteKind::PeerNar,
+            Route::Health => RouteKind::Health,
+            Route::Metrics => RouteKind::Metrics,
+            Route::Dashboard => RouteKind::Dashboard,
+            Route::DashboardJson => RouteKind::DashboardJson,
+            Route::Control(_) => RouteKind::Control,
+            Route::Summary => RouteKind::LocalSummary,
+            Route::BadRequest(_) => RouteKind::BadRequest,
+            Route::NotFound => RouteKind::NotFound,
+        }
     }
 }
 
@@ -125,6 +172,21 @@ mod tests {
         assert_eq!(Route::parse("/local/summary"), Route::Summary);
         assert_eq!(Route::parse("/local/summary?x"), Route::Summary);
         assert_eq!(Route::parse("/health"), Route::Health);
+        assert_eq!(Route::parse("/metrics"), Route::Metrics);
+        assert_eq!(Route::parse("/dashboard?x"), Route::Dashboard);
+        assert_eq!(Route::parse("/dashboard.json"), Route::DashboardJson);
+        assert_eq!(
+            Route::parse("/control/rescan"),
+            Route::Control(Control::Rescan)
+        );
+        assert_eq!(
+            Route::parse("/control/pause"),
+            Route::Control(Control::Pause)
+        );
+        assert_eq!(
+            Route::parse("/control/resume"),
+            Route::Control(Control::Resume)
+        );
         assert_eq!(
             Route::parse(&format!("/{HASH}.narinfo")),
             Route::NarInfo(Scope::Root, hash)
@@ -203,6 +265,14 @@ mod tests {
             "/local",
             "/local/",
             "/local/health",
+            "/local/metrics",
+            "/local/dashboard",
+            "/local/dashboard.json",
+            "/local/control/rescan",
+            "/control/",
+            "/control/rescan/",
+            "/metrics/",
+            "/dashboard/",
             "/summary",
             "/local/summary/",
             "/etc/passwd",

@@ -1,4 +1,5 @@
-//! Request handlers: cache info, narinfos, NARs and health.
+//! Request handlers: cache info, narinfos, NARs, and the routing of the
+//! stats pages (health, metrics, dashboard) and the control endpoints.
 
 use std::io::{self, Cursor, Read, Write};
 use std::sync::Arc;
@@ -10,9 +11,10 @@ use super::respond::{
     SendDeadline, abort, body, header, nar_head, nar_range, respond, text, unsatisfiable,
 };
 use super::route::{Route, Scope};
-use super::{Lane, ServerContext, health, proxy};
+use super::{Lane, ServerContext, dashboard, health, metrics, proxy};
 use crate::fetch::transfer::is_client_gone;
 use crate::nix::store_path::{HashPart, STORE_DIR};
+use crate::stats::{Client, RouteKind, Source};
 use crate::store::dump::{NarDump, nar_size};
 use crate::store::{LocalPath, StoreError};
 
@@ -27,7 +29,64 @@ const SENDFILE_MIN: u64 = 1024 * 1024;
 /// sends about 150 bytes.
 const MAX_HEAD: usize = 8 * 1024;
 
-pub(super) fn handle(context: &ServerContext, request: Request, lane: &Lane) {
+/// A request answered, as the stats count it.
+pub(super) struct Handled {
+    pub kind: RouteKind,
+    pub status: u16,
+}
+
+/// Answers `request`; `None` when it was handed to the peer lane, whose
+/// worker answers (and counts) it.
+// Not inlined into the worker loop: a worker that waits for its first
+// request keeps only its own small stack frame resident.
+#[inline(never)]
+pub(super) fn handle(context: &ServerContext, request: Request, lane: &Lane) -> Option<Handled> {
+    let from_loopback = request.remote_addr().is_some_and(is_loopback);
+    let route = match Route::parse(request.url()) {
+        // The original peerix fetches a peer's NAR from the root (`/nar/...`,
+        // the narinfo's URL taken from the server root): other hosts get the
+        // NARs there that `/local/` would give them, and no others. (A
+        // loopback request naming a foreign host is a rebinding page, not a
+        // peer: 403.)
+        Route::Nar(Scope::Root, hash, nar_hash) if !from_loopback => {
+            Route::Nar(Scope::Local, hash, nar_hash)
+        }
+        route => route,
+    };
+    let kind = route.kind();
+    let status = answer(context, request, lane, route, from_loopback)?;
+    Some(Handled { kind, status })
+}
+
+/// Who may use a route.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// Any host: `/local/...`, `/health`, and what a flag opens.
+    Anyone,
+    /// This host only: loopback, naming this host in `Host`.
+    ThisHost,
+}
+
+fn access(context: &ServerContext, route: &Route) -> Access {
+    match route {
+        Route::CacheInfo(Scope::Root)
+        | Route::NarInfo(Scope::Root, _)
+        | Route::Nar(Scope::Root, ..)
+        | Route::PeerNar(..)
+        | Route::Control(_) => Access::ThisHost,
+        Route::Metrics if !context.public.metrics => Access::ThisHost,
+        Route::Dashboard | Route::DashboardJson if !context.public.dashboard => Access::ThisHost,
+        _ => Access::Anyone,
+    }
+}
+
+fn answer(
+    context: &ServerContext,
+    request: Request,
+    lane: &Lane,
+    route: Route,
+    from_loopback: bool,
+) -> Option<u16> {
     let head_size = request.url().len()
         + request
             .headers()
@@ -35,66 +94,81 @@ pub(super) fn handle(context: &ServerContext, request: Request, lane: &Lane) {
             .map(|h| h.field.as_str().as_str().len() + h.value.as_str().len() + 4)
             .sum::<usize>();
     if head_size > MAX_HEAD {
-        return respond(request, text(431, "request header fields too large\n"));
+        return Some(respond(
+            request,
+            text(431, "request header fields too large\n"),
+        ));
     }
-    let head = match request.method() {
-        Method::Get => false,
-        Method::Head => true,
-        _ => {
-            let response =
-                text(405, "method not allowed\n").with_header(header("Allow", "GET, HEAD"));
-            return respond(request, response);
+    let post = matches!(route, Route::Control(_));
+    let head = match (request.method(), post) {
+        (Method::Get, false) => false,
+        (Method::Head, false) => true,
+        (Method::Post, true) => false,
+        (_, post) => {
+            let allow = if post { "POST" } else { "GET, HEAD" };
+            let response = text(405, "method not allowed\n").with_header(header("Allow", allow));
+            return Some(respond(request, response));
         }
     };
-    let route = Route::parse(request.url());
-    let scope = match &route {
-        Route::CacheInfo(scope) | Route::NarInfo(scope, _) | Route::Nar(scope, _, _) => *scope,
-        Route::PeerNar(..) => Scope::Root,
-        _ => Scope::Local,
-    };
-    let from_loopback = request.remote_addr().is_some_and(is_loopback);
     // Loopback by the socket, and this host by name: a web page that
     // rebinds its own name to 127.0.0.1 passes the first test only.
-    let this_host = from_loopback && host_is_local(host_header(&request), context.bind);
-    // The original peerix fetches a peer's NAR from the root (`/nar/...`,
-    // the narinfo's URL taken from the server root): other hosts get the
-    // NARs there that `/local/` would give them, and no others. (A loopback
-    // request naming a foreign host is a rebinding page, not a peer: 403.)
-    let route = match route {
-        Route::Nar(Scope::Root, hash, nar_hash) if !from_loopback => {
-            Route::Nar(Scope::Local, hash, nar_hash)
-        }
-        route => route,
-    };
-    let scope = match route {
-        Route::Nar(scope, ..) => scope,
-        _ => scope,
-    };
-    if scope == Scope::Root && !this_host {
+    let this_host = from_loopback && host_is_local(header_value(&request, "Host"), context.bind);
+    if access(context, &route) == Access::ThisHost && !this_host {
         let why = if from_loopback {
             "root endpoints answer requests for this host only (Host must be localhost, 127.0.0.1 or [::1]); use /local/\n"
         } else {
             "root endpoints answer this host only; use /local/\n"
         };
-        return respond(request, text(403, why));
+        return Some(respond(request, text(403, why)));
     }
-    match route {
+    let stats = &context.stats;
+    let status = match route {
         // Which peers this host knows, and how they behaved, is for this
         // host only.
-        Route::Health => respond(request, health::health(context, this_host)),
+        Route::Health => respond(request, health::health(&context.snapshot(), this_host)),
+        Route::Metrics => respond(request, metrics::metrics(&context.snapshot())),
+        Route::Dashboard => respond(request, dashboard::page()),
+        Route::DashboardJson => respond(request, dashboard::json(&context.snapshot())),
+        Route::Control(action) => dashboard::control(context, request, action),
         Route::CacheInfo(_) => respond(request, cache_info(context.priority)),
         Route::NarInfo(scope, hash) => match find(context, scope, &hash) {
-            Ok(path) => respond(request, narinfo(path.narinfo.clone())),
+            Ok(path) => {
+                stats.narinfo_requested(hash, Some(path.info.path.name()));
+                stats.narinfo_served();
+                if scope == Scope::Root {
+                    stats.lookup(true);
+                }
+                respond(request, narinfo(path.narinfo.clone()))
+            }
             // A path this host lacks is looked for on the peers, for this host only.
             Err(_) if scope == Scope::Root && context.resolver.is_some() => {
-                if let Some(request) = hand_to_peer_lane(request, lane) {
-                    match proxy::peer_narinfo(context, &hash) {
-                        Some(text) => respond(request, narinfo(text)),
-                        None => respond(request, text(404, "not found here or on any peer\n")),
+                let request = hand_to_peer_lane(request, lane)?;
+                stats.peer_request();
+                match proxy::peer_narinfo(context, &hash) {
+                    Some(found) => {
+                        stats.narinfo_requested(hash, Some(&found.name));
+                        stats.narinfo_served();
+                        stats.lookup(true);
+                        stats.event(
+                            "peer",
+                            format!("{hash}-{} found on {}", found.name, found.peer),
+                        );
+                        respond(request, narinfo(found.text))
+                    }
+                    None => {
+                        stats.narinfo_requested(hash, None);
+                        stats.lookup(false);
+                        respond(request, text(404, "not found here or on any peer\n"))
                     }
                 }
             }
-            Err(response) => respond(request, response),
+            Err(response) => {
+                stats.narinfo_requested(hash, None);
+                if scope == Scope::Root {
+                    stats.lookup(false);
+                }
+                respond(request, response)
+            }
         },
         Route::Nar(scope, hash, nar_hash) => match find(context, scope, &hash) {
             Ok(path) if path.info.nar_hash == nar_hash => serve_nar(context, request, &path, head),
@@ -102,14 +176,14 @@ pub(super) fn handle(context: &ServerContext, request: Request, lane: &Lane) {
             Err(response) => respond(request, response),
         },
         Route::PeerNar(peer, hash, nar_hash) => {
-            if let Some(request) = hand_to_peer_lane(request, lane) {
-                proxy::serve_peer_nar(context, request, peer, &hash, &nar_hash, head)
-            }
+            let request = hand_to_peer_lane(request, lane)?;
+            proxy::serve_peer_nar(context, request, peer, &hash, &nar_hash, head)
         }
         Route::Summary => serve_summary(context, request),
         Route::BadRequest(why) => respond(request, text(400, &format!("bad request: {why}\n"))),
         Route::NotFound => respond(request, text(404, "not found\n")),
-    }
+    };
+    Some(status)
 }
 
 /// Work that waits on peers goes to the peer lane, so the local lane is
@@ -123,11 +197,11 @@ fn hand_to_peer_lane(request: Request, lane: &Lane) -> Option<Request> {
     }
 }
 
-fn host_header(request: &Request) -> Option<&str> {
+pub(super) fn header_value<'r>(request: &'r Request, name: &'static str) -> Option<&'r str> {
     request
         .headers()
         .iter()
-        .find(|h| h.field.equiv("Host"))
+        .find(|h| h.field.equiv(name))
         .map(|h| h.value.as_str())
 }
 
@@ -154,7 +228,8 @@ fn find(
     }
 }
 
-fn serve_nar(context: &ServerContext, request: Request, path: &LocalPath, head: bool) {
+/// Sends a NAR of this host's store; returns the status.
+fn serve_nar(context: &ServerContext, request: Request, path: &LocalPath, head: bool) -> u16 {
     let size = path.info.nar_size;
     let physical = context.store.physical_path(&path.info.path);
     // The NAR length is known from metadata alone: a path whose files no
@@ -194,6 +269,10 @@ fn serve_nar(context: &ServerContext, request: Request, path: &LocalPath, head: 
         return respond(request, text(404, "not served on this connection\n"));
     };
     let deadline = SendDeadline::for_response(&request, end - start);
+    let client = match request.remote_addr() {
+        Some(addr) if is_loopback(addr) => None,
+        addr => Some(addr.map(|a| a.ip())),
+    };
     let mut arm = || deadline.arm(&socket);
     let mut writer = request.into_writer();
     let sent = arm()
@@ -211,11 +290,28 @@ fn serve_nar(context: &ServerContext, request: Request, path: &LocalPath, head: 
         });
     let result = sent.and_then(|()| arm()).and_then(|()| writer.flush());
     match result {
-        Ok(()) => log::debug!(
-            "served {} bytes of {}",
-            if head { 0 } else { end - start },
-            path.info.path
-        ),
+        Ok(()) if head => {}
+        Ok(()) => {
+            log::debug!("served {} bytes of {}", end - start, path.info.path);
+            let hash = path.info.path.hash_part();
+            let name = path.info.path.name();
+            let to = match client {
+                None => Client::Local,
+                // Every network client is a LAN host until the tracker and
+                // Iroh name theirs.
+                Some(_) => Client::Network(Source::Lan),
+            };
+            context.stats.nar_served(to, hash, Some(name), end - start);
+            let whom = match client {
+                None => "this host".to_string(),
+                Some(Some(ip)) => ip.to_string(),
+                Some(None) => "a peer".to_string(),
+            };
+            context.stats.event(
+                "serve",
+                format!("served {hash}-{name} ({} bytes) to {whom}", end - start),
+            );
+        }
         Err(e) if is_client_gone(&e) => log::debug!("client left during {}: {e}", path.info.path),
         Err(e) => {
             // The client was promised more bytes: close early so it sees a
@@ -226,8 +322,10 @@ fn serve_nar(context: &ServerContext, request: Request, path: &LocalPath, head: 
             );
             abort(&socket);
             drop(writer);
+            context.stats.error();
         }
     }
+    status
 }
 
 fn open_at(physical: &std::path::Path, start: u64) -> io::Result<NarDump> {
@@ -275,7 +373,7 @@ fn copy_exact(
 
 /// `/local/summary`: this host's store summary, with its generation as the
 /// `ETag`, so a peer that has it gets a 304.
-fn serve_summary(context: &ServerContext, request: Request) {
+fn serve_summary(context: &ServerContext, request: Request) -> u16 {
     let Some(publisher) = &context.publisher else {
         return respond(request, text(404, "this host publishes no summary\n"));
     };

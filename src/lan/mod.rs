@@ -21,7 +21,7 @@ pub mod summary;
 use std::collections::{HashMap, HashSet};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs, UdpSocket};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -30,6 +30,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::nix::store_path::HashPart;
 use crate::peers::{Discovery, PeerId, Search};
+use crate::stats::{DropReason, Stats};
 pub use config::{DEFAULT_LAN_TIMEOUT, DEFAULT_PORT, LanConfig, PeerSpec};
 use limit::ReplyLimiter;
 use packet::{MAX_PACKET, Packet};
@@ -48,18 +49,6 @@ const REPLY_RATE_PER_SOURCE: f64 = 1000.0;
 const OWN_ADDRESSES_TTL: Duration = Duration::from_secs(5);
 /// How often `--extra-peer` names are resolved again.
 const EXTRA_PEERS_TTL: Duration = Duration::from_secs(60);
-
-/// Counters shown on `/health`.
-#[derive(Default, Debug)]
-pub struct LanStats {
-    pub queries: AtomicU64,
-    pub replies_received: AtomicU64,
-    /// Replies ignored because their peer is in backoff or banned.
-    pub replies_shunned: AtomicU64,
-    pub replies_sent: AtomicU64,
-    pub replies_rate_limited: AtomicU64,
-    pub packets_dropped: AtomicU64,
-}
 
 /// Whether this host shares the path with this hash part (the share policy,
 /// as the index has it).
@@ -81,7 +70,8 @@ pub struct Lan {
     /// The addresses of each `--extra-peer`, in order; names are resolved
     /// on a thread of their own, so a slow DNS never delays a query.
     extra_peers: Mutex<Vec<Vec<SocketAddr>>>,
-    pub stats: LanStats,
+    /// Its counters are `stats.lan`.
+    pub stats: Arc<Stats>,
 }
 
 impl Lan {
@@ -92,7 +82,8 @@ impl Lan {
     /// host's store summary after each change and every
     /// [`summaries::ANNOUNCE_INTERVAL`], and to any host that solicits it.
     /// With `summaries`, it tells them every host it hears from and every
-    /// summary announced, and solicits announcements at once.
+    /// summary announced, and solicits announcements at once. It counts in
+    /// `stats.lan`.
     pub fn start(
         config: &LanConfig,
         port: u16,
@@ -100,6 +91,7 @@ impl Lan {
         shares: Shares,
         publisher: Option<Arc<Publisher>>,
         summaries: Option<Arc<Summaries>>,
+        stats: Arc<Stats>,
     ) -> io::Result<Arc<Lan>> {
         let socket = bind(port)?;
         let receiver = socket.try_clone()?;
@@ -124,7 +116,7 @@ impl Lan {
                     })
                     .collect(),
             ),
-            stats: LanStats::default(),
+            stats,
         });
         let responder = Responder {
             lan: Arc::clone(&lan),
@@ -179,7 +171,7 @@ impl Lan {
                 Err(e) => log::debug!("LAN query for {hash} to {target}: {e}"),
             }
         }
-        self.stats.queries.fetch_add(1, Ordering::Relaxed);
+        self.stats.lan.queries.fetch_add(1, Ordering::Relaxed);
         // Nothing sent, nothing to wait for.
         let window = if sent == 0 {
             Duration::ZERO
@@ -299,6 +291,7 @@ impl Query<'_> {
                 Ok(peer) if !usable(&peer) => {
                     self.lan
                         .stats
+                        .lan
                         .replies_shunned
                         .fetch_add(1, Ordering::Relaxed);
                 }
@@ -441,11 +434,11 @@ impl Responder {
             // Our own broadcast, looped back.
             return;
         }
-        let stats = &self.lan.stats;
+        let stats = &self.lan.stats.lan;
         let packet = match Packet::decode(bytes) {
             Ok(packet) => packet,
             Err(e) => {
-                stats.packets_dropped.fetch_add(1, Ordering::Relaxed);
+                stats.dropped(DropReason::from(e));
                 log::debug!("dropped a LAN packet from {from}: {e}");
                 return;
             }
@@ -499,7 +492,7 @@ impl Responder {
                     stats.replies_received.fetch_add(1, Ordering::Relaxed);
                 } else {
                     // Late, unasked for, or for another hash.
-                    stats.packets_dropped.fetch_add(1, Ordering::Relaxed);
+                    stats.dropped(DropReason::Unexpected);
                     log::debug!("dropped a LAN reply from {from} that nobody waits for");
                 }
             }
@@ -604,6 +597,7 @@ mod tests {
             Box::new(move |hash| *hash == have),
             None,
             None,
+            Arc::new(Stats::new()),
         )
         .unwrap()
     }
@@ -619,19 +613,28 @@ mod tests {
             found,
             [PeerId::Http(SocketAddr::from(([127, 0, 0, 1], 4321)))]
         );
-        assert_eq!(holder.stats.replies_sent.load(Ordering::Relaxed), 1);
-        assert_eq!(asker.stats.replies_received.load(Ordering::Relaxed), 1);
+        assert_eq!(holder.stats.lan.replies_sent.load(Ordering::Relaxed), 1);
+        assert_eq!(asker.stats.lan.replies_received.load(Ordering::Relaxed), 1);
 
         let mut quick = unicast_config(&[holder.port()]);
         quick.timeout = Duration::from_millis(50);
-        let asker = Lan::start(&quick, 0, 1, Box::new(|_| false), None, None).unwrap();
+        let asker = Lan::start(
+            &quick,
+            0,
+            1,
+            Box::new(|_| false),
+            None,
+            None,
+            Arc::new(Stats::new()),
+        )
+        .unwrap();
         assert!(
             asker
                 .query(&HashPart::parse(LACK).unwrap())
                 .next_answers(&|_| true, &|_| true)
                 .is_empty()
         );
-        assert_eq!(holder.stats.replies_sent.load(Ordering::Relaxed), 1);
+        assert_eq!(holder.stats.lan.replies_sent.load(Ordering::Relaxed), 1);
         assert!(asker.lock_waiting().is_empty(), "the waiter is removed");
     }
 
@@ -643,7 +646,16 @@ mod tests {
             host: "localhost".into(),
             port: holder.port(),
         }];
-        let asker = Lan::start(&config, 0, 1, Box::new(|_| false), None, None).unwrap();
+        let asker = Lan::start(
+            &config,
+            0,
+            1,
+            Box::new(|_| false),
+            None,
+            None,
+            Arc::new(Stats::new()),
+        )
+        .unwrap();
         // Bounded: /etc/hosts answers at once.
         let deadline = Instant::now() + Duration::from_secs(10);
         while asker.extra_peer_addrs().is_empty() && Instant::now() < deadline {
@@ -699,6 +711,6 @@ mod tests {
             })
         );
         assert!(buf[..len].ends_with(format!("local/{HAVE}.narinfo").as_bytes()));
-        assert_eq!(lan.stats.packets_dropped.load(Ordering::Relaxed), 5);
+        assert_eq!(lan.stats.lan.packets_dropped(), 5);
     }
 }

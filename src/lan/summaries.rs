@@ -18,7 +18,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
 use super::summary::{Summary, SummaryError};
 use crate::nix::store_path::HashPart;
 use crate::peers::{Discovery, Failure, PeerId, PeerTable, Search};
+use crate::stats::Stats;
 
 /// How often a host announces its summary when nothing changes.
 pub const ANNOUNCE_INTERVAL: Duration = Duration::from_secs(60);
@@ -49,15 +50,6 @@ const FETCH_QUEUE: usize = 64;
 /// those tried (an honest filter is wrong for 0.8% of what it lacks).
 const CLAIM_MISSES_TOLERATED: u32 = 10;
 const CLAIM_MISS_PERCENT: u32 = 5;
-
-/// Counters shown on `/health`.
-#[derive(Default, Debug)]
-pub struct SummaryStats {
-    pub fetched: AtomicU64,
-    pub dropped: AtomicU64,
-    pub fetch_failures: AtomicU64,
-    pub misses_answered: AtomicU64,
-}
 
 /// What is known of one host.
 struct Host {
@@ -99,12 +91,18 @@ pub struct Summaries {
     fetches: Sender<(IpAddr, u64, SocketAddr)>,
     peers: Arc<PeerTable>,
     started: Instant,
-    pub stats: SummaryStats,
+    /// Its counters are `stats.summaries`.
+    pub stats: Arc<Stats>,
 }
 
 impl Summaries {
     /// Starts the fetching thread; `timeout` bounds each fetch as a whole.
-    pub fn start(peers: Arc<PeerTable>, timeout: Duration) -> std::io::Result<Arc<Summaries>> {
+    /// It counts in `stats.summaries`.
+    pub fn start(
+        peers: Arc<PeerTable>,
+        timeout: Duration,
+        stats: Arc<Stats>,
+    ) -> std::io::Result<Arc<Summaries>> {
         let (fetches, queue) = bounded(FETCH_QUEUE);
         let summaries = Arc::new(Summaries {
             state: Mutex::new(State {
@@ -114,7 +112,7 @@ impl Summaries {
             fetches,
             peers,
             started: Instant::now(),
-            stats: SummaryStats::default(),
+            stats,
         });
         let weak = Arc::downgrade(&summaries);
         std::thread::Builder::new()
@@ -180,13 +178,13 @@ impl Summaries {
             Ok(summary) if *memory + summary.size() <= MEMORY_BUDGET => {
                 *memory += summary.size();
                 log::debug!("summary of {host}: {summary:?}");
-                self.stats.fetched.fetch_add(1, Ordering::Relaxed);
+                self.stats.summaries.fetched.fetch_add(1, Ordering::Relaxed);
                 entry.summary = Some(Arc::new(summary));
                 entry.claims_tried = 0;
                 entry.claims_missed = 0;
             }
             Ok(summary) => {
-                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                self.stats.summaries.dropped.fetch_add(1, Ordering::Relaxed);
                 log::warn!(
                     "summary of {host} ({} bytes) does not fit the {MEMORY_BUDGET}-byte budget; asking it by broadcast",
                     summary.size()
@@ -309,8 +307,8 @@ fn fetch_loop(
         });
         let counter = match &result {
             Ok(_) => None,
-            Err(Unfetched::Bad(_) | Unfetched::Lie(_)) => Some(&summaries.stats.dropped),
-            Err(Unfetched::Unavailable(_)) => Some(&summaries.stats.fetch_failures),
+            Err(Unfetched::Bad(_) | Unfetched::Lie(_)) => Some(&summaries.stats.summaries.dropped),
+            Err(Unfetched::Unavailable(_)) => Some(&summaries.stats.summaries.fetch_failures),
         };
         if let Err(Unfetched::Lie(why)) = &result {
             log::warn!("peer {at}: {why}; banned");
@@ -424,6 +422,7 @@ impl Search for SummarySearch<'_> {
         if holders.is_empty() && self.covers_all {
             self.summaries
                 .stats
+                .summaries
                 .misses_answered
                 .fetch_add(1, Ordering::Relaxed);
         }
@@ -453,7 +452,7 @@ mod tests {
             fetches,
             peers: Arc::new(PeerTable::new()),
             started: Instant::now() - SETTLE,
-            stats: SummaryStats::default(),
+            stats: Arc::new(Stats::new()),
         };
         (summaries, queue)
     }
@@ -518,7 +517,7 @@ mod tests {
             summaries.fetched(ip(n), Ok(Summary::build(1, paths, &[hash(n)])));
         }
         assert!(summaries.lock().memory <= MEMORY_BUDGET);
-        assert_eq!(summaries.stats.dropped.load(Ordering::Relaxed), 1);
+        assert_eq!(summaries.stats.summaries.dropped.load(Ordering::Relaxed), 1);
         assert_eq!(summaries.coverage().1, 1, "one kept, one dropped");
     }
 

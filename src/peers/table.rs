@@ -79,6 +79,11 @@ impl PeerRecord {
         self.banned_until.is_some_and(|until| now < until)
     }
 
+    /// When this host last dealt with the peer (a fetch, a failure).
+    pub fn last_used(&self) -> Instant {
+        self.last_used
+    }
+
     /// When this host may be asked again, if it is shunned now.
     fn shunned_until(&self, now: Instant) -> Option<Instant> {
         [self.backoff_until, self.banned_until]

@@ -426,6 +426,12 @@ fn output_within(mut cmd: Command, limit: Duration, what: &str) -> Output {
     }
 }
 
+/// Run `cmd` to completion and collect its output; kill it and panic if it
+/// runs longer than `limit`.
+pub fn run_within(cmd: Command, limit: Duration, what: &str) -> Output {
+    output_within(cmd, limit, what)
+}
+
 fn describe<S: AsRef<OsStr>>(program: &str, args: &[S]) -> String {
     let mut text = program.to_string();
     for arg in args {
