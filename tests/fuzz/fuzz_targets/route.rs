@@ -48,6 +48,11 @@ fuzz_target!(|data: &[u8]| {
             assert!(path.ends_with(&format!("/nar/{}", nar_file_name(hash, nar_hash))));
         }
         Route::Health => assert_eq!(path, "/health"),
+        Route::Metrics => assert_eq!(path, "/metrics"),
+        Route::Dashboard => assert_eq!(path, "/dashboard"),
+        Route::DashboardJson => assert_eq!(path, "/dashboard.json"),
+        Route::Control(_) => assert!(path.starts_with("/control/")),
+        Route::Summary => assert_eq!(path, "/local/summary"),
         Route::BadRequest(why) => assert!(!why.is_empty()),
         Route::NotFound => {}
     }
