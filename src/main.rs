@@ -360,6 +360,7 @@ fn watch_store(stats: &Stats, store: &LocalStore) {
         scans: store.completed_scans(),
         indexed: index.len(),
         shared: index.shared_len(),
+        ..StoreView::default()
     });
 }
 

@@ -368,6 +368,9 @@ pub struct StoreView {
     pub scans: u64,
     pub indexed: usize,
     pub shared: usize,
+    /// Whether scans are paused, and whether one waits for the resume.
+    pub paused: bool,
+    pub scan_pending: bool,
 }
 
 /// What the scan watcher saw last: the scan count, when it last moved,

@@ -487,8 +487,8 @@ fn stats_pages_answer_this_host_unless_a_flag_opens_them() {
         &[("Origin", "http://evil.example")],
     );
     assert_eq!(response.status, 403, "{}", response.describe());
-    let response = post_from(&a.ns, local, "/control/pause", &[]);
-    assert_eq!(response.status, 501, "{}", response.describe());
+    let response = post_from(&b.ns, a_addr, "/control/pause", &[]);
+    assert_eq!(response.status, 403, "{}", response.describe());
 
     let scans = a.health()["scans"].as_u64().unwrap_or(0);
     let response = post_from(
@@ -510,4 +510,78 @@ fn stats_pages_answer_this_host_unless_a_flag_opens_them() {
         metrics.text()
     );
     a.peerix_mut().assert_alive_without_panic();
+}
+
+fn post(addr: SocketAddr, path: &str) -> Response {
+    http::raw(addr, &http::request_bytes("POST", path, &[]), false)
+        .unwrap_or_else(|e| panic!("POST {path} on {addr}: {e}"))
+}
+
+/// `POST /control/pause` holds every scan, a rescan request included: a path
+/// added meanwhile stays out of the index (the dashboard and `/health` say
+/// so, and that the rescan waits). `POST /control/resume` runs the scan
+/// that waited, and the path is served.
+#[test]
+fn a_paused_scanner_scans_again_on_resume() {
+    let dir = TestDir::new("ops_pause");
+    let many = many_fixture();
+    let a = Host::with_paths(&dir, "a", &[&many.first]);
+    let mut peerix = Peerix::start(&dir, &a, &["--no-filter"]);
+    let before = peerix.wait_health("the first scan", |h| h["scans"].as_u64() >= Some(1));
+    assert_eq!(before["paused"], false, "{before}");
+    let dashboard: serde_json::Value =
+        serde_json::from_slice(&http::expect_status(peerix.addr, "/dashboard.json", 200).body)
+            .expect("JSON");
+    assert_eq!(dashboard["store"]["can_pause"], true, "{dashboard}");
+    assert_eq!(dashboard["store"]["paused"], false, "{dashboard}");
+
+    let response = post(peerix.addr, "/control/pause");
+    assert_eq!(response.status, 200, "{}", response.describe());
+    let health = peerix.health().expect("/health");
+    assert_eq!(health["paused"], true, "{health}");
+    let scans = health["scans"].as_u64().expect("scans");
+
+    // `second` is new; `first` was there.
+    a.add_closure(&[&many.second]);
+    let narinfo = format!("/local/{}.narinfo", hash_part(&many.second));
+    let response = post(peerix.addr, "/control/rescan");
+    assert_eq!(response.status, 202, "{}", response.describe());
+    assert!(
+        response.text().contains("deferred"),
+        "{}",
+        response.describe()
+    );
+    // The scanner got the request and holds it.
+    let held = peerix.wait_health("the rescan to wait for the resume", |h| {
+        h["scan_pending"] == true
+    });
+    assert_eq!(held["paused"], true, "{held}");
+    assert_eq!(held["scans"].as_u64(), Some(scans), "no scan ran: {held}");
+    assert_eq!(held["indexed_paths"].as_u64(), Some(1), "{held}");
+    let response = http::must_get(peerix.addr, &narinfo);
+    assert_eq!(response.status, 404, "{}", response.describe());
+    let dashboard: serde_json::Value =
+        serde_json::from_slice(&http::expect_status(peerix.addr, "/dashboard.json", 200).body)
+            .expect("JSON");
+    assert_eq!(dashboard["store"]["paused"], true, "{dashboard}");
+    assert_eq!(dashboard["store"]["scan_pending"], true, "{dashboard}");
+
+    let response = post(peerix.addr, "/control/resume");
+    assert_eq!(response.status, 200, "{}", response.describe());
+    let after = peerix.wait_health("the scan that waited", |h| {
+        h["scans"].as_u64() > Some(scans)
+    });
+    assert_eq!(after["paused"], false, "{after}");
+    assert_eq!(after["indexed_paths"].as_u64(), Some(2), "{after}");
+    http::expect_status(peerix.addr, &narinfo, 200);
+
+    // Resuming again, with nothing held, runs no scan.
+    let response = post(peerix.addr, "/control/resume");
+    assert_eq!(response.status, 200, "{}", response.describe());
+    assert!(
+        response.text().contains("was not paused"),
+        "{}",
+        response.describe()
+    );
+    peerix.assert_alive_without_panic();
 }

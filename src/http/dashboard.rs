@@ -15,13 +15,12 @@
 use std::io::Cursor;
 use std::sync::LazyLock;
 
-use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tiny_http::{Request, Response};
 
 use super::ServerContext;
 use super::access::host_is_local;
-use super::health;
+use super::health::{self, Json};
 use super::respond::{body, header, respond, text};
 use super::route::Control;
 use super::serve::header_value;
@@ -73,91 +72,135 @@ pub(crate) fn page_weight() -> usize {
 
 #[inline(never)]
 pub(super) fn json(snapshot: &Snapshot) -> Response<Cursor<Vec<u8>>> {
-    body(
-        200,
-        render(snapshot).to_string().into_bytes(),
-        "application/json",
-    )
-    .with_header(header("Cache-Control", "no-store"))
-    .with_header(header("X-Content-Type-Options", "nosniff"))
+    body(200, render(snapshot).into_bytes(), "application/json")
+        .with_header(header("Cache-Control", "no-store"))
+        .with_header(header("X-Content-Type-Options", "nosniff"))
 }
 
-/// `dashboard.json`.
+/// `dashboard.json`, its keys sorted.
 #[inline(never)]
-pub(crate) fn render(s: &Snapshot) -> Value {
-    let (health, _) = health::render(s, false);
+pub(crate) fn render(s: &Snapshot) -> String {
     let node = &s.node;
+    let mut json = Json::new();
+    json.open();
+    json.key("activity").open_list();
+    for e in s.activity.iter().rev() {
+        json.open();
+        json.key("at").u64(e.at);
+        json.key("kind").str(e.kind);
+        json.key("text").str(&e.text);
+        json.close();
+    }
+    json.close_list();
+    json.key("checks");
+    let healthy = health::checks(&mut json, s);
+    json.key("lan");
+    health::lan(&mut json, s);
+
+    json.key("node").open();
+    json.key("addresses").open_list();
+    for address in &s.addresses {
+        json.str(&address.to_string());
+    }
+    json.close_list();
+    json.key("bind").str(&node.bind.to_string());
+    json.key("id");
+    match &node.id {
+        Some(id) => json.str(id),
+        None => json.null(),
+    };
+    json.key("lan_port").opt_u64(node.lan_port.map(u64::from));
+    json.key("mode").str(node.mode);
+    json.key("port").u64(node.port.into());
+    json.key("uptime_seconds").u64(s.uptime.as_secs());
+    json.key("version").str(node.version);
+    json.close();
+
     let mut peers: Vec<_> = s.peers.iter().collect();
     peers.sort_by_key(|p| p.last_seen);
     peers.truncate(PEERS_SHOWN);
-    let top = |list: &[TopEntry]| -> Value {
-        list.iter()
-            .map(|e| json!({ "hash": e.hash.to_string(), "name": e.name, "count": e.count }))
-            .collect()
-    };
-    json!({
-        "status": health["status"],
-        "checks": health["checks"],
-        "node": {
-            "version": node.version,
-            "mode": node.mode,
-            "id": node.id,
-            "bind": node.bind.to_string(),
-            "port": node.port,
-            "lan_port": node.lan_port,
-            "addresses": s.addresses.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            "uptime_seconds": s.uptime.as_secs(),
-        },
-        "totals": {
-            "requests": s.requests(),
-            "nars_served": s.nars_served,
-            "narinfos_served": s.narinfos_served,
-            "cache_hits": s.cache_hits,
-            "cache_misses": s.cache_misses,
-            "peer_requests": s.peer_requests,
-            "errors": s.errors,
-            "bytes_sent": s.bytes_sent(),
-            "bytes_sent_local": s.bytes_sent_local,
-            "bytes_received": s.bytes_received(),
-        },
-        "store": {
-            "daemon": health["daemon"],
-            "daemon_socket": node.daemon_socket.display().to_string(),
-            "scans": s.store.scans,
-            "indexed_paths": s.store.indexed,
-            "shared_paths": s.store.shared,
-            "index_age_seconds": s.index_age.map(|age| age.as_secs()),
-            "scan_interval_seconds": node.scan_interval.map(|i| i.as_secs()),
-            "rescans_requested": s.rescans_requested,
-            "can_pause": false,
-        },
-        "lan": health["lan"],
-        "tracker": health["tracker"],
-        "peers": {
-            "total": s.peers.len(),
-            "by_state": PeerState::ALL
-                .iter()
-                .map(|state| (state.label().to_string(), Value::from(s.peer_states[*state as usize])))
-                .collect::<serde_json::Map<_, _>>(),
-            "shown": peers.into_iter().map(health::peer).collect::<Vec<_>>(),
-        },
-        "routes": s.routes
-            .iter()
-            .filter(|(_, h)| h.count() > 0)
-            .map(|(kind, h)| json!({
-                "route": kind.label(),
-                "requests": h.count(),
-                "mean_ms": h.sum_us as f64 / 1000.0 / h.count() as f64,
-            }))
-            .collect::<Vec<_>>(),
-        "top_requested": top(&s.top_requested),
-        "top_served": top(&s.top_served),
-        "activity": s.activity
-            .iter()
-            .rev()
-            .map(|e| json!({ "at": e.at, "kind": e.kind, "text": e.text }))
-            .collect::<Vec<_>>(),
-    })
+    json.key("peers").open();
+    json.key("by_state").open();
+    for state in [PeerState::Backoff, PeerState::Banned, PeerState::Ok] {
+        json.key(state.label()).u64(s.peer_states[state as usize]);
+    }
+    json.close();
+    json.key("shown").open_list();
+    for p in peers {
+        health::peer(&mut json, p);
+    }
+    json.close_list();
+    json.key("total").u64(s.peers.len() as u64);
+    json.close();
+
+    json.key("routes").open_list();
+    for (kind, h) in s.routes.iter().filter(|(_, h)| h.count() > 0) {
+        json.open();
+        json.key("mean_ms")
+            .f64(h.sum_us as f64 / 1000.0 / h.count() as f64);
+        json.key("requests").u64(h.count());
+        json.key("route").str(kind.label());
+        json.close();
+    }
+    json.close_list();
+    json.key("status").str(health::status(healthy));
+
+    let store = &s.store;
+    json.key("store").open();
+    json.key("can_pause").bool(true);
+    json.key("daemon").str(health::daemon(s));
+    json.key("daemon_socket")
+        .str(&node.daemon_socket.display().to_string());
+    json.key("index_age_seconds")
+        .opt_u64(s.index_age.map(|age| age.as_secs()));
+    json.key("indexed_paths").u64(store.indexed as u64);
+    json.key("paused").bool(store.paused);
+    json.key("rescans_requested").u64(s.rescans_requested);
+    json.key("scan_interval_seconds")
+        .opt_u64(node.scan_interval.map(|i| i.as_secs()));
+    json.key("scan_pending").bool(store.scan_pending);
+    json.key("scans").u64(store.scans);
+    json.key("shared_paths").u64(store.shared as u64);
+    json.close();
+
+    json.key("top_requested");
+    top(&mut json, &s.top_requested);
+    json.key("top_served");
+    top(&mut json, &s.top_served);
+
+    json.key("totals").open();
+    json.key("bytes_received").u64(s.bytes_received());
+    json.key("bytes_sent").u64(s.bytes_sent());
+    json.key("bytes_sent_local").u64(s.bytes_sent_local);
+    json.key("cache_hits").u64(s.cache_hits);
+    json.key("cache_misses").u64(s.cache_misses);
+    json.key("errors").u64(s.errors);
+    json.key("narinfos_served").u64(s.narinfos_served);
+    json.key("nars_served").u64(s.nars_served);
+    json.key("peer_requests").u64(s.peer_requests);
+    json.key("requests").u64(s.requests());
+    json.close();
+
+    json.key("tracker");
+    health::tracker(&mut json, s);
+    json.close();
+    json.out
+}
+
+fn top(json: &mut Json, list: &[TopEntry]) {
+    json.open_list();
+    for e in list {
+        json.open();
+        json.key("count").u64(e.count);
+        json.key("hash").str(e.hash.as_str());
+        json.key("name");
+        match &e.name {
+            Some(name) => json.str(name),
+            None => json.null(),
+        };
+        json.close();
+    }
+    json.close_list();
 }
 
 /// `POST /control/<action>`; returns the status.
@@ -171,43 +214,72 @@ pub(super) fn control(context: &ServerContext, request: Request, action: Control
             text(403, "control endpoints answer pages of this host only\n"),
         );
     }
-    match action {
+    let Some(wake) = &context.rescan else {
+        return respond(request, text(501, "this peerix runs no scanner\n"));
+    };
+    let control = context.store.scan_control();
+    let (status, answer, event): (u16, &[u8], &str) = match action {
+        // While paused the request is remembered: the scanner holds the
+        // scan it wakes for until the resume.
         Control::Rescan => {
-            let Some(rescan) = &context.rescan else {
-                return respond(request, text(501, "this peerix runs no scanner\n"));
-            };
-            match rescan() {
-                Ok(()) => {
-                    context.stats.rescan_requested();
-                    context
-                        .stats
-                        .event("control", "rescan requested".to_string());
-                    log::info!("rescan requested on the control endpoint");
-                    respond(
-                        request,
-                        body(
-                            202,
-                            b"{\"rescan\":\"requested\"}\n".to_vec(),
-                            "application/json",
-                        ),
-                    )
-                }
-                Err(e) => {
-                    log::error!("cannot request a rescan: {e}");
-                    respond(request, text(500, "cannot request a rescan\n"))
-                }
+            if let Err(e) = wake() {
+                log::error!("cannot request a rescan: {e}");
+                return respond(request, text(500, "cannot request a rescan\n"));
+            }
+            context.stats.rescan_requested();
+            if control.state().0 {
+                (
+                    202,
+                    b"{\"paused\":true,\"rescan\":\"deferred: it runs on POST /control/resume\"}\n",
+                    "rescan requested while paused: it waits for the resume",
+                )
+            } else {
+                (
+                    202,
+                    b"{\"paused\":false,\"rescan\":\"requested\"}\n",
+                    "rescan requested",
+                )
             }
         }
-        // The scanner has no pause yet: it would have to check a flag
-        // between scans (src/store/scanner.rs).
-        Control::Pause | Control::Resume => respond(
-            request,
-            text(
-                501,
-                "the scanner cannot be paused yet; POST /control/rescan works\n",
-            ),
-        ),
+        Control::Pause => {
+            if control.pause() {
+                (
+                    200,
+                    b"{\"paused\":true,\"scan\":\"no scan starts until POST /control/resume; one under way finishes\"}\n",
+                    "scanner paused",
+                )
+            } else {
+                (200, b"{\"paused\":true,\"scan\":\"already paused\"}\n", "")
+            }
+        }
+        Control::Resume => {
+            let (paused, _) = control.state();
+            if control.resume() {
+                if let Err(e) = wake() {
+                    log::error!("cannot wake the scanner: {e}");
+                    return respond(request, text(500, "cannot wake the scanner\n"));
+                }
+                (
+                    200,
+                    b"{\"paused\":false,\"scan\":\"the scan that waited runs now\"}\n",
+                    "scanner resumed: the scan that waited runs now",
+                )
+            } else if paused {
+                (
+                    200,
+                    b"{\"paused\":false,\"scan\":\"none waited\"}\n",
+                    "scanner resumed",
+                )
+            } else {
+                (200, b"{\"paused\":false,\"scan\":\"was not paused\"}\n", "")
+            }
+        }
+    };
+    if !event.is_empty() {
+        log::info!("{event} (control endpoint)");
+        context.stats.event("control", event.to_string());
     }
+    respond(request, body(status, answer.to_vec(), "application/json"))
 }
 
 /// Whether an `Origin` is a page of this host: `http://` or `https://` and

@@ -11,101 +11,246 @@
 //! - `lan`, when LAN discovery is asked for: its UDP side runs.
 //! - `tracker`, when a tracker is configured: its last exchange worked.
 
+use std::fmt::Write as _;
 use std::io::Cursor;
 use std::time::Duration;
 
-use serde_json::{Value, json};
 use tiny_http::Response;
 
 use super::respond::{body, header};
-use crate::stats::{PeerView, Snapshot};
+use crate::stats::{PeerState, PeerView, Snapshot};
 
 #[inline(never)]
 pub(super) fn health(snapshot: &Snapshot, with_peers: bool) -> Response<Cursor<Vec<u8>>> {
-    let (json, healthy) = render(snapshot, with_peers);
+    let (mut json, healthy) = render(snapshot, with_peers);
+    json.push('\n');
     let status = if healthy { 200 } else { 503 };
-    body(status, format!("{json}\n").into_bytes(), "application/json")
+    body(status, json.into_bytes(), "application/json")
         .with_header(header("Cache-Control", "no-store"))
+}
+
+/// A JSON text written as it goes: the stats pages are a fixed shape of
+/// numbers and a few strings, so they need no tree of values. Keys are
+/// written in the order given (the pages keep them sorted).
+pub(super) struct Json {
+    pub(super) out: String,
+    /// No comma before the next item: just after `{`, `[` or a key.
+    fresh: bool,
+}
+
+impl Json {
+    pub(super) fn new() -> Json {
+        Json {
+            out: String::with_capacity(1024),
+            fresh: true,
+        }
+    }
+
+    fn item(&mut self) {
+        if !self.fresh {
+            self.out.push(',');
+        }
+        self.fresh = false;
+    }
+
+    /// A key of the open object; its value comes next.
+    pub(super) fn key(&mut self, key: &str) -> &mut Json {
+        self.item();
+        self.quoted(key);
+        self.out.push(':');
+        self.fresh = true;
+        self
+    }
+
+    pub(super) fn open(&mut self) -> &mut Json {
+        self.item();
+        self.out.push('{');
+        self.fresh = true;
+        self
+    }
+
+    pub(super) fn close(&mut self) -> &mut Json {
+        self.out.push('}');
+        self.fresh = false;
+        self
+    }
+
+    pub(super) fn open_list(&mut self) -> &mut Json {
+        self.item();
+        self.out.push('[');
+        self.fresh = true;
+        self
+    }
+
+    pub(super) fn close_list(&mut self) -> &mut Json {
+        self.out.push(']');
+        self.fresh = false;
+        self
+    }
+
+    pub(super) fn str(&mut self, value: &str) -> &mut Json {
+        self.item();
+        self.quoted(value);
+        self
+    }
+
+    pub(super) fn u64(&mut self, value: u64) -> &mut Json {
+        self.item();
+        let _ = write!(self.out, "{value}");
+        self
+    }
+
+    pub(super) fn opt_u64(&mut self, value: Option<u64>) -> &mut Json {
+        match value {
+            Some(value) => self.u64(value),
+            None => self.null(),
+        }
+    }
+
+    /// A finite number, `null` otherwise (as serde_json writes them).
+    pub(super) fn f64(&mut self, value: f64) -> &mut Json {
+        if !value.is_finite() {
+            return self.null();
+        }
+        self.item();
+        let _ = write!(self.out, "{value:?}");
+        self
+    }
+
+    pub(super) fn bool(&mut self, value: bool) -> &mut Json {
+        self.item();
+        self.out.push_str(if value { "true" } else { "false" });
+        self
+    }
+
+    pub(super) fn null(&mut self) -> &mut Json {
+        self.item();
+        self.out.push_str("null");
+        self
+    }
+
+    /// A string with the escapes serde_json writes.
+    fn quoted(&mut self, value: &str) {
+        self.out.push('"');
+        for c in value.chars() {
+            match c {
+                '"' => self.out.push_str("\\\""),
+                '\\' => self.out.push_str("\\\\"),
+                '\n' => self.out.push_str("\\n"),
+                '\r' => self.out.push_str("\\r"),
+                '\t' => self.out.push_str("\\t"),
+                '\u{8}' => self.out.push_str("\\b"),
+                '\u{c}' => self.out.push_str("\\f"),
+                c if c < ' ' => {
+                    let _ = write!(self.out, "\\u{:04x}", c as u32);
+                }
+                c => self.out.push(c),
+            }
+        }
+        self.out.push('"');
+    }
 }
 
 /// The `/health` document, and whether every check passed.
 #[inline(never)]
-pub(crate) fn render(snapshot: &Snapshot, with_peers: bool) -> (Value, bool) {
+pub(crate) fn render(snapshot: &Snapshot, with_peers: bool) -> (String, bool) {
     let store = &snapshot.store;
-    let mut checks = serde_json::Map::new();
-    let daemon_ok = snapshot.daemon_answers.unwrap_or(store.daemon_reachable);
-    checks.insert(
-        "daemon_socket".into(),
-        check(
-            daemon_ok,
-            json!({
-                "detail": if daemon_ok { "answers" } else { "does not answer" },
-            }),
-        ),
-    );
-    let index_ok = index_fresh(snapshot);
-    checks.insert(
-        "index".into(),
-        check(
-            index_ok,
-            json!({
-                "scans": store.scans,
-                "age_seconds": snapshot.index_age.map(|age| age.as_secs()),
-                "detail": match (store.scans, index_ok) {
-                    (0, _) => "no scan done yet",
-                    (_, true) => "fresh",
-                    (_, false) => "stale: the last scan is older than two scan intervals",
-                },
-            }),
-        ),
-    );
-    if snapshot.node.lan_wanted {
-        let running = snapshot.lan.is_some();
-        checks.insert(
-            "lan".into(),
-            check(
-                running,
-                json!({
-                    "detail": if running { "listening" } else { "could not start" },
-                }),
-            ),
-        );
-    }
-    if let Some(tracker) = &snapshot.tracker {
-        checks.insert(
-            "tracker".into(),
-            check(
-                tracker.reachable,
-                json!({
-                    "detail": if tracker.reachable { "reachable" } else { "unreachable" },
-                }),
-            ),
-        );
-    }
-    let healthy = checks.values().all(|c| c["status"] == "ok");
-    let mut json = json!({
-        "status": if healthy { "healthy" } else { "degraded" },
-        "uptime_seconds": snapshot.uptime.as_secs(),
-        "version": snapshot.node.version,
-        "checks": checks,
-        "daemon": if store.daemon_reachable { "connected" } else { "unreachable" },
-        "scans": store.scans,
-        "indexed_paths": store.indexed,
-        "shared_paths": store.shared,
-        "available_hashes": store.shared,
-        "peers_connected": snapshot.peers_connected(),
-        "lan": lan(snapshot),
-        "tracker": tracker(snapshot),
-    });
+    let mut json = Json::new();
+    json.open();
+    json.key("available_hashes").u64(store.shared as u64);
+    json.key("checks");
+    let healthy = checks(&mut json, snapshot);
+    json.key("daemon").str(daemon(snapshot));
+    json.key("indexed_paths").u64(store.indexed as u64);
+    json.key("lan");
+    lan(&mut json, snapshot);
+    json.key("paused").bool(store.paused);
     if with_peers {
-        json["peers"] = snapshot.peers.iter().map(peer).collect();
+        json.key("peers").open_list();
+        for p in &snapshot.peers {
+            peer(&mut json, p);
+        }
+        json.close_list();
     }
-    (json, healthy)
+    json.key("peers_connected").u64(snapshot.peers_connected());
+    json.key("scan_pending").bool(store.scan_pending);
+    json.key("scans").u64(store.scans);
+    json.key("shared_paths").u64(store.shared as u64);
+    json.key("status").str(status(healthy));
+    json.key("tracker");
+    tracker(&mut json, snapshot);
+    json.key("uptime_seconds").u64(snapshot.uptime.as_secs());
+    json.key("version").str(snapshot.node.version);
+    json.close();
+    (json.out, healthy)
 }
 
-fn check(ok: bool, mut details: Value) -> Value {
-    details["status"] = Value::from(if ok { "ok" } else { "fail" });
-    details
+pub(super) fn status(healthy: bool) -> &'static str {
+    if healthy { "healthy" } else { "degraded" }
+}
+
+/// The top-level `daemon` field: what the last use of the daemon found.
+pub(super) fn daemon(snapshot: &Snapshot) -> &'static str {
+    if snapshot.store.daemon_reachable {
+        "connected"
+    } else {
+        "unreachable"
+    }
+}
+
+/// The named checks, as an object; returns whether all passed.
+pub(super) fn checks(json: &mut Json, snapshot: &Snapshot) -> bool {
+    let store = &snapshot.store;
+    json.open();
+    let daemon_ok = snapshot.daemon_answers.unwrap_or(store.daemon_reachable);
+    json.key("daemon_socket").open();
+    json.key("detail").str(if daemon_ok {
+        "answers"
+    } else {
+        "does not answer"
+    });
+    check(json, daemon_ok);
+    let index_ok = index_fresh(snapshot);
+    json.key("index").open();
+    json.key("age_seconds")
+        .opt_u64(snapshot.index_age.map(|age| age.as_secs()));
+    json.key("detail").str(match (store.scans, index_ok) {
+        (0, _) => "no scan done yet",
+        (_, true) => "fresh",
+        (_, false) => "stale: the last scan is older than two scan intervals",
+    });
+    json.key("scans").u64(store.scans);
+    check(json, index_ok);
+    let mut healthy = daemon_ok && index_ok;
+    if snapshot.node.lan_wanted {
+        let running = snapshot.lan.is_some();
+        json.key("lan").open();
+        json.key("detail").str(if running {
+            "listening"
+        } else {
+            "could not start"
+        });
+        check(json, running);
+        healthy &= running;
+    }
+    if let Some(tracker) = &snapshot.tracker {
+        json.key("tracker").open();
+        json.key("detail").str(if tracker.reachable {
+            "reachable"
+        } else {
+            "unreachable"
+        });
+        check(json, tracker.reachable);
+        healthy &= tracker.reachable;
+    }
+    json.close();
+    healthy
+}
+
+/// Ends a check's object with its status.
+fn check(json: &mut Json, ok: bool) {
+    json.key("status").str(if ok { "ok" } else { "fail" });
+    json.close();
 }
 
 /// Whether the index is there and recent enough for its scan interval.
@@ -122,73 +267,96 @@ fn index_fresh(snapshot: &Snapshot) -> bool {
 }
 
 /// The LAN counters.
-fn lan(snapshot: &Snapshot) -> Value {
+pub(super) fn lan(json: &mut Json, snapshot: &Snapshot) {
+    json.open();
     let Some(lan) = &snapshot.lan else {
-        return json!({ "enabled": false });
+        json.key("enabled").bool(false).close();
+        return;
     };
     let c = &snapshot.lan_counters;
     let [fetched, dropped, fetch_failures, misses_answered] = snapshot.summary_counters;
-    json!({
-        "enabled": true,
-        "port": lan.port,
-        "queries": c.queries,
-        "replies_received": c.replies_received,
-        "replies_shunned": c.replies_shunned,
-        "replies_sent": c.replies_sent,
-        "replies_rate_limited": c.replies_rate_limited,
-        "packets_dropped": c.packets_dropped(),
-        "summaries": lan.summaries.as_ref().map(|s| json!({
-            "hosts_heard": s.hosts_heard,
-            "hosts_with_summary": s.hosts_with_summary,
-            "covers_lan": s.covers_lan,
-            "bytes": s.bytes,
-            "fetched": fetched,
-            "dropped": dropped,
-            "fetch_failures": fetch_failures,
-            "misses_answered": misses_answered,
-        })),
-        "summary": lan.published.as_ref().map(|p| json!({
-            "generation": p.generation,
-            "paths": p.paths,
-            "bytes": p.bytes,
-        })),
-    })
+    json.key("enabled").bool(true);
+    json.key("packets_dropped").u64(c.packets_dropped());
+    json.key("port").u64(lan.port.into());
+    json.key("queries").u64(c.queries);
+    json.key("replies_rate_limited").u64(c.replies_rate_limited);
+    json.key("replies_received").u64(c.replies_received);
+    json.key("replies_sent").u64(c.replies_sent);
+    json.key("replies_shunned").u64(c.replies_shunned);
+    json.key("summaries");
+    match &lan.summaries {
+        Some(s) => {
+            json.open();
+            json.key("bytes").u64(s.bytes as u64);
+            json.key("covers_lan").bool(s.covers_lan);
+            json.key("dropped").u64(dropped);
+            json.key("fetch_failures").u64(fetch_failures);
+            json.key("fetched").u64(fetched);
+            json.key("hosts_heard").u64(s.hosts_heard as u64);
+            json.key("hosts_with_summary")
+                .u64(s.hosts_with_summary as u64);
+            json.key("misses_answered").u64(misses_answered);
+            json.close();
+        }
+        None => {
+            json.null();
+        }
+    }
+    json.key("summary");
+    match &lan.published {
+        Some(p) => {
+            json.open();
+            json.key("bytes").u64(p.bytes as u64);
+            json.key("generation").u64(p.generation);
+            json.key("paths").u64(p.paths.into());
+            json.close();
+        }
+        None => {
+            json.null();
+        }
+    }
+    json.close();
 }
 
 /// The tracker client's state.
-fn tracker(snapshot: &Snapshot) -> Value {
+pub(super) fn tracker(json: &mut Json, snapshot: &Snapshot) {
+    json.open();
     let Some(t) = &snapshot.tracker else {
-        return json!({ "enabled": false });
+        json.key("enabled").bool(false).close();
+        return;
     };
-    json!({
-        "enabled": true,
-        "node_id": t.node_id,
-        "reachable": t.reachable,
-        "announces": t.announces,
-        "hashes_sent": t.hashes_sent,
-        "lookups": t.lookups,
-        "lookup_failures": t.lookup_failures,
-        "failures": t.failures,
-    })
+    json.key("announces").u64(t.announces);
+    json.key("enabled").bool(true);
+    json.key("failures").u64(t.failures);
+    json.key("hashes_sent").u64(t.hashes_sent);
+    json.key("lookup_failures").u64(t.lookup_failures);
+    json.key("lookups").u64(t.lookups);
+    json.key("node_id").str(&t.node_id);
+    json.key("reachable").bool(t.reachable);
+    json.close();
 }
 
 /// A peer table entry.
-pub(crate) fn peer(peer: &PeerView) -> Value {
-    json!({
-        "host": peer.host,
-        "addr": peer.addr,
-        "source": peer.source.label(),
-        "state": peer.state.label(),
-        "successes": peer.successes,
-        "failures": peer.failures,
-        "lies": peer.lies,
-        "bytes": peer.bytes,
-        "latency_ms": peer.latency_ms,
-        "reputation": peer.reputation(),
-        "last_seen_seconds": peer.last_seen.as_secs(),
-        "available": peer.state == crate::stats::PeerState::Ok,
-        "banned": peer.state == crate::stats::PeerState::Banned,
-    })
+pub(super) fn peer(json: &mut Json, peer: &PeerView) {
+    json.open();
+    json.key("addr").str(&peer.addr);
+    json.key("available").bool(peer.state == PeerState::Ok);
+    json.key("banned").bool(peer.state == PeerState::Banned);
+    json.key("bytes").u64(peer.bytes);
+    json.key("failures").u64(peer.failures);
+    json.key("host").str(&peer.host);
+    json.key("last_seen_seconds").u64(peer.last_seen.as_secs());
+    json.key("latency_ms");
+    match peer.latency_ms {
+        Some(ms) => json.f64(ms),
+        None => json.null(),
+    };
+    json.key("lies").u64(peer.lies);
+    json.key("reputation").f64(peer.reputation());
+    json.key("source").str(peer.source.label());
+    json.key("state").str(peer.state.label());
+    json.key("successes").u64(peer.successes);
+    json.close();
 }
 
 #[cfg(test)]
@@ -216,6 +384,7 @@ mod tests {
             scans,
             indexed: 3,
             shared: 2,
+            ..StoreView::default()
         };
         stats.snapshot(View {
             node: &node,
@@ -225,6 +394,11 @@ mod tests {
             tracker: None,
             addresses: Vec::new(),
         })
+    }
+
+    fn render(snapshot: &Snapshot, with_peers: bool) -> (serde_json::Value, bool) {
+        let (text, healthy) = super::render(snapshot, with_peers);
+        (serde_json::from_str(&text).expect("JSON"), healthy)
     }
 
     #[test]

@@ -106,11 +106,14 @@ impl ServerContext {
     #[inline(never)]
     pub(crate) fn snapshot(&self) -> Snapshot {
         let index = self.store.index();
+        let (paused, scan_pending) = self.store.scan_control().state();
         let store = StoreView {
             daemon_reachable: self.store.daemon_reachable(),
             scans: self.store.completed_scans(),
             indexed: index.len(),
             shared: index.shared_len(),
+            paused,
+            scan_pending,
         };
         drop(index);
         self.stats.probe_daemon(|| {

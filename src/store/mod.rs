@@ -24,6 +24,7 @@ use cache::PathCache;
 use daemon::{DaemonError, DaemonPool, PathInfo};
 use index::Index;
 use policy::SharePolicy;
+use scanner::ScanControl;
 
 /// A valid path's metadata, checked and typed.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -160,6 +161,7 @@ pub struct LocalStore {
     cache: PathCache,
     scans: AtomicU64,
     daemon_reachable: AtomicBool,
+    scan_control: ScanControl,
 }
 
 impl LocalStore {
@@ -178,6 +180,7 @@ impl LocalStore {
             cache: PathCache::new(cache::DEFAULT_CAPACITY, cache::DEFAULT_BYTE_BUDGET),
             scans: AtomicU64::new(0),
             daemon_reachable: AtomicBool::new(false),
+            scan_control: ScanControl::default(),
         }
     }
 
@@ -187,6 +190,11 @@ impl LocalStore {
 
     pub fn policy(&self) -> &SharePolicy {
         &self.policy
+    }
+
+    /// Pauses and resumes the scanner.
+    pub fn scan_control(&self) -> &ScanControl {
+        &self.scan_control
     }
 
     /// Where the files of `path` are on this machine.

@@ -12,13 +12,17 @@
 //! When the shared set changes, the scanner sends the difference as a
 //! [`ShareDelta`] to whoever subscribed (the LAN summary).
 //!
+//! A [`ScanControl`] pauses the scanner: no scan starts while it is paused
+//! (one under way finishes). A scan that comes due meanwhile, by the
+//! interval or a rescan request, is remembered and runs on the resume.
+//!
 //! While the nix-daemon cannot be reached it retries with a capped backoff, so
 //! peerix can start before the daemon (or on a machine with none yet) and pick
 //! it up later without a restart.
 
 use std::io::Read;
 use std::os::unix::net::UnixStream;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Sender, TrySendError};
@@ -46,6 +50,53 @@ pub struct ShareDelta {
     pub generation: u64,
     pub added: Vec<HashPart>,
     pub removed: Vec<HashPart>,
+}
+
+/// Whether scans may start, shared by the scanner and the control
+/// endpoints.
+#[derive(Debug, Default)]
+pub struct ScanControl {
+    state: Mutex<PauseState>,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct PauseState {
+    paused: bool,
+    /// A scan came due while paused.
+    pending: bool,
+}
+
+impl ScanControl {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PauseState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether scans are paused, and whether one waits for the resume.
+    pub fn state(&self) -> (bool, bool) {
+        let state = *self.lock();
+        (state.paused, state.pending)
+    }
+
+    /// Stops scans from starting; returns whether they were running.
+    pub fn pause(&self) -> bool {
+        !std::mem::replace(&mut self.lock().paused, true)
+    }
+
+    /// Lets scans start again. Returns whether one came due while paused:
+    /// then the caller wakes the scanner (it sleeps until woken) to run it.
+    pub fn resume(&self) -> bool {
+        let mut state = self.lock();
+        state.paused = false;
+        std::mem::take(&mut state.pending)
+    }
+
+    /// The scanner, with a scan due: whether to hold it until the resume
+    /// (and remember it is due).
+    fn hold(&self) -> bool {
+        let mut state = self.lock();
+        state.pending |= state.paused;
+        state.paused
+    }
 }
 
 /// Wakes the scanner early: SIGHUP writes a byte into this socket pair.
@@ -91,7 +142,31 @@ pub fn run(
 ) {
     let mut retry = FIRST_RETRY;
     let mut decided_at: Option<Instant> = None;
+    // Whether a scan is due now, else when the next one is (`None`: only
+    // when woken).
+    let mut due = true;
+    let mut next: Option<Instant> = None;
+    let mut held = false;
     loop {
+        if !due {
+            let woken = wakeup.wait(next.map(|at| at.saturating_duration_since(Instant::now())));
+            if woken {
+                log::info!("SIGHUP: rescanning the store");
+            }
+            due = woken || next.is_some_and(|at| Instant::now() >= at);
+            continue;
+        }
+        if store.scan_control().hold() {
+            if !held {
+                log::info!("scanner paused: the scan that is due waits for the resume");
+                held = true;
+            }
+            // The resume wakes it.
+            wakeup.wait(None);
+            continue;
+        }
+        held = false;
+        due = false;
         let started = Instant::now();
         let redecide = decided_at.is_none_or(|at| at.elapsed() >= REDECIDE_AFTER);
         let old = store.index();
@@ -138,9 +213,7 @@ pub fn run(
                     }
                 }
                 retry = FIRST_RETRY;
-                if wakeup.wait(interval) {
-                    log::info!("SIGHUP: rescanning the store");
-                }
+                next = interval.and_then(|interval| Instant::now().checked_add(interval));
             }
             Err(e) => {
                 drop(old);
@@ -151,7 +224,7 @@ pub fn run(
                     );
                 }
                 store.set_daemon_reachable(false);
-                wakeup.wait(Some(retry));
+                next = Some(Instant::now() + retry);
                 retry = (retry * 2).min(MAX_RETRY);
             }
         }
