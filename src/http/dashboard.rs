@@ -102,6 +102,7 @@ pub(crate) fn render(s: &Snapshot) -> Value {
             "version": node.version,
             "mode": node.mode,
             "id": node.id,
+            "peer_id": node.peer_id,
             "bind": node.bind.to_string(),
             "port": node.port,
             "lan_port": node.lan_port,
