@@ -12,6 +12,8 @@ rustPlatform.buildRustPackage {
       !(type == "directory" && (base == "target" || base == "tests"));
   };
   cargoLock.lockFile = ../Cargo.lock;
+  # HTTPS to the upstream cache of `--filter-mode nixpkgs` (cache.nixos.org).
+  buildFeatures = [ "tls" ];
   doCheck = false;
   meta = {
     description = "Peer-to-peer binary cache for Nix";

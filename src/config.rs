@@ -25,9 +25,9 @@
 //! the real default), `.example(..)` (a TOML value other than the default),
 //! and the setter. Nothing else changes.
 //!
-//! Keys of the original peerix that belong to features this version does
-//! not have yet are refused with a message that says so, rather than
-//! accepted and silently ignored.
+//! Settings that depend on each other are checked after the merge
+//! ([`check`]): an `http://` upstream cache needs `allow_insecure_http`, and
+//! an `https://` one a build with the `tls` feature.
 
 mod help;
 mod options;
@@ -41,6 +41,9 @@ use std::time::Duration;
 
 pub use crate::lan::{DEFAULT_LAN_TIMEOUT, DEFAULT_PORT, LanConfig, PeerSpec};
 pub use crate::store::policy::FilterMode;
+pub use crate::store::upstream::{
+    DEFAULT_CONCURRENCY as DEFAULT_FILTER_CONCURRENCY, DEFAULT_UPSTREAM,
+};
 use options::{Action, Arg, Input, Opt};
 
 /// The public key of cache.nixos.org: paths it signed are public by construction.
@@ -65,16 +68,6 @@ pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(5);
 /// byte, so a bad peer is replaced without nix noticing. Most paths are small.
 pub const DEFAULT_VERIFY_BEFORE_SEND: u64 = 4 * 1024 * 1024;
 
-/// Sections and keys of the original peerix for features this version does
-/// not have yet.
-const UNBUILT: &[&str] = &[
-    "tracker.peer_id",
-    "security",
-    "store.filter_concurrency",
-    "store.no_verify",
-    "store.upstream_cache",
-];
-
 /// The daemon's settings after flags, file, environment and defaults are merged.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
@@ -89,9 +82,20 @@ pub struct Config {
     pub trusted_keys: Vec<String>,
     pub filter_mode: FilterMode,
     pub filter_patterns: Vec<String>,
+    /// The `nixpkgs` mode's upstream cache, without a trailing `/`.
+    pub upstream_cache: String,
+    /// Whether upstream's NarHash need not equal ours (`nixpkgs` mode).
+    pub no_verify: bool,
+    /// Upstream requests in flight at most.
+    pub filter_concurrency: usize,
+    /// Whether an `http://` upstream cache is accepted.
+    pub allow_insecure_http: bool,
     pub scan_interval: Option<Duration>,
     /// The tracker's base URL (`http://host:port`), if one is used.
     pub tracker: Option<String>,
+    /// A name for this host, shown in `/health` and the dashboard; `None`:
+    /// the host name.
+    pub peer_id: Option<String>,
     /// `--lan-discovery` or `--no-lan`, if given: without either, the LAN is
     /// asked when no tracker is set ([`Config::lan`]`.enabled` says the
     /// outcome).
@@ -123,8 +127,13 @@ impl Default for Config {
             trusted_keys: vec![DEFAULT_TRUSTED_KEY.to_string()],
             filter_mode: FilterMode::Signed,
             filter_patterns: Vec::new(),
+            upstream_cache: DEFAULT_UPSTREAM.to_string(),
+            no_verify: false,
+            filter_concurrency: DEFAULT_FILTER_CONCURRENCY,
+            allow_insecure_http: false,
             scan_interval: Some(DEFAULT_SCAN_INTERVAL),
             tracker: None,
+            peer_id: None,
             lan_discovery: None,
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             metrics_public: false,
@@ -316,9 +325,6 @@ impl File {
             names.join(", ")
         };
         for (section, value) in &table {
-            if UNBUILT.contains(&section.as_str()) {
-                return fail(unbuilt(section));
-            }
             if !sections.contains(&section.as_str()) {
                 return fail(match value {
                     toml::Value::Table(_) => {
@@ -343,9 +349,6 @@ impl File {
                 .collect();
             for key in keys.keys() {
                 let dotted = format!("{section}.{key}");
-                if UNBUILT.contains(&dotted.as_str()) {
-                    return fail(unbuilt(&dotted));
-                }
                 if !allowed.contains(&key.as_str()) {
                     return fail(format!(
                         "unknown key `{dotted}` (known in [{section}]: {})",
@@ -363,13 +366,6 @@ impl File {
     fn get(&self, section: &str, key: &str) -> Option<&toml::Value> {
         self.table.get(section)?.as_table()?.get(key)
     }
-}
-
-fn unbuilt(key: &str) -> String {
-    format!(
-        "key `{key}` belongs to a feature this version of peerix does not have yet \
-         (the tracker, the upstream filter); remove it"
-    )
 }
 
 /// Defaults, then the environment, then the file, then the flags.
@@ -416,7 +412,31 @@ fn merge(
     // As the original chooses: a tracker means tracker discovery, none
     // means the LAN; --lan-discovery adds the LAN to a tracker.
     config.lan.enabled = config.lan_discovery.unwrap_or(config.tracker.is_none());
+    check(&config)?;
     Ok(config)
+}
+
+/// Checks settings that depend on each other.
+fn check(config: &Config) -> Result<(), ConfigError> {
+    if config.filter_mode != FilterMode::Nixpkgs {
+        return Ok(());
+    }
+    let url = &config.upstream_cache;
+    if url.starts_with("http://") && !config.allow_insecure_http {
+        return err(format!(
+            "the upstream cache {url} is plain HTTP: anyone on the way could make \
+             peerix share what upstream does not have. Use https://, or accept it with \
+             --allow-insecure-http ([security] allow_insecure_http = true)"
+        ));
+    }
+    if url.starts_with("https://") && !cfg!(feature = "tls") {
+        return err(format!(
+            "the upstream cache {url} needs HTTPS, and this peerix was built without \
+             TLS: build it with `cargo build --release --features tls`, or use an \
+             http:// upstream with --allow-insecure-http"
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -614,9 +634,9 @@ mod tests {
             "{e}"
         );
 
-        let (path, _g4) = write_config("[security]\nallow_insecure_http = true\n");
+        let (path, _g4) = write_config("[security]\nallow_insecure = true\n");
         let e = run(&["--config", path.to_str().unwrap()]).unwrap_err();
-        assert!(e.0.contains("security"), "{e}");
+        assert!(e.0.contains("security.allow_insecure"), "{e}");
 
         let (path, _g5) = write_config("[bogus]\n");
         let e = run(&["--config", path.to_str().unwrap()]).unwrap_err();
@@ -652,6 +672,11 @@ mod tests {
             "--verify-before-send",
             "--metrics-public",
             "--dashboard-public",
+            "--upstream-cache",
+            "--no-verify",
+            "--filter-concurrency",
+            "--allow-insecure-http",
+            "--peer-id",
             "--config",
             "--verbose",
         ] {
@@ -925,8 +950,24 @@ mod tests {
             ("[store]\nscan_interval = -1\n", "store.scan_interval"),
             ("[lan]\ntimeout_ms = 0\n", "lan.timeout_ms"),
             ("[lan]\nextra_peers = [\"h:0\"]\n", "lan.extra_peers"),
-            ("[security]\n", "security"),
-            ("[store]\nno_verify = true\n", "store.no_verify"),
+            ("[store]\nno_verify = 1\n", "store.no_verify"),
+            (
+                "[store]\nfilter_concurrency = 0\n",
+                "store.filter_concurrency",
+            ),
+            (
+                "[store]\nfilter_concurrency = 65\n",
+                "store.filter_concurrency",
+            ),
+            (
+                "[store]\nupstream_cache = \"ftp://x\"\n",
+                "store.upstream_cache",
+            ),
+            (
+                "[security]\nallow_insecure_http = \"yes\"\n",
+                "security.allow_insecure_http",
+            ),
+            ("[tracker]\npeer_id = \"\"\n", "tracker.peer_id"),
             ("[server\n", "test.toml"),
         ] {
             let e = run_file(&[], file).unwrap_err();
@@ -1042,5 +1083,72 @@ mod tests {
             let e = run(&["--tracker", bad]).unwrap_err();
             assert!(e.0.contains("--tracker"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn the_nixpkgs_mode_and_its_upstream() {
+        let config = run(&[]).unwrap();
+        assert_eq!(config.upstream_cache, DEFAULT_UPSTREAM);
+        assert_eq!(config.filter_concurrency, DEFAULT_FILTER_CONCURRENCY);
+        assert!(!config.no_verify && !config.allow_insecure_http);
+        assert_eq!(config.peer_id, None);
+
+        let local = [
+            "--filter-mode",
+            "nixpkgs",
+            "--upstream-cache",
+            "http://127.0.0.1:8080/cache/",
+        ];
+        let e = run(&local).unwrap_err();
+        assert!(
+            e.0.contains("plain HTTP") && e.0.contains("--allow-insecure-http"),
+            "{e}"
+        );
+        let config =
+            run(&[&local[..], &["--allow-insecure-http", "--no-verify"]].concat()).unwrap();
+        assert_eq!(config.filter_mode, FilterMode::Nixpkgs);
+        assert_eq!(config.upstream_cache, "http://127.0.0.1:8080/cache");
+        assert!(config.no_verify);
+        let (path, _guard) = write_config(
+            "[store]\nfilter_mode = \"nixpkgs\"\nupstream_cache = \"http://u:1\"\n\
+             filter_concurrency = 3\n[security]\nallow_insecure_http = true\n\
+             [tracker]\npeer_id = \"attic\"\n",
+        );
+        let config = run(&["--config", path.to_str().unwrap()]).unwrap();
+        assert_eq!(
+            (config.filter_concurrency, config.peer_id.as_deref()),
+            (3, Some("attic"))
+        );
+        // HTTPS needs the `tls` feature; without it the error says so.
+        let https = run(&["--filter-mode", "nixpkgs"]);
+        if cfg!(feature = "tls") {
+            assert_eq!(https.unwrap().upstream_cache, "https://cache.nixos.org");
+        } else {
+            let e = https.unwrap_err();
+            assert!(e.0.contains("--features tls"), "{e}");
+        }
+        // Other modes never ask upstream: its URL is not held against them.
+        run(&["--upstream-cache", "http://u:1"]).unwrap();
+        for bad in [
+            "cache.nixos.org",
+            "ftp://x",
+            "https://",
+            "https://user@x",
+            "https://x/?q",
+            "https://x/#f",
+            "https://x y",
+        ] {
+            let e = run(&["--upstream-cache", bad]).unwrap_err();
+            assert!(e.0.contains("--upstream-cache"), "{bad}: {e}");
+        }
+        for bad in ["0", "65", "-1", "x"] {
+            let e = run(&["--filter-concurrency", bad]).unwrap_err();
+            assert!(e.0.contains("--filter-concurrency"), "{bad}: {e}");
+        }
+        for bad in ["", " x", "a\nb", &"x".repeat(65)] {
+            let e = run(&["--peer-id", bad]).unwrap_err();
+            assert!(e.0.contains("--peer-id"), "{bad:?}: {e}");
+        }
+        assert!(run(&["--no-verify=no"]).is_err());
     }
 }

@@ -22,8 +22,9 @@ use peerix::notify;
 use peerix::peers::{Discovery, PeerTable};
 use peerix::stats::{NodeInfo, Stats, StoreView};
 use peerix::store::daemon::DaemonPool;
-use peerix::store::policy::SharePolicy;
+use peerix::store::policy::{FilterMode, SharePolicy};
 use peerix::store::scanner::ShareDelta;
+use peerix::store::upstream::Upstream;
 use peerix::store::{LocalStore, scanner};
 use peerix::tracker::client::{SharedSet, TrackerClient};
 
@@ -100,7 +101,7 @@ fn start_lan(
     let publisher = answer_peers.then(|| {
         let (versioned, listed) = (Arc::clone(store), Arc::clone(store));
         Arc::new(Publisher::new(
-            Box::new(move || versioned.completed_scans()),
+            Box::new(move || versioned.index_version()),
             Box::new(move |each| listed.index().for_each_shared(each)),
         ))
     });
@@ -199,10 +200,31 @@ fn run(config: &Config) -> Result<(), String> {
         }
         None => None,
     };
+    let upstream = (config.filter_mode == FilterMode::Nixpkgs).then(|| {
+        let upstream = Upstream::open(
+            &config.upstream_cache,
+            !config.no_verify,
+            config.filter_concurrency,
+            config.peer_timeout,
+            &config.state_dir,
+        );
+        log::info!(
+            "sharing the paths the upstream cache {} has{}, asking it {} at a time",
+            upstream.url(),
+            if config.no_verify {
+                " (its NarHash unchecked: --no-verify)"
+            } else {
+                " with this host's NarHash"
+            },
+            config.filter_concurrency
+        );
+        Arc::new(upstream)
+    });
     let policy = SharePolicy::new(
         config.filter_mode,
         trusted_keys.clone(),
         &config.filter_patterns,
+        upstream,
     );
     let daemon = DaemonPool::new(
         config.daemon_socket.clone(),
@@ -279,6 +301,7 @@ fn run(config: &Config) -> Result<(), String> {
             (false, false) => "local",
         },
         id: tracker.as_ref().map(|t| t.node_id().to_string()),
+        peer_id: config.peer_id.clone().unwrap_or_else(host_name),
         bind: config.bind,
         port: config.port,
         lan_port: lan.as_ref().map(|lan| lan.port()),
@@ -351,6 +374,15 @@ fn run(config: &Config) -> Result<(), String> {
         log::info!("stopped");
     }
     Ok(())
+}
+
+/// The kernel's host name, the default `--peer-id`.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_string())
+        .ok()
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "peerix".to_string())
 }
 
 fn watch_store(stats: &Stats, store: &LocalStore) {

@@ -389,6 +389,8 @@ pub struct NodeInfo {
     pub mode: &'static str,
     /// The node id, once this host has one (tracker, Iroh).
     pub id: Option<String>,
+    /// This host's name (`--peer-id`, else the host name): a label only.
+    pub peer_id: String,
     pub bind: IpAddr,
     pub port: u16,
     pub lan_port: Option<u16>,
@@ -1007,6 +1009,7 @@ mod tests {
             version: "0",
             mode: "local",
             id: None,
+            peer_id: "test".to_string(),
             bind: IpAddr::from([127, 0, 0, 1]),
             port: 1,
             lan_port: None,

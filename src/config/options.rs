@@ -226,6 +226,7 @@ const GENERAL: &[Opt] = &[
             "filter-mode",
             "MODE",
             "signed: share paths a trusted key signed;\n\
+             nixpkgs: share paths the upstream cache has, with the same NarHash;\n\
              rules: share all but names on the deny-list;\n\
              none: share everything",
         )],
@@ -270,6 +271,66 @@ const GENERAL: &[Opt] = &[
     .example("true"),
     opt(
         &[value(
+            "upstream-cache",
+            "URL",
+            "the upstream cache of the nixpkgs mode; https:// needs a build with the \
+             `tls` feature, http:// needs --allow-insecure-http",
+        )],
+        |c, v| {
+            c.upstream_cache = upstream_url(&v.string()?)?;
+            Ok(())
+        },
+    )
+    .key("store", "upstream_cache")
+    .default("https://cache.nixos.org")
+    .example("\"http://10.0.0.9:8080/cache\""),
+    opt(
+        &[switch(
+            "no-verify",
+            "true",
+            "nixpkgs mode: share a path upstream has even if its NarHash differs \
+             from this host's",
+        )],
+        |c, v| {
+            c.no_verify = v.bool()?;
+            Ok(())
+        },
+    )
+    .key("store", "no_verify")
+    .example("true"),
+    opt(
+        &[value(
+            "filter-concurrency",
+            "N",
+            "nixpkgs mode: requests to the upstream cache in flight at most",
+        )],
+        |c, v| {
+            let n = v.int()?;
+            if !(1..=64).contains(&n) {
+                return Err(format!("{n} is out of range (1 to 64)"));
+            }
+            c.filter_concurrency = n;
+            Ok(())
+        },
+    )
+    .key("store", "filter_concurrency")
+    .default("10")
+    .example("4"),
+    opt(
+        &[switch(
+            "allow-insecure-http",
+            "true",
+            "accept an http:// upstream cache (its answers decide what is shared)",
+        )],
+        |c, v| {
+            c.allow_insecure_http = v.bool()?;
+            Ok(())
+        },
+    )
+    .key("security", "allow_insecure_http")
+    .example("true"),
+    opt(
+        &[value(
             "scan-interval",
             "SECS",
             "rescan the store every SECS seconds, 0 = never; SIGHUP rescans at once",
@@ -298,6 +359,21 @@ const GENERAL: &[Opt] = &[
     .key("tracker", "url")
     .default_text("none")
     .example("\"http://10.0.0.2:12305\""),
+    opt(
+        &[value(
+            "peer-id",
+            "NAME",
+            "a name for this host, shown in /health and on the dashboard; peers and \
+             the tracker know it by its node key, not by this name",
+        )],
+        |c, v| {
+            c.peer_id = Some(peer_id(&v.string()?)?);
+            Ok(())
+        },
+    )
+    .key("tracker", "peer_id")
+    .default_text("the host name")
+    .example("\"attic\""),
     opt(
         &[value(
             "shutdown-timeout",
@@ -449,7 +525,7 @@ const LAN: &[Opt] = &[
             "timeout",
             "SECS",
             "connect and read timeout towards peers, also the limit on a narinfo \
-             request and on each NAR chunk",
+             request and on each NAR chunk, and on a request to the upstream cache",
         )],
         |c, v| {
             let secs = v.float()?;
@@ -504,6 +580,45 @@ fn tracker_url(text: &str) -> Result<String, String> {
         ));
     }
     Ok(format!("http://{authority}"))
+}
+
+/// An upstream cache URL: `http://` or `https://`, a host, an optional
+/// path; no user, query or fragment. Kept without a trailing `/`.
+fn upstream_url(text: &str) -> Result<String, String> {
+    let rest = text
+        .strip_prefix("https://")
+        .or_else(|| text.strip_prefix("http://"))
+        .ok_or_else(|| {
+            format!("`{text}`: the upstream cache URL must start with https:// or http://")
+        })?;
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let valid = !authority.is_empty()
+        && authority
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
+        && path
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~/%+".contains(&b));
+    if !valid {
+        return Err(format!(
+            "`{text}`: expected https://HOST[:PORT][/PATH], with no user, query or fragment"
+        ));
+    }
+    Ok(text.trim_end_matches('/').to_string())
+}
+
+/// This host's name: 1 to 64 bytes, no control characters, no space at
+/// either end.
+fn peer_id(text: &str) -> Result<String, String> {
+    if text.is_empty() || text.len() > 64 {
+        return Err(format!("`{text}`: a peer id is 1 to 64 bytes"));
+    }
+    if text.chars().any(char::is_control) || text.trim() != text {
+        return Err(format!(
+            "{text:?}: a peer id has no control characters and no space at either end"
+        ));
+    }
+    Ok(text.to_string())
 }
 
 const fn opt(flags: &'static [Flag], set: Setter) -> Opt {

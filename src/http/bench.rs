@@ -71,6 +71,7 @@ fn busy() -> (Stats, PeerTable, NodeInfo) {
         version: env!("CARGO_PKG_VERSION"),
         mode: "lan",
         id: None,
+        peer_id: "test".to_string(),
         bind: IpAddr::from([0, 0, 0, 0]),
         port: 12304,
         lan_port: Some(12304),

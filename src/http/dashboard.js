@@ -73,6 +73,7 @@ function render(d) {
     stat("errors", t.errors),
   );
   pairs("nodeinfo", [
+    ["name", n.peer_id],
     ["mode", n.mode],
     ["version", n.version],
     ["node id", n.id || "none"],

@@ -111,6 +111,7 @@ pub(crate) fn render(s: &Snapshot) -> String {
     };
     json.key("lan_port").opt_u64(node.lan_port.map(u64::from));
     json.key("mode").str(node.mode);
+    json.key("peer_id").str(&node.peer_id);
     json.key("port").u64(node.port.into());
     json.key("uptime_seconds").u64(s.uptime.as_secs());
     json.key("version").str(node.version);

@@ -172,6 +172,7 @@ pub(crate) fn render(snapshot: &Snapshot, with_peers: bool) -> (String, bool) {
         }
         json.close_list();
     }
+    json.key("peer_id").str(&snapshot.node.peer_id);
     json.key("peers_connected").u64(snapshot.peers_connected());
     json.key("scan_pending").bool(store.scan_pending);
     json.key("scans").u64(store.scans);
@@ -372,6 +373,7 @@ mod tests {
             version: "0",
             mode: "local",
             id: None,
+            peer_id: "test".to_string(),
             bind: IpAddr::from([127, 0, 0, 1]),
             port: 1,
             lan_port: None,

@@ -402,6 +402,7 @@ mod tests {
             version: "0.1.0",
             mode: "lan",
             id: None,
+            peer_id: "test".to_string(),
             bind: IpAddr::from([0, 0, 0, 0]),
             port: 12304,
             lan_port: Some(12304),

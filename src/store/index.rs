@@ -212,6 +212,27 @@ impl Index {
         }
     }
 
+    /// This index with the paths of `hashes` that it has marked shared too,
+    /// and those it newly shares; `None` when that changes nothing. The
+    /// generation goes up by one.
+    pub fn share_more(&self, hashes: &[PackedHash]) -> Option<(Index, Vec<HashPart>)> {
+        let mut shared = self.shared.clone();
+        let mut added = Vec::new();
+        for hash in hashes {
+            if let Some(i) = self.position(hash) {
+                if !shared.get(i) {
+                    shared.set(i);
+                    added.push(unpack(hash));
+                }
+            }
+        }
+        if added.is_empty() {
+            return None;
+        }
+        let index = Index::from_parts(self.hashes.clone(), shared, self.generation + 1);
+        Some((index, added))
+    }
+
     /// The same hashes with the same share bits (the generation aside).
     pub fn same_entries(&self, other: &Index) -> bool {
         self.hashes == other.hashes

@@ -8,6 +8,7 @@ pub(crate) mod dump;
 pub(crate) mod index;
 pub mod policy;
 pub mod scanner;
+pub mod upstream;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -160,6 +161,8 @@ pub struct LocalStore {
     index: RwLock<Arc<Index>>,
     cache: PathCache,
     scans: AtomicU64,
+    /// Goes up with every index installed: scans, and upstream answers.
+    index_version: AtomicU64,
     daemon_reachable: AtomicBool,
     scan_control: ScanControl,
 }
@@ -179,6 +182,7 @@ impl LocalStore {
             index: RwLock::new(Arc::new(Index::default())),
             cache: PathCache::new(cache::DEFAULT_CAPACITY, cache::DEFAULT_BYTE_BUDGET),
             scans: AtomicU64::new(0),
+            index_version: AtomicU64::new(0),
             daemon_reachable: AtomicBool::new(false),
             scan_control: ScanControl::default(),
         }
@@ -215,21 +219,39 @@ impl LocalStore {
     /// (`None`: the index did not change).
     pub fn complete_scan(&self, index: Option<Index>) {
         if let Some(index) = index {
-            let old = std::mem::replace(
-                &mut *self.index.write().unwrap_or_else(|e| e.into_inner()),
-                Arc::new(index),
-            );
-            // Freed here, not under the lock (unless a reader still holds it).
-            drop(old);
+            self.install(index);
         }
         self.scans.fetch_add(1, Ordering::Relaxed);
+        self.index_version.fetch_add(1, Ordering::Relaxed);
         // A path deleted and built again between two scans may have new
         // metadata; cached lookups are made again.
         self.cache.clear();
     }
 
+    /// Installs an index whose share decisions changed between scans (the
+    /// upstream cache answered); cached lookups decide again.
+    pub fn update_index(&self, index: Index) {
+        self.install(index);
+        self.index_version.fetch_add(1, Ordering::Relaxed);
+        self.cache.clear();
+    }
+
+    fn install(&self, index: Index) {
+        let old = std::mem::replace(
+            &mut *self.index.write().unwrap_or_else(|e| e.into_inner()),
+            Arc::new(index),
+        );
+        // Freed here, not under the lock (unless a reader still holds it).
+        drop(old);
+    }
+
     pub fn completed_scans(&self) -> u64 {
         self.scans.load(Ordering::Relaxed)
+    }
+
+    /// Changes whenever another index is installed; 0 before the first scan.
+    pub fn index_version(&self) -> u64 {
+        self.index_version.load(Ordering::Relaxed)
     }
 
     pub fn daemon_reachable(&self) -> bool {

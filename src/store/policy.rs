@@ -2,13 +2,17 @@
 //!
 //! It is applied wherever a path is given to anyone other than this host's own
 //! nix: narinfos and NARs under `/local`, and (later) LAN replies and tracker
-//! announcements. It is a pure function of a path's metadata, so the scanner
-//! and the request handlers always agree.
+//! announcements. It is a function of a path's metadata (and, in the
+//! `nixpkgs` mode, of upstream's remembered answers), so the scanner and the
+//! request handlers always agree.
+
+use std::sync::Arc;
 
 use crate::nix::keys::{PublicKey, any_valid_signature};
 use crate::nix::store_path::StorePath;
 
 use super::LocalPathInfo;
+use super::upstream::Upstream;
 
 /// Which of this host's paths may be given to anyone other than its own nix.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -19,6 +23,8 @@ pub enum FilterMode {
     Rules,
     /// Share everything.
     None,
+    /// Share a path only if the upstream cache has it (with our NarHash).
+    Nixpkgs,
 }
 
 impl std::str::FromStr for FilterMode {
@@ -29,13 +35,9 @@ impl std::str::FromStr for FilterMode {
             "signed" => Ok(FilterMode::Signed),
             "rules" => Ok(FilterMode::Rules),
             "none" => Ok(FilterMode::None),
-            "nixpkgs" => Err(
-                "filter mode `nixpkgs` (asking the upstream cache) is not implemented yet; \
-                 use `signed`, which needs no network"
-                    .to_string(),
-            ),
+            "nixpkgs" => Ok(FilterMode::Nixpkgs),
             other => Err(format!(
-                "unknown filter mode `{other}` (expected signed, rules or none)"
+                "unknown filter mode `{other}` (expected signed, nixpkgs, rules or none)"
             )),
         }
     }
@@ -74,11 +76,25 @@ pub enum SharePolicy {
     Rules(Vec<String>),
     /// Share everything.
     All,
+    /// Share a path only if the upstream cache answered that it has it
+    /// (with this host's NarHash, unless verification is off).
+    Nixpkgs(Arc<Upstream>),
 }
 
 impl SharePolicy {
-    pub fn new(mode: FilterMode, trusted_keys: Vec<PublicKey>, extra_patterns: &[String]) -> Self {
+    /// The policy of `mode`; the `nixpkgs` mode needs its upstream.
+    pub fn new(
+        mode: FilterMode,
+        trusted_keys: Vec<PublicKey>,
+        extra_patterns: &[String],
+        upstream: Option<Arc<Upstream>>,
+    ) -> Self {
         match mode {
+            FilterMode::Nixpkgs => match upstream {
+                Some(upstream) => SharePolicy::Nixpkgs(upstream),
+                // Nothing to ask: nothing is shared (closed, not open).
+                None => SharePolicy::Signed(Vec::new()),
+            },
             FilterMode::Signed => SharePolicy::Signed(trusted_keys),
             FilterMode::Rules => SharePolicy::Rules(
                 DEFAULT_DENY_PATTERNS
@@ -94,7 +110,7 @@ impl SharePolicy {
     /// Decides by name alone; `None` when the signatures are needed.
     pub fn allows_name(&self, path: &StorePath) -> Option<bool> {
         match self {
-            SharePolicy::Signed(_) => None,
+            SharePolicy::Signed(_) | SharePolicy::Nixpkgs(_) => None,
             SharePolicy::Rules(patterns) => {
                 let base = path.base_name();
                 Some(
@@ -107,10 +123,30 @@ impl SharePolicy {
         }
     }
 
+    /// Whether the path may be shared now; a decision still pending is no.
     pub fn allows(&self, info: &LocalPathInfo) -> bool {
+        self.decide(info) == Some(true)
+    }
+
+    /// The decision from metadata and what is known; `None` while the
+    /// upstream cache has not been asked (or its answer expired).
+    pub fn decide(&self, info: &LocalPathInfo) -> Option<bool> {
         match self {
-            SharePolicy::Signed(keys) => any_valid_signature(keys, &info.fingerprint(), &info.sigs),
-            _ => self.allows_name(&info.path).unwrap_or(false),
+            SharePolicy::Signed(keys) => {
+                Some(any_valid_signature(keys, &info.fingerprint(), &info.sigs))
+            }
+            SharePolicy::Nixpkgs(upstream) => {
+                upstream.decide(&info.path.hash_part(), &info.nar_hash)
+            }
+            _ => Some(self.allows_name(&info.path).unwrap_or(false)),
+        }
+    }
+
+    /// The upstream cache to ask, in the `nixpkgs` mode.
+    pub fn upstream(&self) -> Option<&Arc<Upstream>> {
+        match self {
+            SharePolicy::Nixpkgs(upstream) => Some(upstream),
+            _ => None,
         }
     }
 }
@@ -170,7 +206,7 @@ mod tests {
 
     #[test]
     fn rules_mode_denies_secrets_and_system_paths() {
-        let policy = SharePolicy::new(FilterMode::Rules, vec![], &["*-mine".to_string()]);
+        let policy = SharePolicy::new(FilterMode::Rules, vec![], &["*-mine".to_string()], None);
         let h = "0c4kzwq7qxdkaz2zd6ibpcrl5dl8bm1d";
         for denied in [
             "nixos-system-host-24.05",

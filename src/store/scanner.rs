@@ -16,10 +16,18 @@
 //! (one under way finishes). A scan that comes due meanwhile, by the
 //! interval or a rescan request, is remembered and runs on the resume.
 //!
+//! In the `nixpkgs` share mode a new path's decision may wait on the
+//! upstream cache: the scan indexes it as not shared, and after the scan
+//! the scanner asks upstream about the waiting paths (a few at a time, see
+//! `upstream`), then marks those it may share in a new index. Paths upstream
+//! could not be asked about keep waiting, not shared, and are asked again
+//! after a backoff (or on SIGHUP).
+//!
 //! While the nix-daemon cannot be reached it retries with a capped backoff, so
 //! peerix can start before the daemon (or on a machine with none yet) and pick
 //! it up later without a restart.
 
+use std::collections::BTreeMap;
 use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
@@ -27,6 +35,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Sender, TrySendError};
 
+use crate::nix::hash::NarHash;
 use crate::nix::store_path::{HashPart, StorePath};
 
 use super::index::{Bits, Index, PackedHash, pack, pack_path, unpack};
@@ -36,6 +45,13 @@ const FIRST_RETRY: Duration = Duration::from_millis(500);
 const MAX_RETRY: Duration = Duration::from_secs(30);
 /// How old share decisions may grow before a scan makes them all again.
 pub const REDECIDE_AFTER: Duration = Duration::from_secs(24 * 3600);
+/// When the upstream cache could not be asked: the first wait before it is
+/// asked again, and the longest.
+const UPSTREAM_FIRST_RETRY: Duration = Duration::from_secs(30);
+const UPSTREAM_MAX_RETRY: Duration = Duration::from_secs(900);
+/// Paths asked of upstream between two installs of the index: shares show
+/// up while a large store is still being checked.
+const UPSTREAM_BATCH: usize = 1000;
 
 /// How the shared set changed in one scan.
 ///
@@ -147,6 +163,9 @@ pub fn run(
     let mut due = true;
     let mut next: Option<Instant> = None;
     let mut held = false;
+    // Paths whose decision waits on the upstream cache, with their NarHash.
+    let mut waiting: BTreeMap<PackedHash, (HashPart, NarHash)> = BTreeMap::new();
+    let mut upstream_retry = UPSTREAM_FIRST_RETRY;
     loop {
         if !due {
             let woken = wakeup.wait(next.map(|at| at.saturating_duration_since(Instant::now())));
@@ -199,21 +218,31 @@ pub fn run(
                 }
                 store.set_daemon_reachable(true);
                 store.complete_scan(outcome.index);
-                if let (Some(tx), Some(delta)) = (&deltas, outcome.delta) {
-                    match tx.try_send(delta) {
-                        Ok(()) => {}
-                        Err(TrySendError::Full(delta)) => log::warn!(
-                            "share delta {} dropped: its receiver is behind",
-                            delta.generation
-                        ),
-                        Err(TrySendError::Disconnected(_)) => {
-                            log::debug!("the share delta receiver is gone");
-                            deltas = None;
-                        }
-                    }
+                if let Some(delta) = outcome.delta {
+                    send_delta(&mut deltas, delta);
                 }
                 retry = FIRST_RETRY;
-                next = interval.and_then(|interval| Instant::now().checked_add(interval));
+                let mut wait = interval;
+                if store.policy().upstream().is_some() {
+                    let index = store.index();
+                    waiting.retain(|packed, _| index.position_of(packed).is_some());
+                    drop(index);
+                    for (hash, nar_hash) in outcome.pending {
+                        waiting.insert(pack(&hash), (hash, nar_hash));
+                    }
+                    if check_upstream(&store, &mut waiting, &mut deltas) {
+                        upstream_retry = UPSTREAM_FIRST_RETRY;
+                    } else {
+                        log::info!(
+                            "{} path(s) wait on the upstream cache, not shared; asking again in {} s",
+                            waiting.len(),
+                            upstream_retry.as_secs()
+                        );
+                        wait = Some(interval.map_or(upstream_retry, |i| i.min(upstream_retry)));
+                        upstream_retry = (upstream_retry * 2).min(UPSTREAM_MAX_RETRY);
+                    }
+                }
+                next = wait.and_then(|wait| Instant::now().checked_add(wait));
             }
             Err(e) => {
                 drop(old);
@@ -229,6 +258,79 @@ pub fn run(
             }
         }
     }
+}
+
+/// Sends a change of the shared set to the subscriber, if there is one.
+fn send_delta(deltas: &mut Option<Sender<ShareDelta>>, delta: ShareDelta) {
+    let Some(tx) = deltas else {
+        return;
+    };
+    match tx.try_send(delta) {
+        Ok(()) => {}
+        Err(TrySendError::Full(delta)) => log::warn!(
+            "share delta {} dropped: its receiver is behind",
+            delta.generation
+        ),
+        Err(TrySendError::Disconnected(_)) => {
+            log::debug!("the share delta receiver is gone");
+            *deltas = None;
+        }
+    }
+}
+
+/// Asks the upstream cache about the waiting paths, a batch at a time, and
+/// installs an index that shares those it may. Returns false when upstream
+/// could not be asked: the paths not answered keep waiting, not shared.
+fn check_upstream(
+    store: &LocalStore,
+    waiting: &mut BTreeMap<PackedHash, (HashPart, NarHash)>,
+    deltas: &mut Option<Sender<ShareDelta>>,
+) -> bool {
+    let Some(upstream) = store.policy().upstream() else {
+        return true;
+    };
+    let started = Instant::now();
+    let (mut shared, mut answered) = (0, 0);
+    while !waiting.is_empty() {
+        let batch: Vec<(HashPart, NarHash)> =
+            waiting.values().take(UPSTREAM_BATCH).copied().collect();
+        let checked = upstream.check(batch);
+        answered += checked.answered.len();
+        let mut yes = Vec::new();
+        for (packed, share) in &checked.answered {
+            waiting.remove(packed);
+            if *share {
+                yes.push(*packed);
+            }
+        }
+        if let Some((index, added)) = store.index().share_more(&yes) {
+            shared += added.len();
+            let delta = ShareDelta {
+                generation: index.generation(),
+                added,
+                removed: Vec::new(),
+            };
+            store.update_index(index);
+            if deltas.is_some() {
+                send_delta(deltas, delta);
+            }
+        }
+        if let Some(error) = checked.error {
+            log::warn!(
+                "upstream cache {} cannot be asked: {error}; its answers: {answered}, {shared} shared",
+                upstream.url()
+            );
+            return false;
+        }
+    }
+    if answered > 0 {
+        log::info!(
+            "upstream cache {}: {answered} path(s) answered, {shared} shared, in {} ms",
+            upstream.url(),
+            started.elapsed().as_millis()
+        );
+    }
+    true
 }
 
 /// Lists the valid paths and decides the new ones against `old`.
@@ -249,12 +351,17 @@ pub fn scan(
         started.elapsed().as_millis()
     );
     let started = Instant::now();
+    let mut pending = Vec::new();
     rescan.resolve(|path| {
         let raw = path.to_string();
         // `None`: gone since the listing.
         let info = daemon.query_path_info(&raw)?;
         Ok::<_, StoreError>(info.map(|info| match LocalPathInfo::from_daemon(info) {
-            Ok(info) => policy.allows(&info),
+            Ok(info) => policy.decide(&info).unwrap_or_else(|| {
+                // Waits on the upstream cache: not shared yet.
+                pending.push((info.path.hash_part(), info.nar_hash));
+                false
+            }),
             Err(e) => {
                 log::warn!("scan: not sharing {raw}: {e}");
                 false
@@ -266,7 +373,9 @@ pub fn scan(
         rescan.asked,
         started.elapsed().as_millis()
     );
-    Ok(rescan.finish(want_delta))
+    let mut outcome = rescan.finish(want_delta);
+    outcome.pending = pending;
+    Ok(outcome)
 }
 
 /// What a scan found.
@@ -282,6 +391,9 @@ pub struct ScanOutcome {
     pub gone: usize,
     /// Paths whose share decision needed the daemon.
     pub asked: usize,
+    /// Paths whose share decision waits on the upstream cache (indexed as
+    /// not shared), with their NarHash.
+    pub pending: Vec<(HashPart, NarHash)>,
 }
 
 /// One scan's listing, held against the previous index: the part of the
@@ -388,6 +500,7 @@ impl<'a> Rescan<'a> {
             new,
             gone: old.len() - self.seen.count_ones(),
             asked: self.asked,
+            pending: Vec::new(),
         };
         if !self.redecide && outcome.new == 0 && outcome.gone == 0 {
             return outcome;

@@ -34,6 +34,7 @@ fn mode_name(mode: FilterMode) -> &'static str {
         FilterMode::Signed => "signed",
         FilterMode::Rules => "rules",
         FilterMode::None => "none",
+        FilterMode::Nixpkgs => "nixpkgs",
     }
 }
 
@@ -44,6 +45,7 @@ fn check_bounds(c: &Config) {
     let secs = c.peer_timeout.as_secs_f64();
     assert!((0.049..=600.0).contains(&secs), "peer timeout {secs} s");
     assert!(c.verify_before_send <= 256 * 1024 * 1024);
+    assert!((1..=64).contains(&c.filter_concurrency));
     assert_ne!(c.scan_interval, Some(Duration::ZERO), "0 means never");
     for peer in &c.lan.extra_peers {
         assert!(!peer.host.is_empty());
@@ -92,6 +94,14 @@ fn as_flags(c: &Config) -> Vec<OsString> {
     for pattern in &c.filter_patterns {
         flag("--filter-pattern", OsStr::new(pattern));
     }
+    flag("--upstream-cache", OsStr::new(&c.upstream_cache));
+    flag(
+        "--filter-concurrency",
+        OsStr::new(&c.filter_concurrency.to_string()),
+    );
+    if let Some(name) = &c.peer_id {
+        flag("--peer-id", OsStr::new(name));
+    }
     let scan = c.scan_interval.map_or(0, |d| d.as_secs());
     flag("--scan-interval", OsStr::new(&scan.to_string()));
     flag(
@@ -111,6 +121,12 @@ fn as_flags(c: &Config) -> Vec<OsString> {
     );
     if c.verbose {
         args.push("--verbose".into());
+    }
+    if c.no_verify {
+        args.push("--no-verify".into());
+    }
+    if c.allow_insecure_http {
+        args.push("--allow-insecure-http".into());
     }
     args.push(
         if c.lan.enabled {
@@ -187,6 +203,15 @@ fn as_toml(c: &Config) -> Option<String> {
         list(c.filter_patterns.iter().cloned())
     );
     let _ = writeln!(t, "trusted_keys = {}", list(c.trusted_keys.iter().cloned()));
+    let _ = writeln!(t, "upstream_cache = {}", quote(&c.upstream_cache));
+    let _ = writeln!(t, "no_verify = {}", c.no_verify);
+    let _ = writeln!(t, "filter_concurrency = {}", c.filter_concurrency);
+    let _ = writeln!(t, "[security]");
+    let _ = writeln!(t, "allow_insecure_http = {}", c.allow_insecure_http);
+    if let Some(name) = &c.peer_id {
+        let _ = writeln!(t, "[tracker]");
+        let _ = writeln!(t, "peer_id = {}", quote(name));
+    }
     if let Some(key) = &c.private_key_file {
         let _ = writeln!(t, "[signing]");
         let _ = writeln!(t, "private_key = {}", path(key)?);
