@@ -10,6 +10,9 @@
 //!   one is no older than two intervals and a minute.
 //! - `lan`, when LAN discovery is asked for: its UDP side runs.
 //! - `tracker`, when a tracker is configured: its last exchange worked.
+//! - `state`: the last write of `stats.json` and `peers.json` to the state
+//!   directory worked. Files found damaged at start are listed under
+//!   `damaged` (set aside and replaced: reported, not a failure).
 
 use std::io::Cursor;
 use std::time::Duration;
@@ -82,6 +85,9 @@ pub(crate) fn render(snapshot: &Snapshot, with_peers: bool) -> (Value, bool) {
             ),
         );
     }
+    if let Some(state) = &snapshot.state {
+        checks.insert("state".into(), state_check(state));
+    }
     let healthy = checks.values().all(|c| c["status"] == "ok");
     let mut json = json!({
         "status": if healthy { "healthy" } else { "degraded" },
@@ -106,6 +112,36 @@ pub(crate) fn render(snapshot: &Snapshot, with_peers: bool) -> (Value, bool) {
 fn check(ok: bool, mut details: Value) -> Value {
     details["status"] = Value::from(if ok { "ok" } else { "fail" });
     details
+}
+
+/// The state directory's writer: failing while a write fails.
+fn state_check(state: &crate::state::StateReport) -> Value {
+    let damaged: Vec<Value> = state
+        .damaged
+        .iter()
+        .map(|d| {
+            json!({
+                "file": d.file,
+                "error": d.error,
+                "set_aside_as": d.set_aside_as,
+            })
+        })
+        .collect();
+    let detail = match (&state.last_error, damaged.is_empty()) {
+        (Some(e), _) => e.clone(),
+        (None, true) => "written".into(),
+        (None, false) => "written; damaged files were set aside and replaced".into(),
+    };
+    check(
+        state.last_error.is_none(),
+        json!({
+            "dir": state.dir.display().to_string(),
+            "writes": state.writes,
+            "last_write": state.last_write,
+            "damaged": damaged,
+            "detail": detail,
+        }),
+    )
 }
 
 /// Whether the index is there and recent enough for its scan interval.
