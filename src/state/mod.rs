@@ -118,7 +118,7 @@ impl State {
             log::info!("statistics read back from {}", state.path(STATS_FILE));
         }
         let wall = SystemTime::now();
-        if let Some(saved) = state.load(PEERS_FILE, |b| format::parse_peers(b), &mut damaged) {
+        if let Some(saved) = state.load(PEERS_FILE, format::parse_peers, &mut damaged) {
             let banned = saved
                 .iter()
                 .filter(|p| p.banned_until.is_some_and(|until| until > wall))
