@@ -78,6 +78,8 @@ pub struct Config {
     pub daemon_socket: PathBuf,
     pub store_root: PathBuf,
     pub state_dir: PathBuf,
+    /// How often `stats.json` and the peer table are written there.
+    pub state_interval: Duration,
     pub private_key_file: Option<PathBuf>,
     pub trusted_keys: Vec<String>,
     pub filter_mode: FilterMode,
@@ -123,6 +125,7 @@ impl Default for Config {
             daemon_socket: PathBuf::from(DEFAULT_DAEMON_SOCKET),
             store_root: PathBuf::from("/"),
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            state_interval: crate::state::DEFAULT_INTERVAL,
             private_key_file: None,
             trusted_keys: vec![DEFAULT_TRUSTED_KEY.to_string()],
             filter_mode: FilterMode::Signed,

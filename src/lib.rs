@@ -14,6 +14,7 @@ pub mod lan;
 pub mod nix;
 pub mod notify;
 pub mod peers;
+pub mod state;
 pub mod stats;
 pub mod store;
 pub mod tracker;

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use peerix::config::{self, Command, Config};
 use peerix::fetch::client::PeerClient;
@@ -20,6 +20,7 @@ use peerix::lan::summary::Publisher;
 use peerix::nix::keys::{PublicKey, SecretKey};
 use peerix::notify;
 use peerix::peers::{Discovery, PeerTable};
+use peerix::state::State;
 use peerix::stats::{NodeInfo, Stats, StoreView};
 use peerix::store::daemon::DaemonPool;
 use peerix::store::policy::{FilterMode, SharePolicy};
@@ -264,6 +265,9 @@ fn run(config: &Config) -> Result<(), String> {
     // HTTP reaches them all.
     let stats = Arc::new(Stats::new());
     let peers = Arc::new(PeerTable::new());
+    // The saved counters and peer table (bans included) are read back
+    // before any peer is asked or any request counted.
+    let state = State::open(&config.state_dir, Arc::clone(&stats), Arc::clone(&peers));
     let tracker = match (&config.tracker, delta_receiver) {
         (Some(url), Some(deltas)) => Some(start_tracker(config, url, &store, deltas)?),
         _ => None,
@@ -352,14 +356,20 @@ fn run(config: &Config) -> Result<(), String> {
         signal_hook::flag::register(signal, Arc::clone(&stop))
             .map_err(|e| format!("cannot handle signal {signal}: {e}"))?;
     }
-    let mut ticks = 0u32;
+    // The state is written from here too: no thread of its own.
+    let tick = config.state_interval.min(Duration::from_millis(100));
+    let (mut watched, mut saved) = (Instant::now(), Instant::now());
     while !stop.load(Ordering::SeqCst) {
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(tick);
         // About once a second: when a scan completes, and whether the
         // daemon comes or goes, for the index age and the activity log.
-        ticks = ticks.wrapping_add(1);
-        if ticks % 10 == 0 {
+        if watched.elapsed() >= Duration::from_secs(1) {
+            watched = Instant::now();
             watch_store(&stats, &store_for_readiness);
+        }
+        if saved.elapsed() >= config.state_interval {
+            saved = Instant::now();
+            state.save();
         }
     }
     log::info!(
@@ -368,6 +378,9 @@ fn run(config: &Config) -> Result<(), String> {
     );
     notify::notify("STOPPING=1\nSTATUS=finishing running requests");
     let left = server.drain(config.shutdown_timeout);
+    if state.save() {
+        log::info!("state written to {}", config.state_dir.display());
+    }
     if left > 0 {
         log::warn!("stopped with {left} request(s) still running");
     } else {

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crate::lan::packet::PacketError;
 use crate::nix::store_path::HashPart;
 use crate::peers::{PeerId, PeerTable};
+use crate::state::StateReport;
 
 /// What kind of request a route is: requests are counted and timed by
 /// kind, never by hash or peer.
@@ -327,6 +328,31 @@ impl TopN {
         }
     }
 
+    fn export(&self) -> Vec<SavedTop> {
+        self.lock()
+            .iter()
+            .map(|e| SavedTop {
+                hash: e.hash,
+                name: e.name.clone(),
+                count: e.count,
+                error: e.error,
+            })
+            .collect()
+    }
+
+    /// Takes back saved entries, before any hit: at most [`TOP_TRACKED`].
+    fn import(&self, saved: &[SavedTop]) {
+        let mut entries = self.lock();
+        for s in saved.iter().take(TOP_TRACKED.saturating_sub(entries.len())) {
+            entries.push(Tracked {
+                hash: s.hash,
+                name: s.name.clone(),
+                count: s.count,
+                error: s.error.min(s.count),
+            });
+        }
+    }
+
     fn name_of(&self, hash: &HashPart) -> Option<Box<str>> {
         self.lock()
             .iter()
@@ -349,6 +375,39 @@ impl TopN {
         top
     }
 }
+
+/// A top-N entry as it is kept across restarts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SavedTop {
+    pub hash: HashPart,
+    pub name: Option<Box<str>>,
+    pub count: u64,
+    /// How much of `count` may be other paths' hits.
+    pub error: u64,
+}
+
+/// The counters kept across restarts (`crate::state` writes them to
+/// `stats.json`): the totals and bytes, and the top-N lists. Latencies,
+/// the LAN socket's counters and the activity log describe one run and
+/// start afresh.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub nars_served: u64,
+    pub narinfos_served: u64,
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    pub peer_requests: u64,
+    pub errors: u64,
+    pub bytes_sent_local: u64,
+    /// By [`Source::ALL`].
+    pub bytes_sent_peers: [u64; 3],
+    pub bytes_received_peers: [u64; 3],
+    pub top_requested: Vec<SavedTop>,
+    pub top_served: Vec<SavedTop>,
+}
+
+/// Entries a saved top-N list may hold.
+pub const TOP_SAVED: usize = TOP_TRACKED;
 
 /// One line of the activity log.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -542,6 +601,8 @@ pub struct Snapshot {
     pub top_requested: Vec<TopEntry>,
     pub top_served: Vec<TopEntry>,
     pub activity: Vec<Event>,
+    /// The state directory's writer, once it runs.
+    pub state: Option<StateReport>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -608,6 +669,7 @@ pub struct Stats {
     watch: Mutex<StoreWatch>,
     probe: Mutex<Option<(Instant, bool)>>,
     probing: AtomicBool,
+    state: Mutex<Option<StateReport>>,
 }
 
 impl Default for Stats {
@@ -644,6 +706,7 @@ impl Stats {
             }),
             probe: Mutex::new(None),
             probing: AtomicBool::new(false),
+            state: Mutex::new(None),
         }
     }
 
@@ -787,6 +850,49 @@ impl Stats {
         Some(answer)
     }
 
+    /// The counters kept across restarts, as they are now.
+    pub fn totals(&self) -> Totals {
+        let load = |c: &AtomicU64| c.load(Relaxed);
+        Totals {
+            nars_served: load(&self.nars_served),
+            narinfos_served: load(&self.narinfos_served),
+            cache_hits: load(&self.cache_hits),
+            cache_misses: load(&self.cache_misses),
+            peer_requests: load(&self.peer_requests),
+            errors: load(&self.errors),
+            bytes_sent_local: load(&self.bytes_sent_local),
+            bytes_sent_peers: std::array::from_fn(|i| load(&self.bytes_sent_peers[i])),
+            bytes_received_peers: std::array::from_fn(|i| load(&self.bytes_received_peers[i])),
+            top_requested: self.requested.export(),
+            top_served: self.served.export(),
+        }
+    }
+
+    /// Adds saved totals to the counters: at start, before any request.
+    pub fn restore(&self, saved: &Totals) {
+        let add = |c: &AtomicU64, n: u64| {
+            c.fetch_add(n, Relaxed);
+        };
+        add(&self.nars_served, saved.nars_served);
+        add(&self.narinfos_served, saved.narinfos_served);
+        add(&self.cache_hits, saved.cache_hits);
+        add(&self.cache_misses, saved.cache_misses);
+        add(&self.peer_requests, saved.peer_requests);
+        add(&self.errors, saved.errors);
+        add(&self.bytes_sent_local, saved.bytes_sent_local);
+        for i in 0..Source::ALL.len() {
+            add(&self.bytes_sent_peers[i], saved.bytes_sent_peers[i]);
+            add(&self.bytes_received_peers[i], saved.bytes_received_peers[i]);
+        }
+        self.requested.import(&saved.top_requested);
+        self.served.import(&saved.top_served);
+    }
+
+    /// What the state directory's writer last did, for `/health`.
+    pub fn set_state(&self, report: StateReport) {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = Some(report);
+    }
+
     /// Reads every counter, and what `view` names, into one snapshot.
     #[inline(never)]
     pub fn snapshot(&self, view: View<'_>) -> Snapshot {
@@ -874,6 +980,7 @@ impl Stats {
                 .iter()
                 .cloned()
                 .collect(),
+            state: self.state.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         }
     }
 }

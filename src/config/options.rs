@@ -173,8 +173,8 @@ const GENERAL: &[Opt] = &[
         &[value(
             "state-dir",
             "DIR",
-            "where state will be kept (node key, statistics); nothing is written \
-             there yet",
+            "where state is kept: stats.json, peers.json (reputation, bans), \
+             the node key",
         )],
         |c, v| {
             c.state_dir = v.path()?;
@@ -184,6 +184,25 @@ const GENERAL: &[Opt] = &[
     .key("server", "state_dir")
     .default(DEFAULT_STATE_DIR)
     .example("\"/tmp/peerix-state\""),
+    opt(
+        &[value(
+            "state-interval",
+            "SECS",
+            "write stats.json and peers.json every SECS seconds (and on shutdown); \
+             0.01 at least, for tests",
+        )],
+        |c, v| {
+            let secs = v.float()?;
+            if !(0.01..=86_400.0).contains(&secs) {
+                return Err(format!("{secs} seconds is out of range (0.01 to 86400)"));
+            }
+            c.state_interval = Duration::from_secs_f64(secs);
+            Ok(())
+        },
+    )
+    .key("server", "state_interval")
+    .default("60")
+    .example("0.5"),
     opt(
         &[value(
             "private-key",

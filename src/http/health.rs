@@ -10,6 +10,9 @@
 //!   one is no older than two intervals and a minute.
 //! - `lan`, when LAN discovery is asked for: its UDP side runs.
 //! - `tracker`, when a tracker is configured: its last exchange worked.
+//! - `state`: the last write of `stats.json` and `peers.json` to the state
+//!   directory worked. Files found damaged at start are listed under
+//!   `damaged` (set aside and replaced: reported, not a failure).
 
 use std::fmt::Write as _;
 use std::io::Cursor;
@@ -244,8 +247,41 @@ pub(super) fn checks(json: &mut Json, snapshot: &Snapshot) -> bool {
         check(json, tracker.reachable);
         healthy &= tracker.reachable;
     }
+    if let Some(state) = &snapshot.state {
+        state_check(json, state);
+        healthy &= state.last_error.is_none();
+    }
     json.close();
     healthy
+}
+
+/// The state directory's writer: failing while a write fails. Files found
+/// damaged at start are listed, set aside and replaced: not a failure.
+fn state_check(json: &mut Json, state: &crate::state::StateReport) {
+    json.key("state").open();
+    json.key("damaged").open_list();
+    for damaged in &state.damaged {
+        json.open();
+        json.key("error").str(&damaged.error);
+        json.key("file").str(damaged.file);
+        json.key("set_aside_as");
+        match &damaged.set_aside_as {
+            Some(path) => json.str(path),
+            None => json.null(),
+        };
+        json.close();
+    }
+    json.close_list();
+    json.key("detail")
+        .str(match (&state.last_error, state.damaged.is_empty()) {
+            (Some(e), _) => e,
+            (None, true) => "written",
+            (None, false) => "written; damaged files were set aside and replaced",
+        });
+    json.key("dir").str(&state.dir.display().to_string());
+    json.key("last_write").opt_u64(state.last_write);
+    json.key("writes").u64(state.writes);
+    check(json, state.last_error.is_none());
 }
 
 /// Ends a check's object with its status.

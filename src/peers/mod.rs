@@ -12,4 +12,6 @@ mod table;
 
 pub use discovery::{Discovery, Search};
 pub use id::{HostKey, PeerId};
-pub use table::{FIRST_BACKOFF, Failure, LIAR_BAN, MAX_BACKOFF, PeerRecord, PeerTable};
+pub use table::{
+    FIRST_BACKOFF, Failure, LIAR_BAN, MAX_BACKOFF, MAX_PEERS, PeerRecord, PeerTable, SavedPeer,
+};

@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use super::{HostKey, PeerId};
 
@@ -24,7 +24,7 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// How long a peer that served wrong data is shunned.
 pub const LIAR_BAN: Duration = Duration::from_secs(24 * 3600);
 /// Peer hosts remembered at most.
-const MAX_PEERS: usize = 1024;
+pub const MAX_PEERS: usize = 1024;
 
 /// What went wrong with a peer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -235,6 +235,87 @@ impl PeerTable {
     }
 }
 
+/// A peer host's record as it is kept across restarts (`crate::state`):
+/// the shunning ends as wall-clock times, since an [`Instant`] means
+/// nothing to the next process.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SavedPeer {
+    pub peer: PeerId,
+    pub successes: u64,
+    pub failures: u64,
+    pub lies: u64,
+    pub bytes: u64,
+    pub latency_ms: Option<f64>,
+    pub consecutive_failures: u32,
+    pub backoff_until: Option<SystemTime>,
+    pub banned_until: Option<SystemTime>,
+}
+
+/// `until` (an instant) as a wall-clock time, if it is still ahead.
+fn to_wall(until: Option<Instant>, now: Instant, wall: SystemTime) -> Option<SystemTime> {
+    until
+        .filter(|&until| until > now)
+        .and_then(|until| wall.checked_add(until - now))
+}
+
+/// `until` (a wall-clock time) as an instant, if it is still ahead; never
+/// further ahead than `longest`, however the clock moved meanwhile.
+fn to_instant(
+    until: Option<SystemTime>,
+    wall: SystemTime,
+    now: Instant,
+    longest: Duration,
+) -> Option<Instant> {
+    let left = until?.duration_since(wall).ok()?;
+    (!left.is_zero()).then(|| now + left.min(longest))
+}
+
+impl PeerTable {
+    /// Every record, to be saved: expiries as wall-clock times.
+    pub fn export(&self, now: Instant, wall: SystemTime) -> Vec<SavedPeer> {
+        let mut saved: Vec<SavedPeer> = self
+            .lock()
+            .values()
+            .map(|r| SavedPeer {
+                peer: r.last_seen_as,
+                successes: r.successes,
+                failures: r.failures,
+                lies: r.lies,
+                bytes: r.bytes,
+                latency_ms: r.latency_ms,
+                consecutive_failures: r.consecutive_failures,
+                backoff_until: to_wall(r.backoff_until, now, wall),
+                banned_until: to_wall(r.banned_until, now, wall),
+            })
+            .collect();
+        saved.sort_by_key(|p| p.peer);
+        saved
+    }
+
+    /// Takes back saved records (at start, before any peer is asked): an
+    /// expiry already past is dropped, one further ahead than the longest
+    /// backoff or ban is cut to it. A host already known keeps its record.
+    /// At most [`MAX_PEERS`] are taken.
+    pub fn import(&self, saved: Vec<SavedPeer>, now: Instant, wall: SystemTime) {
+        let mut peers = self.lock();
+        for s in saved {
+            if peers.len() >= MAX_PEERS {
+                break;
+            }
+            let mut record = PeerRecord::new(s.peer, now);
+            record.successes = s.successes;
+            record.failures = s.failures;
+            record.lies = s.lies;
+            record.bytes = s.bytes;
+            record.latency_ms = s.latency_ms;
+            record.consecutive_failures = s.consecutive_failures;
+            record.backoff_until = to_instant(s.backoff_until, wall, now, MAX_BACKOFF);
+            record.banned_until = to_instant(s.banned_until, wall, now, LIAR_BAN);
+            peers.entry(s.peer.host()).or_insert(record);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -381,5 +462,35 @@ mod tests {
             vec![addr(5), addr(6)],
             "ties keep answer order, once each"
         );
+    }
+
+    #[test]
+    fn bans_and_backoffs_survive_an_export_and_import_by_wall_clock() {
+        let table = PeerTable::new();
+        let t0 = Instant::now();
+        let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        table.record_failure(addr(1), Failure::Lied, t0);
+        table.record_failure(addr(2), Failure::Unavailable, t0);
+        table.record_success(addr(3), 7, Duration::from_millis(3));
+        let saved = table.export(t0, wall);
+        assert_eq!(saved.len(), 3);
+        assert_eq!(saved[0].banned_until, Some(wall + LIAR_BAN));
+        assert_eq!(saved[1].backoff_until, Some(wall + FIRST_BACKOFF));
+
+        // A new process, an hour later by the wall clock.
+        let later = PeerTable::new();
+        let t1 = Instant::now();
+        later.import(saved.clone(), t1, wall + Duration::from_secs(3600));
+        assert!(later.record(&addr(1)).unwrap().is_banned(t1));
+        assert!(!later.is_available(&addr(1), t1 + LIAR_BAN - Duration::from_secs(3601)));
+        assert!(later.is_available(&addr(1), t1 + LIAR_BAN - Duration::from_secs(3600)));
+        assert!(later.is_available(&addr(2), t1), "the backoff is over");
+        assert_eq!(later.record(&addr(3)).unwrap().bytes, 7);
+
+        // A clock set far back cannot stretch a ban past its length.
+        let early = PeerTable::new();
+        early.import(saved, t1, wall - Duration::from_secs(10 * 24 * 3600));
+        assert!(early.is_available(&addr(1), t1 + LIAR_BAN));
+        assert!(!early.is_available(&addr(1), t1 + LIAR_BAN - Duration::from_secs(1)));
     }
 }
