@@ -376,6 +376,9 @@ fn run(config: &Config) -> Result<(), String> {
         "stopping: letting running requests finish (at most {:?})",
         config.shutdown_timeout
     );
+    // Refused before systemd hears STOPPING, so that nothing asked after it
+    // is still taken.
+    server.refuse_new_requests();
     notify::notify("STOPPING=1\nSTATUS=finishing running requests");
     let left = server.drain(config.shutdown_timeout);
     if state.save() {

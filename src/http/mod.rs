@@ -315,11 +315,16 @@ impl Server {
         })
     }
 
+    /// Stops taking requests: new ones get 503 from now on.
+    pub fn refuse_new_requests(&self) {
+        self.activity.draining.store(true, Ordering::SeqCst);
+    }
+
     /// Stops taking requests (new ones get 503) and waits for the running
     /// ones, transfers included, to end, for at most `timeout`. Returns how
     /// many were still running.
     pub fn drain(&self, timeout: Duration) -> usize {
-        self.activity.draining.store(true, Ordering::SeqCst);
+        self.refuse_new_requests();
         let deadline = Instant::now() + timeout;
         loop {
             let running = self.activity.running.load(Ordering::SeqCst);
