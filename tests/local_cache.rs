@@ -872,14 +872,15 @@ fn bad_requests_get_4xx_and_never_break_the_daemon() {
 }
 
 /// Under systemd: `READY=1` reaches the `NOTIFY_SOCKET` once the first scan
-/// is done. On SIGTERM during a large NAR download, the download completes
-/// (every byte, the length the headers promised), new requests get 503,
-/// and peerix exits 0 on its own.
+/// is done. On SIGTERM during a 200 MiB NAR download, the download
+/// completes (every byte, the length the headers promised), new requests
+/// get 503, and peerix exits 0 on its own.
 #[test]
 fn sigterm_lets_a_running_download_finish_and_exits_0() {
     let dir = TestDir::new("sigterm");
-    let fx = realistic_fixture();
-    let a = Host::with_paths(&dir, "a", &[&fx.big]);
+    let mut a = Host::new(&dir, "a");
+    let big = add_big_file(&dir, &a, 200 << 20);
+    a.start_daemon();
     let notify_path = dir.join("notify.sock");
     let notify =
         std::os::unix::net::UnixDatagram::bind(&notify_path).expect("binding NOTIFY_SOCKET");
@@ -903,7 +904,7 @@ fn sigterm_lets_a_running_download_finish_and_exits_0() {
         "ready before the first scan: {health}"
     );
 
-    let narinfo = narinfo_text(peerix.addr, "", &fx.big);
+    let narinfo = narinfo_text(peerix.addr, "", &big);
     let nar_path = nar_request_path("", &narinfo);
     let mut stream = TcpStream::connect(peerix.addr).expect("connecting to peerix");
     stream
@@ -944,6 +945,10 @@ fn sigterm_lets_a_running_download_finish_and_exits_0() {
     stream.read_to_end(&mut rest).expect("the rest of the NAR");
     let body = got.len() - head_end + rest.len();
     assert_eq!(body, length, "every byte promised arrived");
+    assert!(
+        length > 200 << 20,
+        "a NAR of the 200 MiB file: {length} bytes"
+    );
     let status = poll_until("peerix to exit after SIGTERM", || {
         peerix.try_wait().ok_or_else(|| "still running".to_string())
     });
@@ -1190,4 +1195,35 @@ fn a_burst_of_keep_alive_connections_is_answered_in_full() {
             );
         }
     }
+}
+
+/// Adds a file of `size` bytes of pseudo-random data (so that nothing on
+/// the way could shorten it) to `host`'s store, before its daemon starts;
+/// returns the store path.
+fn add_big_file(dir: &TestDir, host: &Host, size: usize) -> String {
+    let file = dir.join("big.bin");
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64 ^ u64::from(unique_number());
+    let mut block = vec![0u8; 1 << 20];
+    for chunk in block.chunks_mut(8) {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
+    }
+    let mut out = std::fs::File::create(&file).expect("creating the big file");
+    for i in 0..size / block.len() {
+        block[0..8].copy_from_slice(&(i as u64).to_le_bytes());
+        out.write_all(&block).expect("writing the big file");
+    }
+    drop(out);
+    let store = host.store();
+    host.nix.stdout(
+        "nix-store",
+        &[
+            "--store",
+            store.as_str(),
+            "--add",
+            file.to_str().expect("a UTF-8 path"),
+        ],
+    )
 }

@@ -302,7 +302,7 @@ fn table<'d>(dom: &'d str, id: &str) -> &'d str {
 /// B fetches a path from A through its peerix; B's dashboard, rendered by
 /// a real Chromium in B's namespace, shows A among the peers and the path
 /// among the most served. A's dashboard JSON shows it served to B. The
-/// screenshot is kept in the test dir (with `PEERIX_TEST_KEEP=1`).
+/// screenshot is kept as a test artifact: `target/tmp/dashboard.png`.
 #[test]
 fn the_dashboard_in_chromium_shows_the_peer_and_the_served_path() {
     let (dir, lan, key) = world("ops_dashboard", 2);
@@ -398,7 +398,11 @@ fn the_dashboard_in_chromium_shows_the_peer_and_the_served_path() {
         "expected a PNG screenshot, got {} bytes",
         png.len()
     );
-    eprintln!("dashboard screenshot: {}", shot.display());
+    // The test dir goes with the test; the artifact stays in cargo's
+    // directory for test files (target/tmp), where CI can pick it up.
+    let artifact = Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
+    std::fs::write(&artifact, &png).expect("saving the screenshot artifact");
+    eprintln!("dashboard screenshot: {}", artifact.display());
 }
 
 /// A request from inside `ns`.
