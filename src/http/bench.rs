@@ -180,4 +180,21 @@ fn stats_pages_with_1000_peers_and_100k_paths() {
         "counting a NAR served (top-N included): {:.1} ns",
         began.elapsed().as_nanos() as f64 / n as f64
     );
+
+    // A state write: stats.json and peers.json, each to a temporary file,
+    // fsync, rename and an fsync of the directory, on the disk under /tmp.
+    let dir = std::env::temp_dir().join(format!("peerix-bench-state-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("a state dir for the benchmark");
+    let state =
+        crate::state::State::open(&dir, std::sync::Arc::new(stats), std::sync::Arc::new(table));
+    let (took, saved) = time(20, || state.save());
+    assert!(saved, "the state write failed");
+    let size = |name: &str| std::fs::metadata(dir.join(name)).map_or(0, |m| m.len());
+    println!(
+        "state write ({PEERS} peers): {took:.2?} (median of 20), stats.json {} bytes, peers.json {} bytes",
+        size("stats.json"),
+        size("peers.json")
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

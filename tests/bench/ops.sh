@@ -10,7 +10,8 @@
 # 1. With a full peer table (1,000 peers) and 100,000 distinct paths
 #    requested and served through the top-N lists: the time to take a
 #    snapshot and render /metrics, /dashboard.json and /health, their
-#    sizes, and the cost of counting a request (the ignored test
+#    sizes, the cost of counting a request, and of one state write
+#    (stats.json and peers.json, atomically, with fsyncs) (the ignored test
 #    `http::bench` in a release build; it fills the stats core directly).
 # 2. A real peerix (release build, LAN on) over a private nix-daemon with
 #    the 320-path closure of tests/fixtures/many.nix, in a network
