@@ -406,6 +406,10 @@ impl Search for SummarySearch<'_> {
         self.covers_all
     }
 
+    fn answers_from_memory(&self) -> bool {
+        true
+    }
+
     fn next_holders(
         &mut self,
         usable: &dyn Fn(&PeerId) -> bool,
