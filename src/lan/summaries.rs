@@ -282,14 +282,15 @@ fn fetch_loop(
     queue: &Receiver<(IpAddr, u64, SocketAddr)>,
     timeout: Duration,
 ) {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .proxy(None)
-        .max_redirects(0)
-        .timeout_global(Some(timeout))
-        .user_agent(concat!("peerix/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .into();
+    let agent = crate::fetch::client::agent_for_addresses(
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .proxy(None)
+            .max_redirects(0)
+            .timeout_global(Some(timeout))
+            .user_agent(concat!("peerix/", env!("CARGO_PKG_VERSION")))
+            .build(),
+    );
     for (host, generation, at) in queue {
         let Some(summaries) = summaries.upgrade() else {
             return;
