@@ -427,13 +427,12 @@ impl Search for SummarySearch<'_> {
         usable: &dyn Fn(&PeerId) -> bool,
         _enough: &dyn Fn(&[PeerId]) -> bool,
     ) -> Vec<PeerId> {
-        let holders: Vec<PeerId> = self
-            .holders
-            .take()
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|p| usable(p))
-            .collect();
+        // A directory answers once: later calls (after the holders it
+        // named were asked) are not misses it answered.
+        let Some(named) = self.holders.take() else {
+            return Vec::new();
+        };
+        let holders: Vec<PeerId> = named.into_iter().filter(|p| usable(p)).collect();
         self.given.extend_from_slice(&holders);
         if holders.is_empty() && self.covers_all {
             self.summaries
