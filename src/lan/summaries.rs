@@ -299,6 +299,10 @@ fn fetch_loop(
             .proxy(None)
             .max_redirects(0)
             .timeout_global(Some(timeout))
+            // Summaries are fetched when they change: a connection kept
+            // for the next fetch would keep its buffers, which a whole
+            // summary has passed through (128 KiB or more for each peer).
+            .max_idle_connections(0)
             .user_agent(concat!("peerix/", env!("CARGO_PKG_VERSION")))
             .build(),
     );
