@@ -280,24 +280,11 @@ record warm_a "$(median <"$work/warm-a")"
 
 # 3. Misses once the summaries are known: root narinfo requests to B for
 # random valid hash parts nobody has, each asked once (B remembers a miss
-# for 10 s), one at a time on one keep-alive connection.
-latencies() { # latencies NAME COUNT [URL]: p50, p90 and p99 in ms, LAN queries per miss
-    local name=$1 count=$2 url=${3:-$b_url} q0 q1
-    python3 -c '
-import secrets, sys
-alphabet = "0123456789abcdfghijklmnpqrsvwxyz"
-for _ in range(int(sys.argv[1])):
-    h = "".join(secrets.choice(alphabet) for _ in range(32))
-    print(f"url = \"'"$url"'/{h}.narinfo\"\noutput = \"/dev/null\"")' "$count" >"$work/curl-$name"
-    q0=$(b_queries)
-    interruptible in_b curl -s -K "$work/curl-$name" -w '%{http_code} %{time_total}\n' >"$work/lat-$name" || true
-    q1=$(b_queries)
-    local wrong
-    wrong=$(awk '$1 != 404' "$work/lat-$name" | wc -l)
-    if [ "$wrong" != 0 ] || [ "$(wc -l <"$work/lat-$name")" != "$count" ]; then
-        note "warning: misses ($name): $wrong of $count answers were not 404; left out of the latencies"
-    fi
-    awk '$1 == 404 { print $2 * 1000 }' "$work/lat-$name" | sort -g | awk -v q="$((q1 - q0))" -v n="$count" '
+# for 10 s), one at a time on one keep-alive connection. With a second URL,
+# its requests take turns with B's (on a connection of their own), so both
+# meet the same moments of this machine's load.
+percentiles() { # percentiles QUERIES COUNT < "code seconds" lines: p50 p90 p99 ms, queries a miss
+    awk '$1 == 404 { print $2 * 1000 }' | sort -g | awk -v q="$1" -v n="$2" '
         { v[NR] = $1 }
         END {
             if (NR == 0) { print "nan nan nan nan"; exit }
@@ -307,19 +294,42 @@ for _ in range(int(sys.argv[1])):
             printf "%.3f %.3f %.3f %.2f\n", v[i50], v[i90], v[i99], q / n
         }'
 }
-log "$miss_count misses on B, every host's summary known"
-read -r p50 p90 p99 per_miss < <(latencies covered "$miss_count")
+latencies() { # latencies NAME COUNT [PAIR_URL]: B's p50 p90 p99 in ms and LAN queries per miss [, PAIR_URL's p50 p90 p99]
+    local name=$1 count=$2 pair=${3:-} q0 q1
+    python3 -c '
+import secrets, sys
+alphabet = "0123456789abcdfghijklmnpqrsvwxyz"
+urls = [u for u in sys.argv[2:] if u]
+for i in range(int(sys.argv[1])):
+    for url in urls if i % 2 == 0 else urls[::-1]:
+        h = "".join(secrets.choice(alphabet) for _ in range(32))
+        print(f"url = \"{url}/{h}.narinfo\"\noutput = \"/dev/null\"")' "$count" "$b_url" "$pair" >"$work/curl-$name"
+    q0=$(b_queries)
+    interruptible in_b curl -s -K "$work/curl-$name" -w '%{url_effective} %{http_code} %{time_total}\n' >"$work/lat-$name" || true
+    q1=$(b_queries)
+    awk -v b="$b_url/" 'index($1, b) == 1 { print $2, $3 }' "$work/lat-$name" >"$work/lat-$name-b"
+    local wrong
+    wrong=$(awk '$1 != 404' "$work/lat-$name-b" | wc -l)
+    if [ "$wrong" != 0 ] || [ "$(wc -l <"$work/lat-$name-b")" != "$count" ]; then
+        note "warning: misses ($name): $wrong of $count answers were not 404; left out of the latencies"
+    fi
+    local mine theirs=""
+    mine=$(percentiles "$((q1 - q0))" "$count" <"$work/lat-$name-b")
+    if [ -n "$pair" ]; then
+        theirs=$(awk -v p="$pair/" 'index($1, p) == 1 { print $2, $3 }' "$work/lat-$name" | percentiles 0 "$count" | cut -d' ' -f1-3)
+    fi
+    echo "$mine $theirs"
+}
+log "$miss_count misses on B, every host's summary known, taking turns with as many on the static 404 server"
+read -r p50 p90 p99 per_miss f50 f90 f99 < <(latencies covered "$miss_count" "$floor")
 record miss_p50 "$p50"
 record miss_p90 "$p90"
 record miss_p99 "$p99"
 record miss_queries "$per_miss"
+record floor_p50 "$f50"
+record floor_p90 "$f90"
+record floor_p99 "$f99"
 covers=$(health b | json lan.summaries.covers_lan)
-# The same loop against the static 404 server just after: what curl, the
-# loopback and this machine's load cost at that moment.
-read -r p50 p90 p99 _ < <(latencies floor "$miss_count" "$floor")
-record floor_p50 "$p50"
-record floor_p90 "$p90"
-record floor_p99 "$p99"
 record covers_during_misses "$covers"
 
 # 4. The summaries' size, while nothing has changed.
@@ -377,7 +387,7 @@ print()
 print(f"1. LAN queries B sent per cold update, when no host had a path: {rows.get('cold_queries')} (target 0)")
 print(f"3. misses on B, summaries known (covers_lan {rows['covers_during_misses']}):")
 print(f"   p50 {rows['miss_p50']} ms, p90 {rows['miss_p90']} ms, p99 {rows['miss_p99']} ms; LAN queries per miss {rows['miss_queries']}")
-print(f"   the same loop on the static 404 server just after (this machine's floor then):")
+print(f"   the static 404 server, its requests taking turns with B's (this machine's floor then):")
 print(f"   p50 {rows['floor_p50']} ms, p90 {rows['floor_p90']} ms, p99 {rows['floor_p99']} ms")
 print(f"   with a summary-less host heard (covers_lan {rows['covers_with_silent']}):")
 print(f"   p50 {rows['bcast_p50']} ms, p90 {rows['bcast_p90']} ms, p99 {rows['bcast_p99']} ms; LAN queries per miss {rows['bcast_queries']}")
