@@ -85,7 +85,7 @@ impl PeerClient {
             .user_agent(concat!("peerix/", env!("CARGO_PKG_VERSION")))
             .build();
         PeerClient {
-            agent: config.into(),
+            agent: agent_for_addresses(config),
             timeout,
         }
     }
@@ -162,7 +162,16 @@ impl PeerClient {
             .get("content-range")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        let mut body: NarBody = Box::new(response.into_body().into_reader());
+        let length = response
+            .headers()
+            .get("content-length")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        let reader = response.into_body().into_reader();
+        let mut body: NarBody = match length {
+            Some(left) => Box::new(HandsBack { reader, left }),
+            None => Box::new(reader),
+        };
         match status {
             200 if offset > 0 => {
                 // It ignored the Range: skip to the offset, at the same
@@ -249,6 +258,69 @@ impl Transport for PeerClient {
 
     fn chunk_timeout(&self) -> Duration {
         self.timeout
+    }
+}
+
+/// An agent for URLs that name an IP address and port, as peers' do.
+/// ureq's own resolver runs every lookup, an IP address's too, on a thread
+/// of its own when the request has a timeout: a thread started and ended
+/// for each narinfo and each NAR asked of a peer. Here an address is taken
+/// as it is; a name is still looked up as ureq does.
+pub fn agent_for_addresses(config: ureq::config::Config) -> ureq::Agent {
+    ureq::Agent::with_parts(
+        config,
+        ureq::unversioned::transport::DefaultConnector::default(),
+        Addresses,
+    )
+}
+
+#[derive(Debug)]
+struct Addresses;
+
+impl ureq::unversioned::resolver::Resolver for Addresses {
+    fn resolve(
+        &self,
+        uri: &ureq::http::Uri,
+        config: &ureq::config::Config,
+        timeout: ureq::unversioned::transport::NextTimeout,
+    ) -> Result<ureq::unversioned::resolver::ResolvedSocketAddrs, ureq::Error> {
+        let literal = uri
+            .authority()
+            .and_then(|authority| authority.as_str().parse::<SocketAddr>().ok());
+        match literal {
+            Some(addr) if uri.scheme_str() == Some("http") => {
+                let mut addrs = self.empty();
+                addrs.push(addr);
+                Ok(addrs)
+            }
+            _ => ureq::unversioned::resolver::DefaultResolver::default()
+                .resolve(uri, config, timeout),
+        }
+    }
+}
+
+/// A body of known length that, once its last byte is read, reads its end:
+/// the agent only keeps a connection for the next request when it has seen
+/// that, and a NAR transfer stops reading at the NAR's last byte. Without
+/// it, every NAR passed through cost a new connection to the peer. (That
+/// read does no I/O; a body of unknown length is not read further, as its
+/// end could be slow to come.)
+struct HandsBack<R> {
+    reader: R,
+    left: u64,
+}
+
+impl<R: io::Read> io::Read for HandsBack<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.reader.read(buf)?;
+        if n > 0 && self.left > 0 {
+            self.left = self.left.saturating_sub(n as u64);
+            if self.left == 0 {
+                // Only the end can come now: the reader counts the length too.
+                let _ = self.reader.read(&mut [0u8; 1]);
+            }
+        }
+        Ok(n)
     }
 }
 

@@ -107,6 +107,43 @@ impl Resolver {
         self.cached(hash).unwrap_or_else(|| self.resolve(hash))
     }
 
+    /// The answer for `hash` when it is known with no wait: a cached one,
+    /// or a miss the directories settle from memory, as when the summaries
+    /// cover every peer and none may hold it. `None` when the peers must be
+    /// asked (see [`Resolver::offer`]). It sends nothing, waits for nothing
+    /// and starts no lookup, so a worker that must not wait may call it.
+    pub fn settled(&self, hash: &HashPart) -> Option<Option<Arc<Offer>>> {
+        if let Some(answer) = self.cached(hash) {
+            return Some(answer);
+        }
+        if self.sources.is_empty() {
+            return Some(None);
+        }
+        // As in `next_holders`: a directory that covers every peer leaves
+        // the waited sources out, but every directory is still asked; here
+        // each must answer from memory.
+        let mut directories: Vec<Box<dyn Search + '_>> = Vec::new();
+        let mut covered = false;
+        for source in &self.sources {
+            let search = source.search(hash);
+            if search.is_directory() {
+                if !search.answers_from_memory() {
+                    return None;
+                }
+                covered |= search.covers_all();
+                directories.push(search);
+            }
+        }
+        if !covered {
+            return None;
+        }
+        let usable = |peer: &PeerId| self.peers.is_available(peer, Instant::now());
+        let nobody = directories
+            .iter_mut()
+            .all(|search| search.next_holders(&usable, &|_| false).is_empty());
+        nobody.then_some(None)
+    }
+
     /// The cached answer for `hash`, if there is one still good: not
     /// expired, and not from a peer that has failed or lied since.
     fn cached(&self, hash: &HashPart) -> Option<Option<Arc<Offer>>> {

@@ -13,6 +13,7 @@ use tiny_http::Request;
 use super::ServerContext;
 use super::respond::{abort, nar_head, nar_range, respond, text, unsatisfiable};
 use super::route::peer_nar_url;
+use crate::fetch::resolver::Offer;
 use crate::fetch::transfer::{self, Outcome, Plan, Sink, is_client_gone};
 use crate::nix::hash::NarHash;
 use crate::nix::store_path::HashPart;
@@ -31,13 +32,28 @@ pub struct PeerNarInfo {
 /// The narinfo to give nix for a path found on a peer, or `None`.
 pub fn peer_narinfo(context: &ServerContext, hash: &HashPart) -> Option<PeerNarInfo> {
     let offer = context.resolver.as_ref()?.offer(hash)?;
+    Some(for_nix(&offer, hash))
+}
+
+/// [`peer_narinfo`] when its answer is known with no wait (cached, or a
+/// miss the summaries settle); `None` when the peers must be asked.
+pub fn settled_peer_narinfo(
+    context: &ServerContext,
+    hash: &HashPart,
+) -> Option<Option<PeerNarInfo>> {
+    let answer = context.resolver.as_ref()?.settled(hash)?;
+    Some(answer.map(|offer| for_nix(&offer, hash)))
+}
+
+/// The narinfo of `offer` as nix gets it: the NAR passed through this host.
+fn for_nix(offer: &Offer, hash: &HashPart) -> PeerNarInfo {
     let mut narinfo = offer.narinfo.clone();
     narinfo.url = peer_nar_url(&offer.source.peer, hash, &narinfo.nar_hash);
-    Some(PeerNarInfo {
+    PeerNarInfo {
         text: narinfo.render(),
         name: narinfo.store_path.name().to_string(),
         peer: offer.source.peer,
-    })
+    }
 }
 
 /// Passes a peer's NAR through to this host's nix; returns the status.

@@ -140,11 +140,20 @@ fn answer(
                 }
                 respond(request, narinfo(path.narinfo.clone()))
             }
-            // A path this host lacks is looked for on the peers, for this host only.
+            // A path this host lacks is looked for on the peers, for this
+            // host only. What is known with no wait (a cached answer, a
+            // miss the summaries settle) is answered here: no handoff, no
+            // peer lane thread.
             Err(_) if scope == Scope::Root && context.resolver.is_some() => {
-                let request = hand_to_peer_lane(request, lane)?;
+                let (request, found) = match proxy::settled_peer_narinfo(context, &hash) {
+                    Some(found) => (request, found),
+                    None => {
+                        let request = hand_to_peer_lane(request, lane)?;
+                        (request, proxy::peer_narinfo(context, &hash))
+                    }
+                };
                 stats.peer_request();
-                match proxy::peer_narinfo(context, &hash) {
+                match found {
                     Some(found) => {
                         stats.narinfo_requested(hash, Some(&found.name));
                         stats.narinfo_served();

@@ -46,8 +46,10 @@ const MAX_HOSTS: usize = 1024;
 /// Fetches waiting at most; more wait for the next announcement.
 const FETCH_QUEUE: usize = 64;
 /// A summary's claims that may turn out false before its peer is taken for
-/// a liar: at least this many, and more than [`CLAIM_MISS_PERCENT`] of
-/// those tried (an honest filter is wrong for 0.8% of what it lacks).
+/// a liar: at least this many, and more than [`CLAIM_MISS_PERCENT`] of the
+/// lookups its summary answered (an honest filter is wrong for 0.8% of what
+/// it lacks). Not of the claims tried: for a host that holds none of what
+/// is asked, every claim is a false positive, honest as it is.
 const CLAIM_MISSES_TOLERATED: u32 = 10;
 const CLAIM_MISS_PERCENT: u32 = 5;
 
@@ -58,6 +60,9 @@ struct Host {
     announced: Option<(u64, SocketAddr)>,
     summary: Option<Arc<Summary>>,
     fetching: bool,
+    /// Lookups its fresh summary answered, claims among them that were
+    /// checked, and those that were wrong.
+    lookups: u32,
     claims_tried: u32,
     claims_missed: u32,
 }
@@ -69,6 +74,7 @@ impl Host {
             announced: None,
             summary: None,
             fetching: false,
+            lookups: 0,
             claims_tried: 0,
             claims_missed: 0,
         }
@@ -180,6 +186,7 @@ impl Summaries {
                 log::debug!("summary of {host}: {summary:?}");
                 self.stats.summaries.fetched.fetch_add(1, Ordering::Relaxed);
                 entry.summary = Some(Arc::new(summary));
+                entry.lookups = 0;
                 entry.claims_tried = 0;
                 entry.claims_missed = 0;
             }
@@ -214,11 +221,13 @@ impl Summaries {
         forget_silent(&mut state, now);
         state
             .hosts
-            .values()
+            .values_mut()
             .filter_map(|h| {
                 let summary = h.fresh_summary()?;
                 let (_, at) = h.announced?;
-                summary.may_contain(hash).then_some(PeerId::Http(at))
+                let claimed = summary.may_contain(hash);
+                h.lookups = h.lookups.saturating_add(1);
+                claimed.then_some(PeerId::Http(at))
             })
             .collect()
     }
@@ -238,12 +247,14 @@ impl Summaries {
         }
         host.claims_missed = host.claims_missed.saturating_add(1);
         let lying = host.claims_missed > CLAIM_MISSES_TOLERATED
-            && host.claims_missed * 100 > host.claims_tried * CLAIM_MISS_PERCENT;
+            && u64::from(host.claims_missed) * 100
+                > u64::from(host.lookups.max(host.claims_tried)) * u64::from(CLAIM_MISS_PERCENT);
         if lying {
             log::warn!(
-                "peer {peer}: {} of {} paths its summary claimed were not there; banned",
+                "peer {peer}: {} of {} paths its summary claimed were not there ({} lookups); banned",
                 host.claims_missed,
-                host.claims_tried
+                host.claims_tried,
+                host.lookups
             );
             host.summary = None;
             drop(state);
@@ -282,14 +293,19 @@ fn fetch_loop(
     queue: &Receiver<(IpAddr, u64, SocketAddr)>,
     timeout: Duration,
 ) {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .proxy(None)
-        .max_redirects(0)
-        .timeout_global(Some(timeout))
-        .user_agent(concat!("peerix/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .into();
+    let agent = crate::fetch::client::agent_for_addresses(
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .proxy(None)
+            .max_redirects(0)
+            .timeout_global(Some(timeout))
+            // Summaries are fetched when they change: a connection kept
+            // for the next fetch would keep its buffers, which a whole
+            // summary has passed through (128 KiB or more for each peer).
+            .max_idle_connections(0)
+            .user_agent(concat!("peerix/", env!("CARGO_PKG_VERSION")))
+            .build(),
+    );
     for (host, generation, at) in queue {
         let Some(summaries) = summaries.upgrade() else {
             return;
@@ -406,18 +422,21 @@ impl Search for SummarySearch<'_> {
         self.covers_all
     }
 
+    fn answers_from_memory(&self) -> bool {
+        true
+    }
+
     fn next_holders(
         &mut self,
         usable: &dyn Fn(&PeerId) -> bool,
         _enough: &dyn Fn(&[PeerId]) -> bool,
     ) -> Vec<PeerId> {
-        let holders: Vec<PeerId> = self
-            .holders
-            .take()
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|p| usable(p))
-            .collect();
+        // A directory answers once: later calls (after the holders it
+        // named were asked) are not misses it answered.
+        let Some(named) = self.holders.take() else {
+            return Vec::new();
+        };
+        let holders: Vec<PeerId> = named.into_iter().filter(|p| usable(p)).collect();
         self.given.extend_from_slice(&holders);
         if holders.is_empty() && self.covers_all {
             self.summaries
@@ -538,6 +557,25 @@ mod tests {
             summaries.claim_checked(&peer, false);
         }
         assert!(summaries.peers.is_available(&peer, Instant::now()));
+        // And with no hit at all: a host that holds none of what is asked,
+        // whose every claim is a false positive, about 0.8% of the lookups.
+        let (summaries, _queue) = settled();
+        summaries.heard(ip(3));
+        summaries.announced(ip(3), 1, 80);
+        summaries.fetched(ip(3), Ok(Summary::build(1, 1, &[hash(1)])));
+        let honest = PeerId::Http(SocketAddr::new(ip(3), 80));
+        for round in 0..30 {
+            for _ in 0..125 {
+                summaries.holders(&hash(2));
+            }
+            summaries.claim_checked(&honest, false);
+            assert!(
+                summaries.peers.is_available(&honest, Instant::now()),
+                "banned after {} false positives in {} lookups",
+                round + 1,
+                (round + 1) * 125
+            );
+        }
         // A lie: nothing it claims is there.
         let (liar_summaries, _queue) = settled();
         liar_summaries.heard(ip(2));

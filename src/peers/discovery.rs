@@ -28,6 +28,13 @@ pub trait Search {
         false
     }
 
+    /// Whether this directory answers from what it holds in memory, with no
+    /// request and no wait: what it settles may be answered in place, with
+    /// no thread to wait on the network.
+    fn answers_from_memory(&self) -> bool {
+        false
+    }
+
     /// The next holders to try, none given before. A directory gives all it
     /// knows at the first call; a broadcast waits for answers, as long as
     /// its rules say, and stops early once `enough` says the holders so far

@@ -19,6 +19,7 @@ miss_count=${BENCH_MISSES:-300}      # misses timed once summaries cover the LAN
 broadcast_misses=${BENCH_BROADCAST_MISSES:-20} # misses with a summary-less host
 port=12304
 upstream_port=8080
+floor_port=8081 # nginx answering 404 to every narinfo: the floor of any substituter in front
 a_ip=10.77.0.1
 c_ip=10.77.0.3
 work=$(mktemp -d /tmp/peerix-benchquiet.XXXXXX)
@@ -83,6 +84,12 @@ closure_size=$(nix path-info --store "$src" -r "$top" | wc -l)
 
 log "exporting the closure for the upstream cache (nginx, Priority: 40)"
 export_dir=$work/export
+# The floor: a cache that has nothing, with peerix's priority, served by the
+# same nginx. What nix spends on it is what any substituter in front of the
+# upstream costs, however fast its misses.
+floor_dir=$work/floor
+mkdir -p "$floor_dir"
+printf 'StoreDir: /nix/store\nWantMassQuery: 1\nPriority: 5\n' >"$floor_dir/nix-cache-info"
 nix copy --from "$src" --to "file://$export_dir?compression=none" "$top"
 sed -i '/^Priority:/d' "$export_dir/nix-cache-info"
 echo 'Priority: 40' >>"$export_dir/nix-cache-info"
@@ -105,13 +112,16 @@ http {
     scgi_temp_path $work/nginx-tmp;
     types { text/x-nix-narinfo narinfo; application/x-nix-nar nar; text/x-nix-cache-info nix-cache-info; }
     server { listen 127.0.0.1:$upstream_port; root $export_dir; }
+    server { listen 127.0.0.1:$floor_port; root $floor_dir; }
 }
 CONF
 # In B's namespace, on its loopback: where B's nix finds it.
 ip netns exec "$ns_b" nginx -c "$work/nginx.conf" &
 nginx_pid=$!
 upstream=http://127.0.0.1:$upstream_port
+floor=http://127.0.0.1:$floor_port
 wait_for "nginx" in_b curl -sf "$upstream/nix-cache-info"
+wait_for "nginx" in_b curl -sf "$floor/nix-cache-info"
 
 # A starts with an empty store (it gets the closure for the warm LAN); B's
 # store stays empty: nix realises into fresh stores of its own.
@@ -167,6 +177,9 @@ restart_b() {
 start_peerix a
 start_peerix b
 wait_covered 1
+if [ "$(in_b curl -sf "http://127.0.0.1:$port/nix-cache-info" | sed -n 's/^Priority: //p')" != 5 ]; then
+    note "warning: peerix's priority is not 5, the floor's"
+fi
 
 # realise_seconds SUBSTITUTERS RUN: nix-store -r of the closure into a fresh
 # store with a fresh XDG_CACHE_HOME, in B's namespace; prints seconds, or
@@ -223,11 +236,21 @@ cold_up() {
     log "cold update, round $1 of $rounds: upstream alone"
     realise_seconds "$upstream" "cold-up-$1" >>"$work/cold-up"
 }
+cold_floor() {
+    log "cold update, round $1 of $rounds: a static 404 server, then upstream"
+    realise_seconds "$floor $upstream" "cold-floor-$1" >>"$work/cold-floor"
+}
+# The three ways take turns going first.
 for run in $(seq "$rounds"); do
-    if [ $((run % 2)) = 1 ]; then cold_b "$run"; cold_up "$run"; else cold_up "$run"; cold_b "$run"; fi
+    case $((run % 3)) in
+        1) cold_b "$run"; cold_floor "$run"; cold_up "$run" ;;
+        2) cold_up "$run"; cold_b "$run"; cold_floor "$run" ;;
+        0) cold_floor "$run"; cold_up "$run"; cold_b "$run" ;;
+    esac
 done
 record cold_b "$(median <"$work/cold-b")"
 record cold_up "$(median <"$work/cold-up")"
+record cold_floor "$(median <"$work/cold-floor")"
 record cold_queries "$((cold_queries / rounds))"
 
 # 2. Warm LAN: A gets the whole closure (signed: it shares it), rescans on
@@ -257,24 +280,11 @@ record warm_a "$(median <"$work/warm-a")"
 
 # 3. Misses once the summaries are known: root narinfo requests to B for
 # random valid hash parts nobody has, each asked once (B remembers a miss
-# for 10 s), one at a time on one keep-alive connection.
-latencies() { # latencies NAME COUNT: p50, p90 and p99 in ms, LAN queries per miss
-    local name=$1 count=$2 q0 q1
-    python3 -c '
-import secrets, sys
-alphabet = "0123456789abcdfghijklmnpqrsvwxyz"
-for _ in range(int(sys.argv[1])):
-    h = "".join(secrets.choice(alphabet) for _ in range(32))
-    print(f"url = \"'"$b_url"'/{h}.narinfo\"\noutput = \"/dev/null\"")' "$count" >"$work/curl-$name"
-    q0=$(b_queries)
-    interruptible in_b curl -s -K "$work/curl-$name" -w '%{http_code} %{time_total}\n' >"$work/lat-$name" || true
-    q1=$(b_queries)
-    local wrong
-    wrong=$(awk '$1 != 404' "$work/lat-$name" | wc -l)
-    if [ "$wrong" != 0 ] || [ "$(wc -l <"$work/lat-$name")" != "$count" ]; then
-        note "warning: misses ($name): $wrong of $count answers were not 404; left out of the latencies"
-    fi
-    awk '$1 == 404 { print $2 * 1000 }' "$work/lat-$name" | sort -g | awk -v q="$((q1 - q0))" -v n="$count" '
+# for 10 s), one at a time on one keep-alive connection. With a second URL,
+# its requests take turns with B's (on a connection of their own), so both
+# meet the same moments of this machine's load.
+percentiles() { # percentiles QUERIES COUNT < "code seconds" lines: p50 p90 p99 ms, queries a miss
+    awk '$1 == 404 { print $2 * 1000 }' | sort -g | awk -v q="$1" -v n="$2" '
         { v[NR] = $1 }
         END {
             if (NR == 0) { print "nan nan nan nan"; exit }
@@ -284,12 +294,41 @@ for _ in range(int(sys.argv[1])):
             printf "%.3f %.3f %.3f %.2f\n", v[i50], v[i90], v[i99], q / n
         }'
 }
-log "$miss_count misses on B, every host's summary known"
-read -r p50 p90 p99 per_miss < <(latencies covered "$miss_count")
+latencies() { # latencies NAME COUNT [PAIR_URL]: B's p50 p90 p99 in ms and LAN queries per miss [, PAIR_URL's p50 p90 p99]
+    local name=$1 count=$2 pair=${3:-} q0 q1
+    python3 -c '
+import secrets, sys
+alphabet = "0123456789abcdfghijklmnpqrsvwxyz"
+urls = [u for u in sys.argv[2:] if u]
+for i in range(int(sys.argv[1])):
+    for url in urls if i % 2 == 0 else urls[::-1]:
+        h = "".join(secrets.choice(alphabet) for _ in range(32))
+        print(f"url = \"{url}/{h}.narinfo\"\noutput = \"/dev/null\"")' "$count" "$b_url" "$pair" >"$work/curl-$name"
+    q0=$(b_queries)
+    interruptible in_b curl -s -K "$work/curl-$name" -w '%{url_effective} %{http_code} %{time_total}\n' >"$work/lat-$name" || true
+    q1=$(b_queries)
+    awk -v b="$b_url/" 'index($1, b) == 1 { print $2, $3 }' "$work/lat-$name" >"$work/lat-$name-b"
+    local wrong
+    wrong=$(awk '$1 != 404' "$work/lat-$name-b" | wc -l)
+    if [ "$wrong" != 0 ] || [ "$(wc -l <"$work/lat-$name-b")" != "$count" ]; then
+        note "warning: misses ($name): $wrong of $count answers were not 404; left out of the latencies"
+    fi
+    local mine theirs=""
+    mine=$(percentiles "$((q1 - q0))" "$count" <"$work/lat-$name-b")
+    if [ -n "$pair" ]; then
+        theirs=$(awk -v p="$pair/" 'index($1, p) == 1 { print $2, $3 }' "$work/lat-$name" | percentiles 0 "$count" | cut -d' ' -f1-3)
+    fi
+    echo "$mine $theirs"
+}
+log "$miss_count misses on B, every host's summary known, taking turns with as many on the static 404 server"
+read -r p50 p90 p99 per_miss f50 f90 f99 < <(latencies covered "$miss_count" "$floor")
 record miss_p50 "$p50"
 record miss_p90 "$p90"
 record miss_p99 "$p99"
 record miss_queries "$per_miss"
+record floor_p50 "$f50"
+record floor_p90 "$f90"
+record floor_p99 "$f99"
 covers=$(health b | json lan.summaries.covers_lan)
 record covers_during_misses "$covers"
 
@@ -338,13 +377,18 @@ def f(key):
 def ratio(x, y):
     return x / y if y and not math.isnan(x) and not math.isnan(y) else math.nan
 cold_b, cold_up, warm_b, warm_a = f("cold_b"), f("cold_up"), f("warm_b"), f("warm_a")
+cold_floor = f("cold_floor")
 print(f"{'':44} {'peerix':>9} {'direct':>9} {'ratio':>6}")
 print(f"{'1. cold update, quiet LAN (s): B+upstream / upstream':44} {cold_b:>9.2f} {cold_up:>9.2f} {ratio(cold_b, cold_up):>6.3f}")
+print(f"{'   floor: static 404 server+upstream / upstream':44} {cold_floor:>9.2f} {cold_up:>9.2f} {ratio(cold_floor, cold_up):>6.3f}")
+print(f"{'   B+upstream / static 404 server+upstream':44} {cold_b:>9.2f} {cold_floor:>9.2f} {ratio(cold_b, cold_floor):>6.3f}")
 print(f"{'2. warm LAN (s): through B / A /local':44} {warm_b:>9.2f} {warm_a:>9.2f} {ratio(warm_b, warm_a):>6.3f}")
 print()
 print(f"1. LAN queries B sent per cold update, when no host had a path: {rows.get('cold_queries')} (target 0)")
 print(f"3. misses on B, summaries known (covers_lan {rows['covers_during_misses']}):")
 print(f"   p50 {rows['miss_p50']} ms, p90 {rows['miss_p90']} ms, p99 {rows['miss_p99']} ms; LAN queries per miss {rows['miss_queries']}")
+print(f"   the static 404 server, its requests taking turns with B's (this machine's floor then):")
+print(f"   p50 {rows['floor_p50']} ms, p90 {rows['floor_p90']} ms, p99 {rows['floor_p99']} ms")
 print(f"   with a summary-less host heard (covers_lan {rows['covers_with_silent']}):")
 print(f"   p50 {rows['bcast_p50']} ms, p90 {rows['bcast_p90']} ms, p99 {rows['bcast_p99']} ms; LAN queries per miss {rows['bcast_queries']}")
 paths, size = f("a_summary_paths"), f("a_summary_bytes")
@@ -355,11 +399,13 @@ print()
 def target(name, ok, shown):
     print(f"{'met   ' if ok else 'MISSED'} {name}: {shown}")
 r = ratio(cold_b, cold_up)
-target("cold update through peerix <= 1.05x upstream alone", r <= 1.05, f"{r:.3f}x")
+target("cold update through peerix <= 1.05x upstream alone", r <= 1.05,
+       f"{r:.3f}x (a static 404 server in front: {ratio(cold_floor, cold_up):.3f}x)")
 r = ratio(warm_b, warm_a)
 target("warm LAN through B <= 1.1x A's /local directly", r <= 1.1, f"{r:.3f}x")
 p99 = f("miss_p99")
-target("miss p99 < 1 ms once summaries are known", p99 < 1, f"{p99:.3f} ms")
+target("miss p99 < 1 ms once summaries are known", p99 < 1,
+       f"{p99:.3f} ms (the static 404 server: {f('floor_p99'):.3f} ms)")
 q = f("miss_queries")
 target("no LAN query for a miss once summaries are known", q == 0, f"{q:.2f} a miss")
 warnings = open(notes).read().strip()

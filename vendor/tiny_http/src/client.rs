@@ -138,6 +138,7 @@ impl Drop for PipelineSlot {
     fn drop(&mut self) {
         let mut out = self.0.out.lock().unwrap_or_else(|e| e.into_inner());
         *out = out.saturating_sub(1);
+        drop(out);
         self.0.done.notify_all();
     }
 }

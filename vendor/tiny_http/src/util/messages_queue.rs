@@ -30,6 +30,9 @@ where
     pub fn push(&self, value: T) {
         let mut queue = self.queue.lock().unwrap();
         queue.push_back(Control::Elem(value));
+        // Notified once the lock is released: a thread woken while it is
+        // held would only wake to wait for the lock, and be woken again.
+        drop(queue);
         self.condvar.notify_one();
     }
 
@@ -37,6 +40,7 @@ where
     pub fn unblock(&self) {
         let mut queue = self.queue.lock().unwrap();
         queue.push_back(Control::Unblock);
+        drop(queue);
         self.condvar.notify_one();
     }
 
