@@ -370,7 +370,8 @@ impl TopN {
                 count: e.count - e.error,
             })
             .collect();
-        top.sort_by(|a, b| b.count.cmp(&a.count).then(a.hash.cmp(&b.hash)));
+        // Hashes are unique here (hit and the state file's parser see to it).
+        top.sort_unstable_by(|a, b| b.count.cmp(&a.count).then(a.hash.cmp(&b.hash)));
         top.truncate(n);
         top
     }

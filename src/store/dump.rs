@@ -72,7 +72,8 @@ fn sorted_entries(dir: &Path) -> io::Result<Vec<OsString>> {
     let mut names = fs::read_dir(dir)?
         .map(|entry| entry.map(|e| e.file_name()))
         .collect::<io::Result<Vec<_>>>()?;
-    names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    // Names in a directory are unique.
+    names.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
     Ok(names)
 }
 
