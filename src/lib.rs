@@ -10,6 +10,7 @@ pub mod config;
 pub mod fetch;
 pub mod http;
 pub mod identity;
+pub mod json;
 pub mod lan;
 pub mod nix;
 pub mod notify;
