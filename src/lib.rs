@@ -14,6 +14,7 @@ pub mod json;
 pub mod lan;
 pub mod nix;
 pub mod notify;
+pub mod order;
 pub mod peers;
 pub mod state;
 pub mod stats;

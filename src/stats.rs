@@ -370,8 +370,9 @@ impl TopN {
                 count: e.count - e.error,
             })
             .collect();
-        // Hashes are unique here (hit and the state file's parser see to it).
-        top.sort_unstable_by(|a, b| b.count.cmp(&a.count).then(a.hash.cmp(&b.hash)));
+        crate::order::sort_by(&mut top, |a, b| {
+            b.count.cmp(&a.count).then(a.hash.cmp(&b.hash))
+        });
         top.truncate(n);
         top
     }

@@ -14,7 +14,6 @@
 
 use std::io::Cursor;
 use std::sync::LazyLock;
-use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use tiny_http::{Request, Response};
@@ -118,11 +117,9 @@ pub(crate) fn render(s: &Snapshot) -> String {
     json.key("version").str(node.version);
     json.close();
 
-    // By last_seen, ties in table order (the position breaks them).
-    let mut order: Vec<(Duration, usize)> = s.peers.iter().map(|p| p.last_seen).zip(0..).collect();
-    order.sort_unstable();
-    order.truncate(PEERS_SHOWN);
-    let peers = order.into_iter().map(|(_, i)| &s.peers[i]);
+    let mut peers: Vec<_> = s.peers.iter().collect();
+    crate::order::sort_by(&mut peers, |a, b| a.last_seen.cmp(&b.last_seen));
+    peers.truncate(PEERS_SHOWN);
     json.key("peers").open();
     json.key("by_state").open();
     for state in [PeerState::Backoff, PeerState::Banned, PeerState::Ok] {

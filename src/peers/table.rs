@@ -210,7 +210,7 @@ impl PeerTable {
         let peers = self.lock();
         let mut seen = std::collections::HashSet::new();
         let unknown = PeerRecord::new(PeerId::Http(([0, 0, 0, 0], 0).into()), now).score();
-        let mut ranked: Vec<(PeerId, f64, usize)> = candidates
+        let mut ranked: Vec<(PeerId, f64)> = candidates
             .iter()
             .filter(|p| seen.insert(p.host()))
             .filter_map(|p| match peers.get(&p.host()) {
@@ -218,13 +218,9 @@ impl PeerTable {
                 Some(r) if r.is_available(now) => Some((*p, r.score())),
                 Some(_) => None,
             })
-            .enumerate()
-            .map(|(i, (p, score))| (p, score, i))
             .collect();
-        // The position breaks ties: as stable as a stable sort, without
-        // another instantiation of the (larger) stable sort.
-        ranked.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.2.cmp(&b.2)));
-        ranked.into_iter().map(|(p, _, _)| p).collect()
+        crate::order::sort_by(&mut ranked, |a, b| b.1.total_cmp(&a.1));
+        ranked.into_iter().map(|(p, _)| p).collect()
     }
 
     pub fn record(&self, peer: &PeerId) -> Option<PeerRecord> {
@@ -234,8 +230,7 @@ impl PeerTable {
     /// Every peer host seen, in address order.
     pub fn snapshot(&self) -> Vec<(HostKey, PeerRecord)> {
         let mut all: Vec<_> = self.lock().iter().map(|(a, r)| (*a, r.clone())).collect();
-        // Hosts are the map's keys: no ties.
-        all.sort_unstable_by_key(|(addr, _)| *addr);
+        crate::order::sort_by(&mut all, |a, b| a.0.cmp(&b.0));
         all
     }
 }
@@ -293,8 +288,7 @@ impl PeerTable {
                 banned_until: to_wall(r.banned_until, now, wall),
             })
             .collect();
-        // One record per host, so no two alike.
-        saved.sort_unstable_by_key(|p| p.peer);
+        crate::order::sort_by(&mut saved, |a, b| a.peer.cmp(&b.peer));
         saved
     }
 
