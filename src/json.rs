@@ -15,6 +15,12 @@ pub struct Json {
     fresh: bool,
 }
 
+impl Default for Json {
+    fn default() -> Json {
+        Json::new()
+    }
+}
+
 impl Json {
     pub fn new() -> Json {
         Json {
