@@ -370,7 +370,9 @@ impl TopN {
                 count: e.count - e.error,
             })
             .collect();
-        top.sort_by(|a, b| b.count.cmp(&a.count).then(a.hash.cmp(&b.hash)));
+        crate::order::sort_by(&mut top, |a, b| {
+            b.count.cmp(&a.count).then(a.hash.cmp(&b.hash))
+        });
         top.truncate(n);
         top
     }

@@ -216,12 +216,12 @@ impl Resolver {
             return None;
         }
         // Directories first: they answer at once.
-        let mut searches: Vec<Box<dyn Search + '_>> = self
+        let (mut searches, others): (Vec<Box<dyn Search + '_>>, Vec<_>) = self
             .sources
             .iter()
             .map(|source| source.search(hash))
-            .collect();
-        searches.sort_by_key(|search| !search.is_directory());
+            .partition(|search| search.is_directory());
+        searches.extend(others);
         let mut exhausted = vec![false; searches.len()];
         // Peers in backoff or banned are not heard at all.
         let usable = |peer: &PeerId| self.peers.is_available(peer, Instant::now());

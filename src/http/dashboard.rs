@@ -118,7 +118,7 @@ pub(crate) fn render(s: &Snapshot) -> String {
     json.close();
 
     let mut peers: Vec<_> = s.peers.iter().collect();
-    peers.sort_by_key(|p| p.last_seen);
+    crate::order::sort_by(&mut peers, |a, b| a.last_seen.cmp(&b.last_seen));
     peers.truncate(PEERS_SHOWN);
     json.key("peers").open();
     json.key("by_state").open();

@@ -14,7 +14,6 @@
 //!   directory worked. Files found damaged at start are listed under
 //!   `damaged` (set aside and replaced: reported, not a failure).
 
-use std::fmt::Write as _;
 use std::io::Cursor;
 use std::time::Duration;
 
@@ -32,127 +31,7 @@ pub(super) fn health(snapshot: &Snapshot, with_peers: bool) -> Response<Cursor<V
         .with_header(header("Cache-Control", "no-store"))
 }
 
-/// A JSON text written as it goes: the stats pages are a fixed shape of
-/// numbers and a few strings, so they need no tree of values. Keys are
-/// written in the order given (the pages keep them sorted).
-pub(super) struct Json {
-    pub(super) out: String,
-    /// No comma before the next item: just after `{`, `[` or a key.
-    fresh: bool,
-}
-
-impl Json {
-    pub(super) fn new() -> Json {
-        Json {
-            out: String::with_capacity(1024),
-            fresh: true,
-        }
-    }
-
-    fn item(&mut self) {
-        if !self.fresh {
-            self.out.push(',');
-        }
-        self.fresh = false;
-    }
-
-    /// A key of the open object; its value comes next.
-    pub(super) fn key(&mut self, key: &str) -> &mut Json {
-        self.item();
-        self.quoted(key);
-        self.out.push(':');
-        self.fresh = true;
-        self
-    }
-
-    pub(super) fn open(&mut self) -> &mut Json {
-        self.item();
-        self.out.push('{');
-        self.fresh = true;
-        self
-    }
-
-    pub(super) fn close(&mut self) -> &mut Json {
-        self.out.push('}');
-        self.fresh = false;
-        self
-    }
-
-    pub(super) fn open_list(&mut self) -> &mut Json {
-        self.item();
-        self.out.push('[');
-        self.fresh = true;
-        self
-    }
-
-    pub(super) fn close_list(&mut self) -> &mut Json {
-        self.out.push(']');
-        self.fresh = false;
-        self
-    }
-
-    pub(super) fn str(&mut self, value: &str) -> &mut Json {
-        self.item();
-        self.quoted(value);
-        self
-    }
-
-    pub(super) fn u64(&mut self, value: u64) -> &mut Json {
-        self.item();
-        let _ = write!(self.out, "{value}");
-        self
-    }
-
-    pub(super) fn opt_u64(&mut self, value: Option<u64>) -> &mut Json {
-        match value {
-            Some(value) => self.u64(value),
-            None => self.null(),
-        }
-    }
-
-    /// A finite number, `null` otherwise (as serde_json writes them).
-    pub(super) fn f64(&mut self, value: f64) -> &mut Json {
-        if !value.is_finite() {
-            return self.null();
-        }
-        self.item();
-        let _ = write!(self.out, "{value:?}");
-        self
-    }
-
-    pub(super) fn bool(&mut self, value: bool) -> &mut Json {
-        self.item();
-        self.out.push_str(if value { "true" } else { "false" });
-        self
-    }
-
-    pub(super) fn null(&mut self) -> &mut Json {
-        self.item();
-        self.out.push_str("null");
-        self
-    }
-
-    /// A string with the escapes serde_json writes.
-    fn quoted(&mut self, value: &str) {
-        self.out.push('"');
-        for c in value.chars() {
-            match c {
-                '"' => self.out.push_str("\\\""),
-                '\\' => self.out.push_str("\\\\"),
-                '\n' => self.out.push_str("\\n"),
-                '\r' => self.out.push_str("\\r"),
-                '\t' => self.out.push_str("\\t"),
-                '\u{8}' => self.out.push_str("\\b"),
-                '\u{c}' => self.out.push_str("\\f"),
-                c if c < ' ' => {
-                    let _ = write!(self.out, "\\u{:04x}", c as u32);
-                }
-                c => self.out.push(c),
-            }
-        }
-        self.out.push('"');
-    }
-}
+pub(super) use crate::json::Json;
 
 /// The `/health` document, and whether every check passed.
 #[inline(never)]

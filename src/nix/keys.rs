@@ -136,7 +136,7 @@ pub fn fingerprint(
     references: &[StorePath],
 ) -> String {
     let mut refs: Vec<String> = references.iter().map(|r| r.to_string()).collect();
-    refs.sort();
+    crate::order::sort_by(&mut refs, |a, b| a.cmp(b));
     format!("1;{path};{nar_hash};{nar_size};{}", refs.join(","))
 }
 

@@ -219,7 +219,7 @@ impl PeerTable {
                 Some(_) => None,
             })
             .collect();
-        ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+        crate::order::sort_by(&mut ranked, |a, b| b.1.total_cmp(&a.1));
         ranked.into_iter().map(|(p, _)| p).collect()
     }
 
@@ -230,7 +230,7 @@ impl PeerTable {
     /// Every peer host seen, in address order.
     pub fn snapshot(&self) -> Vec<(HostKey, PeerRecord)> {
         let mut all: Vec<_> = self.lock().iter().map(|(a, r)| (*a, r.clone())).collect();
-        all.sort_by_key(|(addr, _)| *addr);
+        crate::order::sort_by(&mut all, |a, b| a.0.cmp(&b.0));
         all
     }
 }
@@ -288,7 +288,7 @@ impl PeerTable {
                 banned_until: to_wall(r.banned_until, now, wall),
             })
             .collect();
-        saved.sort_by_key(|p| p.peer);
+        crate::order::sort_by(&mut saved, |a, b| a.peer.cmp(&b.peer));
         saved
     }
 

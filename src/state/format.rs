@@ -31,6 +31,8 @@ use std::fmt::Write;
 
 use serde_json::{Map, Value};
 
+use crate::json::shown;
+
 use crate::nix::store_path::HashPart;
 use crate::peers::{MAX_PEERS, PeerId, SavedPeer};
 use crate::stats::{SavedTop, Source, TOP_SAVED, Totals};
@@ -49,7 +51,7 @@ pub fn unix_secs(time: SystemTime) -> u64 {
 
 /// A JSON string: `text` quoted and escaped.
 fn quoted(text: &str) -> String {
-    Value::from(text).to_string()
+    crate::json::quoted(text)
 }
 
 /// `{"lan":N,"tracker":N,"iroh":N}`
@@ -213,7 +215,10 @@ impl<'a> Obj<'a> {
 fn document<'a>(value: &'a Value, format: &str, keys: &[&str]) -> Result<Obj<'a>, String> {
     let obj = Obj::new(value, "the file", keys)?;
     if obj.get("format").as_str() != Some(format) {
-        return Err(format!("not a {format} file: format {}", obj.get("format")));
+        return Err(format!(
+            "not a {format} file: format {}",
+            shown(obj.get("format"))
+        ));
     }
     let version = obj.u64("version")?;
     if version != VERSION {
@@ -249,7 +254,7 @@ fn parse_tops(list: &[Value]) -> Result<Vec<SavedTop>, String> {
                 .get("hash")
                 .as_str()
                 .and_then(|h| HashPart::parse(h).ok())
-                .ok_or_else(|| format!("a top-N entry: bad hash {}", e.get("hash")))?;
+                .ok_or_else(|| format!("a top-N entry: bad hash {}", shown(e.get("hash"))))?;
             if !seen.insert(hash) {
                 return Err(format!("a top-N entry: {} twice", hash.as_str()));
             }
@@ -258,7 +263,7 @@ fn parse_tops(list: &[Value]) -> Result<Vec<SavedTop>, String> {
                 Value::String(name) if !name.is_empty() && name.len() <= MAX_NAME => {
                     Some(name.as_str().into())
                 }
-                other => return Err(format!("a top-N entry: bad name {other}")),
+                other => return Err(format!("a top-N entry: bad name {}", shown(other))),
             };
             let (count, error) = (e.u64("count")?, e.u64("error")?);
             if error > count {
@@ -353,7 +358,7 @@ pub fn parse_peers(bytes: &[u8]) -> Result<Vec<SavedPeer>, String> {
                 .get("peer")
                 .as_str()
                 .and_then(PeerId::parse)
-                .ok_or_else(|| format!("a peer: bad peer {}", p.get("peer")))?;
+                .ok_or_else(|| format!("a peer: bad peer {}", shown(p.get("peer"))))?;
             if !hosts.insert(peer.host()) {
                 return Err(format!("a peer: host {} twice", peer.host()));
             }
@@ -361,7 +366,7 @@ pub fn parse_peers(bytes: &[u8]) -> Result<Vec<SavedPeer>, String> {
                 Value::Null => None,
                 v => match v.as_f64() {
                     Some(ms) if ms.is_finite() && ms >= 0.0 => Some(ms),
-                    _ => return Err(format!("a peer: bad latency_ms {v}")),
+                    _ => return Err(format!("a peer: bad latency_ms {}", shown(v))),
                 },
             };
             let consecutive_failures = u32::try_from(p.u64("consecutive_failures")?)

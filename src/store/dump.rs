@@ -72,7 +72,7 @@ fn sorted_entries(dir: &Path) -> io::Result<Vec<OsString>> {
     let mut names = fs::read_dir(dir)?
         .map(|entry| entry.map(|e| e.file_name()))
         .collect::<io::Result<Vec<_>>>()?;
-    names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    crate::order::sort_by(&mut names, |a, b| a.as_bytes().cmp(b.as_bytes()));
     Ok(names)
 }
 

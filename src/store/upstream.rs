@@ -172,22 +172,21 @@ impl Upstream {
             return checked;
         }
         let workers = self.concurrency.min(items.len());
-        let (jobs, queue) = crossbeam_channel::bounded(items.len());
-        for item in items {
-            // The channel holds them all: this never blocks or fails.
-            let _ = jobs.send(item);
-        }
-        drop(jobs);
-        let (results, done) = crossbeam_channel::unbounded();
+        // A plain queue and a result list under locks: the requests are
+        // slow, the locks are not, and this avoids two more instantiations
+        // of the channels' code.
+        let queue = Mutex::new(items.into_iter());
+        let results = Mutex::new(Vec::new());
+        let next = || queue.lock().unwrap_or_else(|e| e.into_inner()).next();
         let down = AtomicBool::new(false);
         std::thread::scope(|scope| {
             for _ in 0..workers {
-                let (queue, results, down) = (queue.clone(), results.clone(), &down);
+                let (next, results, down) = (&next, &results, &down);
                 let spawned = std::thread::Builder::new()
                     .name("upstream".into())
                     .stack_size(256 * 1024)
                     .spawn_scoped(scope, move || {
-                        for (hash, ours) in queue.iter() {
+                        while let Some((hash, ours)) = next() {
                             let said = if down.load(Ordering::Relaxed) {
                                 Err(None)
                             } else {
@@ -196,14 +195,16 @@ impl Upstream {
                                     Some(e)
                                 })
                             };
-                            let _ = results.send((hash, ours, said));
+                            results
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .push((hash, ours, said));
                         }
                     });
                 if let Err(e) = spawned {
                     log::warn!("cannot start an upstream check thread: {e}");
                 }
             }
-            drop(results);
             // With no thread started, the paths stay in the queue: pending.
         });
         let expiry = |hash: &PackedHash, ttl: u64| {
@@ -213,7 +214,8 @@ impl Upstream {
             (now() + ttl + spread).min(u64::from(u32::MAX)) as u32
         };
         let mut learned = Vec::new();
-        for (hash, ours, said) in done.iter() {
+        let results = results.into_inner().unwrap_or_else(|e| e.into_inner());
+        for (hash, ours, said) in results {
             match said {
                 Ok(said) => {
                     let packed = pack(&hash);
@@ -257,7 +259,9 @@ impl Upstream {
                 }
             }
         }
-        checked.unanswered.extend(queue.try_iter());
+        checked
+            .unanswered
+            .extend(queue.into_inner().unwrap_or_else(|e| e.into_inner()));
         self.stats
             .asked
             .fetch_add(learned.len() as u64, Ordering::Relaxed);

@@ -18,6 +18,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 
 use super::auth::{self, NODE_HEADER, SIGNATURE_HEADER, TIME_HEADER};
 use crate::identity::{Identity, NodeId};
+use crate::json::Json;
 use crate::nix::store_path::HashPart;
 use crate::peers::{Discovery, PeerId, Search};
 use crate::store::scanner::ShareDelta;
@@ -178,11 +179,13 @@ impl TrackerClient {
     /// held nothing for it (so the full set is due), and how long it keeps
     /// a node that stops heartbeating.
     fn announce(&self) -> Result<(bool, Duration), Refused> {
-        let body = serde_json::json!({
-            "node_id": self.node_id().to_string(),
-            "http_port": self.http_port,
-        });
-        let answer = self.post("/iroh/announce", &body)?;
+        // Keys in sorted order, as serde_json's maps wrote them.
+        let mut body = Json::new();
+        body.open();
+        body.key("http_port").u64(self.http_port.into());
+        body.key("node_id").str(&self.node_id().to_string());
+        body.close();
+        let answer = self.post("/iroh/announce", body.out)?;
         self.stats.announces.fetch_add(1, Ordering::Relaxed);
         let ttl = answer["ttl"]
             .as_u64()
@@ -202,16 +205,10 @@ impl TrackerClient {
         // The batch replaces the node's rows; more than one chunk adds the
         // rest as deltas.
         let first = chunks.next().unwrap_or(&[]);
-        self.post(
-            "/packages/batch",
-            &serde_json::json!({ "node_id": self.node_id().to_string(), "hashes": first }),
-        )?;
+        self.post("/packages/batch", self.hashes_body("hashes", first))?;
         self.count_sent(first.len());
         for chunk in chunks {
-            self.post(
-                "/packages/delta",
-                &serde_json::json!({ "node_id": self.node_id().to_string(), "added": chunk }),
-            )?;
+            self.post("/packages/delta", self.hashes_body("added", chunk))?;
             self.count_sent(chunk.len());
         }
         Ok(())
@@ -223,14 +220,14 @@ impl TrackerClient {
         for added in delta.added.chunks(CHUNK) {
             self.post(
                 "/packages/delta",
-                &serde_json::json!({ "node_id": self.node_id().to_string(), "added": strings(added) }),
+                self.hashes_body("added", &strings(added)),
             )?;
             self.count_sent(added.len());
         }
         for removed in delta.removed.chunks(CHUNK) {
             self.post(
                 "/packages/delta",
-                &serde_json::json!({ "node_id": self.node_id().to_string(), "removed": strings(removed) }),
+                self.hashes_body("removed", &strings(removed)),
             )?;
             self.count_sent(removed.len());
         }
@@ -243,9 +240,30 @@ impl TrackerClient {
             .fetch_add(n as u64, Ordering::Relaxed);
     }
 
-    /// A signed POST of `body` to `path`; the answer's JSON.
-    fn post(&self, path: &str, body: &serde_json::Value) -> Result<serde_json::Value, Refused> {
-        let body = body.to_string().into_bytes();
+    /// `{"<list>":[hashes…],"node_id":…}` (or `node_id` first when `list`
+    /// sorts after it: keys in sorted order, as serde_json's maps wrote them).
+    fn hashes_body(&self, list: &str, hashes: &[String]) -> String {
+        let node = self.node_id().to_string();
+        let mut body = Json::new();
+        body.open();
+        if list > "node_id" {
+            body.key("node_id").str(&node);
+        }
+        body.key(list).open_list();
+        for hash in hashes {
+            body.str(hash);
+        }
+        body.close_list();
+        if list < "node_id" {
+            body.key("node_id").str(&node);
+        }
+        body.close();
+        body.out
+    }
+
+    /// A signed POST of `body` (JSON) to `path`; the answer's JSON.
+    fn post(&self, path: &str, body: String) -> Result<serde_json::Value, Refused> {
+        let body = body.into_bytes();
         let signed = auth::sign(&self.identity, "POST", path, unix_now(), &body);
         let url = format!("{}{path}", self.base);
         let response = self
