@@ -31,6 +31,7 @@
 
 mod help;
 mod options;
+pub mod toml;
 
 use std::ffi::OsString;
 use std::fmt;
@@ -318,9 +319,9 @@ impl File {
     /// `name` only names the file in errors.
     fn parse(text: &str, name: &Path) -> Result<File, ConfigError> {
         let fail = |message: String| err(format!("config file {}: {message}", name.display()));
-        let table: toml::Table = match text.parse() {
+        let table = match toml::parse(text) {
             Ok(table) => table,
-            Err(e) => return fail(e.to_string()),
+            Err(e) => return fail(e),
         };
         let sections = help::sections();
         let known = || {
@@ -350,7 +351,7 @@ impl File {
                 .filter(|(s, _)| s == section)
                 .map(|(_, key)| key)
                 .collect();
-            for key in keys.keys() {
+            for (key, _) in keys {
                 let dotted = format!("{section}.{key}");
                 if !allowed.contains(&key.as_str()) {
                     return fail(format!(
@@ -367,7 +368,7 @@ impl File {
     }
 
     fn get(&self, section: &str, key: &str) -> Option<&toml::Value> {
-        self.table.get(section)?.as_table()?.get(key)
+        toml::get(toml::get(&self.table, section)?.as_table()?, key)
     }
 }
 
@@ -712,10 +713,9 @@ mod tests {
     }
 
     fn example(opt: &Opt) -> toml::Value {
-        let table: toml::Table = format!("v = {}", opt.example)
-            .parse()
+        let table = toml::parse(&format!("v = {}", opt.example))
             .unwrap_or_else(|e| panic!("example of {:?}: {e}", opt.key));
-        table["v"].clone()
+        toml::get(&table, "v").unwrap().clone()
     }
 
     /// The flags that say `value`: the value flag once per item, or the

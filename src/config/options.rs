@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+use super::toml;
 use super::{
     Config, DEFAULT_DAEMON_SOCKET, DEFAULT_STATE_DIR, DEFAULT_TRUSTED_KEY, FilterMode, PeerSpec,
 };

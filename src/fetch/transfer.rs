@@ -11,11 +11,11 @@
 //! mid-stream is replaced by the next, which is asked for the rest with a
 //! Range request.
 
+use std::collections::VecDeque;
 use std::io;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, bounded};
 use sha2::{Digest, Sha256};
 
 use super::check::NarCheck;
@@ -143,13 +143,13 @@ pub fn copy(
     // A streamed NAR is hashed on a second thread while this one moves the
     // bytes: on a small board hashing alone would otherwise halve the rate.
     std::thread::scope(|scope| {
-        let (jobs, queue) = bounded(HASH_QUEUE);
-        let (digest_out, digests) = bounded(1);
+        let handoff = Arc::new(Handoff::default());
+        let theirs = Arc::clone(&handoff);
         let hasher = std::thread::Builder::new()
             .name("nar-hash".into())
-            .spawn_scoped(scope, move || hash_jobs(&queue, &digest_out));
+            .spawn_scoped(scope, move || hash_jobs(&theirs));
         let parallel = match hasher {
-            Ok(_) => Some(ParallelHasher { jobs, digests }),
+            Ok(_) => Some(ParallelHasher(handoff)),
             Err(e) => {
                 log::warn!("cannot start a hashing thread ({e}); hashing inline");
                 None
@@ -229,21 +229,111 @@ enum HashJob {
     Finish,
 }
 
-struct ParallelHasher {
-    jobs: Sender<HashJob>,
-    digests: Receiver<[u8; 32]>,
+/// The copy's end of the hashing thread's queue. A Mutex and Condvar
+/// rather than two channels: a channel per element type is another copy
+/// of the channel code, for one queue of at most [`HASH_QUEUE`] jobs.
+struct ParallelHasher(Arc<Handoff>);
+
+#[derive(Default)]
+struct Handoff {
+    state: Mutex<HandoffState>,
+    /// Signalled on every change; only one side waits at a time (the copy
+    /// when the queue is full or for the digest, the hasher when it is
+    /// empty), so one condition variable serves both.
+    changed: Condvar,
 }
 
-fn hash_jobs(queue: &Receiver<HashJob>, digests: &Sender<[u8; 32]>) {
+#[derive(Default)]
+struct HandoffState {
+    jobs: VecDeque<HashJob>,
+    digest: Option<[u8; 32]>,
+    /// The copy is done: the hasher ends once the queue is empty.
+    closed: bool,
+    /// The hasher has ended: nothing more is hashed.
+    gone: bool,
+}
+
+impl Handoff {
+    fn lock(&self) -> MutexGuard<'_, HandoffState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wait<'a>(&self, state: MutexGuard<'a, HandoffState>) -> MutexGuard<'a, HandoffState> {
+        self.changed.wait(state).unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl ParallelHasher {
+    /// Queues `job`, waiting while [`HASH_QUEUE`] jobs are queued; dropped
+    /// if the hasher has ended.
+    fn send(&self, job: HashJob) {
+        let mut state = self.0.lock();
+        while state.jobs.len() >= HASH_QUEUE && !state.gone {
+            state = self.0.wait(state);
+        }
+        if !state.gone {
+            state.jobs.push_back(job);
+            self.0.changed.notify_one();
+        }
+    }
+
+    /// The digest of everything since the last reset.
+    fn finish(&self) -> Option<[u8; 32]> {
+        self.send(HashJob::Finish);
+        let mut state = self.0.lock();
+        loop {
+            if let Some(digest) = state.digest.take() {
+                return Some(digest);
+            }
+            if state.gone {
+                return None;
+            }
+            state = self.0.wait(state);
+        }
+    }
+}
+
+impl Drop for ParallelHasher {
+    fn drop(&mut self) {
+        self.0.lock().closed = true;
+        self.0.changed.notify_one();
+    }
+}
+
+/// Marks the hasher ended however it ends, so the copy never waits on it.
+struct Gone<'a>(&'a Handoff);
+
+impl Drop for Gone<'_> {
+    fn drop(&mut self) {
+        self.0.lock().gone = true;
+        self.0.changed.notify_one();
+    }
+}
+
+fn hash_jobs(handoff: &Handoff) {
+    let _gone = Gone(handoff);
     let mut hasher = Sha256::new();
-    for job in queue {
+    loop {
+        let job = {
+            let mut state = handoff.lock();
+            loop {
+                if let Some(job) = state.jobs.pop_front() {
+                    handoff.changed.notify_one();
+                    break job;
+                }
+                if state.closed {
+                    return;
+                }
+                state = handoff.wait(state);
+            }
+        };
         match job {
             HashJob::Bytes(buf, len) => hasher.update(&buf[..len]),
             HashJob::Reset => hasher = Sha256::new(),
             HashJob::Finish => {
-                if digests.send(hasher.finalize_reset().into()).is_err() {
-                    return;
-                }
+                let digest = hasher.finalize_reset().into();
+                handoff.lock().digest = Some(digest);
+                handoff.changed.notify_one();
             }
         }
     }
@@ -364,7 +454,7 @@ impl<'p> Copier<'p> {
                     }
                     if let Some(parallel) = &self.parallel {
                         // The thread only ends with this copy: a send cannot fail.
-                        let _ = parallel.jobs.send(HashJob::Bytes(Arc::clone(buf), n));
+                        parallel.send(HashJob::Bytes(Arc::clone(buf), n));
                     }
                     let part = window_range(plan, chunk_start, n);
                     if plan.verify_whole.is_some() {
@@ -469,11 +559,9 @@ impl<'p> Copier<'p> {
         match &self.parallel {
             None => check.finish().map_err(Verdict::Wrong),
             Some(parallel) => {
-                let _ = parallel.jobs.send(HashJob::Finish);
                 let digest = parallel
-                    .digests
-                    .recv()
-                    .map_err(|_| Verdict::Internal("the hashing thread stopped".into()))?;
+                    .finish()
+                    .ok_or_else(|| Verdict::Internal("the hashing thread stopped".into()))?;
                 check.finish_with_digest(digest).map_err(Verdict::Wrong)
             }
         }
@@ -482,7 +570,7 @@ impl<'p> Copier<'p> {
     fn restart(&mut self) {
         self.check = Copier::fresh_check(self.plan, self.parallel.is_some());
         if let Some(parallel) = &self.parallel {
-            let _ = parallel.jobs.send(HashJob::Reset);
+            parallel.send(HashJob::Reset);
         }
         self.sources.clear();
         self.held.clear();

@@ -16,13 +16,11 @@
 //! All summaries together take at most [`MEMORY_BUDGET`] bytes: one that
 //! does not fit is dropped (and its peer stays on the broadcast path).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
-
-use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
 
 use super::summary::{Summary, SummaryError};
 use crate::nix::store_path::HashPart;
@@ -94,7 +92,7 @@ struct State {
 
 pub struct Summaries {
     state: Mutex<State>,
-    fetches: Sender<(IpAddr, u64, SocketAddr)>,
+    fetches: Arc<FetchQueue>,
     peers: Arc<PeerTable>,
     started: Instant,
     /// Its counters are `stats.summaries`.
@@ -109,7 +107,8 @@ impl Summaries {
         timeout: Duration,
         stats: Arc<Stats>,
     ) -> std::io::Result<Arc<Summaries>> {
-        let (fetches, queue) = bounded(FETCH_QUEUE);
+        let fetches = Arc::new(FetchQueue::default());
+        let queue = Arc::clone(&fetches);
         let summaries = Arc::new(Summaries {
             state: Mutex::new(State {
                 hosts: HashMap::new(),
@@ -161,12 +160,12 @@ impl Summaries {
         if have == Some(generation) || entry.fetching {
             return;
         }
-        match self.fetches.try_send((host, generation, at)) {
+        match self.fetches.try_push((host, generation, at)) {
             Ok(()) => entry.fetching = true,
-            Err(TrySendError::Full(_)) => {
+            Err(Refused::Full) => {
                 log::debug!("summary of {host}: fetch queue full; next announcement")
             }
-            Err(TrySendError::Disconnected(_)) => {}
+            Err(Refused::Gone) => {}
         }
     }
 
@@ -288,11 +287,88 @@ fn forget_silent(state: &mut State, now: Instant) {
     });
 }
 
-fn fetch_loop(
-    summaries: &std::sync::Weak<Summaries>,
-    queue: &Receiver<(IpAddr, u64, SocketAddr)>,
-    timeout: Duration,
-) {
+/// A fetch: the host, the generation it announced, where it serves it.
+type Fetch = (IpAddr, u64, SocketAddr);
+
+/// The fetches waiting for the fetching thread, at most [`FETCH_QUEUE`].
+/// A Mutex and Condvar rather than a channel: a channel of its own element
+/// type would be another copy of the channel code, for a queue that sees a
+/// push per changed summary.
+#[derive(Default)]
+struct FetchQueue {
+    state: Mutex<QueueState>,
+    pushed: Condvar,
+}
+
+#[derive(Default)]
+struct QueueState {
+    fetches: VecDeque<Fetch>,
+    /// `Summaries` is gone: the thread ends.
+    closed: bool,
+    /// The thread has ended: nothing more is fetched.
+    gone: bool,
+}
+
+enum Refused {
+    Full,
+    Gone,
+}
+
+impl FetchQueue {
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn try_push(&self, fetch: Fetch) -> Result<(), Refused> {
+        let mut state = self.lock();
+        if state.gone {
+            return Err(Refused::Gone);
+        }
+        if state.fetches.len() >= FETCH_QUEUE {
+            return Err(Refused::Full);
+        }
+        state.fetches.push_back(fetch);
+        self.pushed.notify_one();
+        Ok(())
+    }
+
+    /// The next fetch, waiting for one; `None` once closed.
+    fn pop(&self) -> Option<Fetch> {
+        let mut state = self.lock();
+        loop {
+            if let Some(fetch) = state.fetches.pop_front() {
+                return Some(fetch);
+            }
+            if state.closed {
+                return None;
+            }
+            state = self.pushed.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.pushed.notify_one();
+    }
+}
+
+impl Drop for Summaries {
+    fn drop(&mut self) {
+        self.fetches.close();
+    }
+}
+
+/// Marks the fetching thread ended however it ends.
+struct Ended<'a>(&'a FetchQueue);
+
+impl Drop for Ended<'_> {
+    fn drop(&mut self) {
+        self.0.lock().gone = true;
+    }
+}
+
+fn fetch_loop(summaries: &std::sync::Weak<Summaries>, queue: &FetchQueue, timeout: Duration) {
+    let _ended = Ended(queue);
     let agent = crate::fetch::client::agent_for_addresses(
         ureq::Agent::config_builder()
             .http_status_as_error(false)
@@ -306,7 +382,7 @@ fn fetch_loop(
             .user_agent(concat!("peerix/", env!("CARGO_PKG_VERSION")))
             .build(),
     );
-    for (host, generation, at) in queue {
+    while let Some((host, generation, at)) = queue.pop() {
         let Some(summaries) = summaries.upgrade() else {
             return;
         };
@@ -461,8 +537,9 @@ mod tests {
 
     /// A `Summaries` without its fetching thread, started long enough ago
     /// to have settled; fetches queue up unread.
-    fn settled() -> (Summaries, Receiver<(IpAddr, u64, SocketAddr)>) {
-        let (fetches, queue) = bounded(FETCH_QUEUE);
+    fn settled() -> (Summaries, Arc<FetchQueue>) {
+        let fetches = Arc::new(FetchQueue::default());
+        let queue = Arc::clone(&fetches);
         let summaries = Summaries {
             state: Mutex::new(State {
                 hosts: HashMap::new(),
@@ -493,7 +570,11 @@ mod tests {
         summaries.heard(ip(1));
         assert!(!summaries.cover_all(), "a host without a summary");
         summaries.announced(ip(1), 5, 80);
-        assert_eq!(queue.try_recv().unwrap().1, 5, "its summary is fetched");
+        assert_eq!(
+            queue.lock().fetches.pop_front().unwrap().1,
+            5,
+            "its summary is fetched"
+        );
         assert!(!summaries.cover_all(), "not fetched yet");
         summaries.fetched(ip(1), Ok(Summary::build(5, 1, &[hash(1)])));
         assert!(summaries.cover_all());

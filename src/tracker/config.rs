@@ -10,6 +10,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use crate::config::toml;
+
 /// The tracker's settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TrackerConfig {
@@ -291,7 +293,7 @@ pub fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<Command, S
 /// Applies a config file's settings; an unknown section or key is an error,
 /// so a typo does not pass for a setting.
 fn apply_file(config: &mut TrackerConfig, text: &str) -> Result<(), String> {
-    let table: toml::Table = text.parse().map_err(|e| format!("{e}"))?;
+    let table = toml::parse(text)?;
     for (section, keys) in &table {
         let keys = match keys {
             toml::Value::Table(keys)
