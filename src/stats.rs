@@ -461,6 +461,25 @@ pub struct NodeInfo {
     pub lan_wanted: bool,
 }
 
+#[cfg(test)]
+impl NodeInfo {
+    /// A node on loopback in the `local` mode, for the tests of the pages.
+    pub(crate) fn for_tests() -> NodeInfo {
+        NodeInfo {
+            version: "0",
+            mode: "local",
+            id: None,
+            peer_id: "test".to_string(),
+            bind: std::net::Ipv4Addr::LOCALHOST.into(),
+            port: 1,
+            lan_port: None,
+            daemon_socket: PathBuf::from("/x"),
+            scan_interval: None,
+            lan_wanted: false,
+        }
+    }
+}
+
 /// The LAN side, as a snapshot sees it.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct LanView {
@@ -1114,18 +1133,7 @@ mod tests {
         stats.request(RouteKind::Nar, 503, Duration::from_secs(2));
         stats.lan.dropped(DropReason::from(PacketError::Truncated));
         stats.lan.dropped(DropReason::Unexpected);
-        let node = NodeInfo {
-            version: "0",
-            mode: "local",
-            id: None,
-            peer_id: "test".to_string(),
-            bind: IpAddr::from([127, 0, 0, 1]),
-            port: 1,
-            lan_port: None,
-            daemon_socket: PathBuf::from("/x"),
-            scan_interval: None,
-            lan_wanted: false,
-        };
+        let node = NodeInfo::for_tests();
         let snap = stats.snapshot(View {
             node: &node,
             store: StoreView::default(),

@@ -70,14 +70,13 @@ fn busy() -> (Stats, PeerTable, NodeInfo) {
     let node = NodeInfo {
         version: env!("CARGO_PKG_VERSION"),
         mode: "lan",
-        id: None,
-        peer_id: "test".to_string(),
         bind: IpAddr::from([0, 0, 0, 0]),
         port: 12304,
         lan_port: Some(12304),
         daemon_socket: PathBuf::from("/nix/var/nix/daemon-socket/socket"),
         scan_interval: Some(Duration::from_secs(3600)),
         lan_wanted: true,
+        ..NodeInfo::for_tests()
     };
     (stats, table, node)
 }

@@ -279,22 +279,13 @@ pub(super) fn peer(json: &mut Json, peer: &PeerView) {
 mod tests {
     use super::*;
     use crate::stats::{NodeInfo, Stats, StoreView, View};
-    use std::net::IpAddr;
-    use std::path::PathBuf;
 
     fn snapshot(scans: u64, interval: Option<Duration>, lan_wanted: bool) -> Snapshot {
         let stats = Stats::new();
         let node = NodeInfo {
-            version: "0",
-            mode: "local",
-            id: None,
-            peer_id: "test".to_string(),
-            bind: IpAddr::from([127, 0, 0, 1]),
-            port: 1,
-            lan_port: None,
-            daemon_socket: PathBuf::from("/x"),
             scan_interval: interval,
             lan_wanted,
+            ..NodeInfo::for_tests()
         };
         let store = StoreView {
             daemon_reachable: true,

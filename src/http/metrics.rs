@@ -390,7 +390,6 @@ mod tests {
     use crate::stats::{LanView, NodeInfo, RouteKind, Stats, StoreView, TrackerView, View};
     use std::collections::{BTreeMap, BTreeSet};
     use std::net::IpAddr;
-    use std::path::PathBuf;
     use std::time::Duration;
 
     #[test]
@@ -401,14 +400,11 @@ mod tests {
         let node = NodeInfo {
             version: "0.1.0",
             mode: "lan",
-            id: None,
-            peer_id: "test".to_string(),
             bind: IpAddr::from([0, 0, 0, 0]),
             port: 12304,
             lan_port: Some(12304),
-            daemon_socket: PathBuf::from("/x"),
-            scan_interval: None,
             lan_wanted: true,
+            ..NodeInfo::for_tests()
         };
         let snapshot = stats.snapshot(View {
             node: &node,
