@@ -56,19 +56,25 @@ fn check_bounds(c: &Config) {
     }
 }
 
-/// Field by field; the peer timeout went through an f64 of seconds.
+/// Field by field; the peer timeout and the state interval went through
+/// an f64 of seconds.
 fn assert_same(a: &Config, b: &Config, how: &str) {
     let strip = |c: &Config| {
         let mut c = c.clone();
         c.peer_timeout = Duration::ZERO;
+        c.state_interval = Duration::ZERO;
         format!("{c:?}")
     };
     assert_eq!(strip(a), strip(b), "{how} changed the configuration");
-    let diff = a.peer_timeout.abs_diff(b.peer_timeout);
-    assert!(
-        diff <= Duration::from_micros(1),
-        "{how} changed the timeout: {a:?} / {b:?}"
-    );
+    for (what, x, y) in [
+        ("timeout", a.peer_timeout, b.peer_timeout),
+        ("state interval", a.state_interval, b.state_interval),
+    ] {
+        assert!(
+            x.abs_diff(y) <= Duration::from_micros(1),
+            "{how} changed the {what}: {a:?} / {b:?}"
+        );
+    }
 }
 
 fn as_flags(c: &Config) -> Vec<OsString> {
@@ -84,6 +90,17 @@ fn as_flags(c: &Config) -> Vec<OsString> {
     flag("--daemon-socket", c.daemon_socket.as_os_str());
     flag("--store-root", c.store_root.as_os_str());
     flag("--state-dir", c.state_dir.as_os_str());
+    flag(
+        "--state-interval",
+        OsStr::new(&c.state_interval.as_secs_f64().to_string()),
+    );
+    flag(
+        "--shutdown-timeout",
+        OsStr::new(&c.shutdown_timeout.as_secs().to_string()),
+    );
+    if let Some(url) = &c.tracker {
+        flag("--tracker", OsStr::new(url));
+    }
     if let Some(key) = &c.private_key_file {
         flag("--private-key", key.as_os_str());
     }
@@ -122,20 +139,23 @@ fn as_flags(c: &Config) -> Vec<OsString> {
     if c.verbose {
         args.push("--verbose".into());
     }
+    if c.metrics_public {
+        args.push("--metrics-public".into());
+    }
+    if c.dashboard_public {
+        args.push("--dashboard-public".into());
+    }
     if c.no_verify {
         args.push("--no-verify".into());
     }
     if c.allow_insecure_http {
         args.push("--allow-insecure-http".into());
     }
-    args.push(
-        if c.lan.enabled {
-            "--lan-discovery"
-        } else {
-            "--no-lan"
-        }
-        .into(),
-    );
+    match c.lan_discovery {
+        Some(true) => args.push("--lan-discovery".into()),
+        Some(false) => args.push("--no-lan".into()),
+        None => {}
+    }
     if !c.lan.broadcast {
         args.push("--no-broadcast".into());
     }
@@ -183,8 +203,14 @@ fn as_toml(c: &Config) -> Option<String> {
     let _ = writeln!(t, "verbose = {}", c.verbose);
     let _ = writeln!(t, "timeout = {:?}", c.peer_timeout.as_secs_f64());
     let _ = writeln!(t, "verify_before_send = {}", c.verify_before_send);
+    let _ = writeln!(t, "state_interval = {:?}", c.state_interval.as_secs_f64());
+    let _ = writeln!(t, "shutdown_timeout = {}", c.shutdown_timeout.as_secs());
+    let _ = writeln!(t, "metrics_public = {}", c.metrics_public);
+    let _ = writeln!(t, "dashboard_public = {}", c.dashboard_public);
     let _ = writeln!(t, "[lan]");
-    let _ = writeln!(t, "discovery = {}", c.lan.enabled);
+    if let Some(discovery) = c.lan_discovery {
+        let _ = writeln!(t, "discovery = {discovery}");
+    }
     let _ = writeln!(t, "timeout_ms = {}", c.lan.timeout.as_millis());
     let _ = writeln!(t, "broadcast = {}", c.lan.broadcast);
     let _ = writeln!(
@@ -208,9 +234,12 @@ fn as_toml(c: &Config) -> Option<String> {
     let _ = writeln!(t, "filter_concurrency = {}", c.filter_concurrency);
     let _ = writeln!(t, "[security]");
     let _ = writeln!(t, "allow_insecure_http = {}", c.allow_insecure_http);
+    let _ = writeln!(t, "[tracker]");
     if let Some(name) = &c.peer_id {
-        let _ = writeln!(t, "[tracker]");
         let _ = writeln!(t, "peer_id = {}", quote(name));
+    }
+    if let Some(url) = &c.tracker {
+        let _ = writeln!(t, "url = {}", quote(url));
     }
     if let Some(key) = &c.private_key_file {
         let _ = writeln!(t, "[signing]");
