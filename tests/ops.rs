@@ -569,6 +569,11 @@ fn a_paused_scanner_scans_again_on_resume() {
             .expect("JSON");
     assert_eq!(dashboard["store"]["paused"], true, "{dashboard}");
     assert_eq!(dashboard["store"]["scan_pending"], true, "{dashboard}");
+    let metrics = http::expect_status(peerix.addr, "/metrics", 200).text();
+    assert!(
+        metrics.lines().any(|l| l == "peerix_scanner_paused 1"),
+        "{metrics}"
+    );
 
     let response = post(peerix.addr, "/control/resume");
     assert_eq!(response.status, 200, "{}", response.describe());

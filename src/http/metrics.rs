@@ -144,6 +144,12 @@ pub(crate) fn render(s: &Snapshot) -> String {
             u8::from(answers),
         );
     }
+    o.single(
+        "peerix_scanner_paused",
+        "gauge",
+        "Whether the scanner is paused (POST /control/pause).",
+        u8::from(s.store.paused),
+    );
 
     let counters: [(&str, &str, u64); 9] = [
         (
