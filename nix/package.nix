@@ -8,10 +8,11 @@ rustPlatform.buildRustPackage {
   src = lib.cleanSourceWith {
     src = ../.;
     # tests/bench holds a cargo example that Cargo.toml names; the fuzz
-    # targets and anything built are left out.
+    # targets, the tests' copy of nixpkgs' lib and anything built are left
+    # out.
     filter = path: type:
       let base = baseNameOf path; in
-      !(type == "directory" && (base == "target" || base == "fuzz"));
+      !(type == "directory" && (base == "target" || base == "fuzz" || base == "nixpkgs-lib"));
   };
   cargoLock.lockFile = ../Cargo.lock;
   # HTTPS to the upstream cache of `--filter-mode nixpkgs` (cache.nixos.org).

@@ -11,8 +11,9 @@
 //! given them, and their command lines and config files are parsed by
 //! peerix's and peerix-tracker's own parsers.
 //!
-//! The lib is taken from `$PEERIX_NIXPKGS_LIB`, else from
-//! `<repo>/../shared/nixpkgs-lib/lib`; without it (or without
+//! The lib is taken from `$PEERIX_NIXPKGS_LIB`, else from the copy in
+//! `vendor/nixpkgs-lib/lib` (nixpkgs 26.11), so that the tests need no
+//! network and no nixpkgs checkout; without it (or without
 //! `nix-instantiate`) the tests fail and say what is missing.
 
 mod common;
@@ -75,7 +76,7 @@ fn repo() -> PathBuf {
 fn nixpkgs_lib() -> PathBuf {
     let path = match std::env::var_os("PEERIX_NIXPKGS_LIB") {
         Some(path) => PathBuf::from(path),
-        None => repo().join("../shared/nixpkgs-lib/lib"),
+        None => repo().join("vendor/nixpkgs-lib/lib"),
     };
     assert!(
         path.join("default.nix").is_file(),
