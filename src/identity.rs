@@ -86,6 +86,19 @@ impl fmt::Debug for Identity {
 }
 
 impl Identity {
+    /// A fixed identity for tests: the key of 32 bytes `n`, loaded through
+    /// a key file as a real one is.
+    #[cfg(test)]
+    pub(crate) fn for_tests(n: u8) -> Identity {
+        let dir = std::env::temp_dir().join(format!("peerix-identity-{n}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(KEY_FILE), [n; 32]).unwrap();
+        let identity = Identity::load_or_create(&dir).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        identity
+    }
+
     /// The identity kept in `state_dir`, made there (and the directory
     /// with it) if there is none yet.
     pub fn load_or_create(state_dir: &Path) -> Result<Identity, String> {

@@ -264,7 +264,7 @@ struct Activity {
 impl Server {
     /// Binds `addr` and starts the lanes' workers answering requests.
     pub fn start(addr: SocketAddr, lanes: Lanes, mut context: ServerContext) -> io::Result<Server> {
-        let listener = bind(addr)?;
+        let listener = bind(addr, SEND_TIMEOUT)?;
         let local_addr = listener.local_addr()?;
         context.node.port = local_addr.port();
         let limits = connection_limits(open_files_limit());
@@ -449,12 +449,13 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A listening socket whose options accepted sockets inherit on Linux:
 /// `TCP_NODELAY`, since a keep-alive response split over two writes would
-/// otherwise wait 40 ms for a delayed ACK, and the send timeout.
-fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+/// otherwise wait 40 ms for a delayed ACK, and the send timeout. The
+/// tracker listens the same way.
+pub(crate) fn bind(addr: SocketAddr, send_timeout: Duration) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
     socket.set_nodelay(true)?;
-    socket.set_write_timeout(Some(SEND_TIMEOUT))?;
+    socket.set_write_timeout(Some(send_timeout))?;
     socket
         .bind(&addr.into())
         .map_err(|e| io::Error::new(e.kind(), format!("cannot bind {addr}: {e}")))?;

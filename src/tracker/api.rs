@@ -364,16 +364,6 @@ mod tests {
     use super::*;
     use crate::identity::Identity;
 
-    fn identity(n: u8) -> Identity {
-        let dir = std::env::temp_dir().join(format!("peerix-api-{n}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join(crate::identity::KEY_FILE), [n; 32]).unwrap();
-        let identity = Identity::load_or_create(&dir).unwrap();
-        let _ = std::fs::remove_dir_all(&dir);
-        identity
-    }
-
     const HASH: &str = "0c5dl4k5d8gqabyw4fjcxc9k8y5h4v0a";
 
     #[test]
@@ -412,8 +402,8 @@ mod tests {
 
     #[test]
     fn an_announce_is_checked_and_written_canonically() {
-        let me = identity(1);
-        let other = identity(2);
+        let me = Identity::for_tests(1);
+        let other = Identity::for_tests(2);
         let ip: IpAddr = "::ffff:192.0.2.9".parse().unwrap();
         let body = |extra: &str| format!(r#"{{"node_id":"{}"{extra}}}"#, me.node_id());
         let parsed = parse_body::<AnnounceBody>(

@@ -153,16 +153,6 @@ impl ReplayGuard {
 mod tests {
     use super::*;
 
-    fn identity(n: u8) -> Identity {
-        let dir = std::env::temp_dir().join(format!("peerix-auth-{n}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join(crate::identity::KEY_FILE), [n; 32]).unwrap();
-        let identity = Identity::load_or_create(&dir).unwrap();
-        let _ = std::fs::remove_dir_all(&dir);
-        identity
-    }
-
     fn check(
         signed: &Signed,
         method: &str,
@@ -187,7 +177,7 @@ mod tests {
 
     #[test]
     fn a_signed_request_verifies_once_and_only_as_signed() {
-        let me = identity(1);
+        let me = Identity::for_tests(1);
         let guard = ReplayGuard::default();
         let signed = sign(&me, "POST", "/iroh/announce", 1000, b"{}");
         assert_eq!(
@@ -214,8 +204,8 @@ mod tests {
 
     #[test]
     fn stale_forged_and_unsigned_requests_are_refused() {
-        let me = identity(2);
-        let other = identity(3);
+        let me = Identity::for_tests(2);
+        let other = Identity::for_tests(3);
         let guard = ReplayGuard::default();
         let signed = sign(&me, "GET", "/find/x", 1000, b"");
         assert_eq!(

@@ -12,7 +12,7 @@
 use std::collections::HashSet;
 use std::hash::BuildHasher;
 use std::io::{self, Cursor, Read};
-use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::net::{IpAddr, SocketAddr};
 use std::os::unix::net::UnixStream;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,7 +20,6 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError, bounded};
-use socket2::{Domain, Socket, Type};
 use tiny_http::{Header, Request, Response, StatusCode};
 
 use super::allow;
@@ -114,7 +113,7 @@ pub fn run(config: &TrackerConfig) -> Result<(), String> {
 
     let open_files = crate::http::raise_open_files_limit();
     let addr = SocketAddr::new(config.bind, config.port);
-    let listener = bind(addr).map_err(|e| e.to_string())?;
+    let listener = crate::http::bind(addr, SEND_TIMEOUT).map_err(|e| e.to_string())?;
     let local_addr = listener.local_addr().map_err(|e| e.to_string())?;
     let limits = connection_limits(open_files);
     log::debug!("connection limits: {limits:?}");
@@ -163,19 +162,6 @@ pub fn run(config: &TrackerConfig) -> Result<(), String> {
         let _ = thread.join();
     }
     Ok(())
-}
-
-fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    socket.set_reuse_address(true)?;
-    // Accepted sockets inherit these on Linux.
-    socket.set_nodelay(true)?;
-    socket.set_write_timeout(Some(SEND_TIMEOUT))?;
-    socket
-        .bind(&addr.into())
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot bind {addr}: {e}")))?;
-    socket.listen(1024)?;
-    Ok(socket.into())
 }
 
 /// tiny_http's limits, with the connection caps fitted to the file limit
