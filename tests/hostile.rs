@@ -1551,11 +1551,7 @@ impl HostilePeer {
     fn start(lan: &Lan, i: usize, config: HostileConfig) -> HostilePeer {
         let ns = lan.ns(i).to_string();
         let (udp, listeners) = in_netns(&ns, || {
-            let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
-            socket.set_reuse_address(true)?;
-            socket.set_broadcast(true)?;
-            socket.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, LAN_PORT)).into())?;
-            let udp: UdpSocket = socket.into();
+            let udp = lan_udp_socket()?;
             let ports: Vec<u16> = if config.rotate_ports == 0 {
                 vec![LAN_PORT]
             } else {
@@ -1563,13 +1559,7 @@ impl HostilePeer {
             };
             let listeners = ports
                 .iter()
-                .map(|&port| {
-                    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
-                    socket.set_reuse_address(true)?;
-                    socket.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
-                    socket.listen(128)?;
-                    Ok(TcpListener::from(socket))
-                })
+                .map(|&port| tcp_listener(port, 128))
                 .collect::<io::Result<Vec<_>>>()?;
             io::Result::Ok((udp, listeners))
         })

@@ -47,8 +47,6 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use socket2::{Domain, Protocol, Socket, Type};
-
 // ---------------------------------------------------------------------------
 // The test world (as in tests/lan.rs)
 // ---------------------------------------------------------------------------
@@ -306,16 +304,7 @@ impl FakeOriginal {
         let items: Arc<HashMap<String, OriginalItem>> =
             Arc::new(items.into_iter().map(|i| (i.hash.clone(), i)).collect());
         let (udp, listener) = in_netns(&ns, || {
-            let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, LAN_PORT));
-            let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
-            socket.set_reuse_address(true)?;
-            socket.set_broadcast(true)?;
-            socket.bind(&addr.into())?;
-            let tcp = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
-            tcp.set_reuse_address(true)?;
-            tcp.bind(&addr.into())?;
-            tcp.listen(64)?;
-            io::Result::Ok((UdpSocket::from(socket), TcpListener::from(tcp)))
+            io::Result::Ok((lan_udp_socket()?, tcp_listener(LAN_PORT, 64)?))
         })
         .unwrap_or_else(|e| panic!("binding the fake original's sockets in {ns}: {e}"));
         udp.set_read_timeout(Some(TICK))

@@ -1216,14 +1216,5 @@ fn add_big_file(dir: &TestDir, host: &Host, size: usize) -> String {
         out.write_all(&block).expect("writing the big file");
     }
     drop(out);
-    let store = host.store();
-    host.nix.stdout(
-        "nix-store",
-        &[
-            "--store",
-            store.as_str(),
-            "--add",
-            file.to_str().expect("a UTF-8 path"),
-        ],
-    )
+    host.add_file(&file)
 }

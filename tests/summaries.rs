@@ -298,29 +298,8 @@ fn add_signed_file(dir: &TestDir, host: &LanHost, key: &KeyPair, name: &str) -> 
         &file,
         &format!("added after the first scan ({})\n", unique_number()),
     );
-    let store = host.host.daemon_store();
-    let path = host.host.nix.stdout(
-        "nix-store",
-        &[
-            "--store",
-            store.as_str(),
-            "--add",
-            file.to_str().expect("a UTF-8 path"),
-        ],
-    );
-    let key_file = key.secret_file.display().to_string();
-    host.host.nix.run(
-        "nix",
-        &[
-            "store",
-            "sign",
-            "--store",
-            store.as_str(),
-            "-k",
-            key_file.as_str(),
-            path.as_str(),
-        ],
-    );
+    let path = host.host.add_file(&file);
+    host.host.sign(key, &[&path], false);
     path
 }
 

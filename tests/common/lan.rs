@@ -56,6 +56,26 @@ pub fn lan_ip(i: usize) -> Ipv4Addr {
 // Entering a namespace
 // ---------------------------------------------------------------------------
 
+/// A fake host's UDP socket on the LAN port, broadcast allowed; call it
+/// inside [`in_netns`].
+pub fn lan_udp_socket() -> io::Result<UdpSocket> {
+    let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_broadcast(true)?;
+    socket.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, LAN_PORT)).into())?;
+    Ok(socket.into())
+}
+
+/// A fake host's TCP listener on `port` (0: any), all addresses; call it
+/// inside [`in_netns`].
+pub fn tcp_listener(port: u16, backlog: i32) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
+    socket.listen(backlog)?;
+    Ok(socket.into())
+}
+
 /// Run `f` on a fresh thread that has moved into network namespace `ns`, and
 /// return its result. Sockets created in `f` belong to `ns` for good, so they
 /// may be handed back and used from any thread.
@@ -582,21 +602,10 @@ impl FakePeer {
         let items: Arc<HashMap<String, FakeItem>> =
             Arc::new(items.into_iter().map(|i| (i.hash.clone(), i)).collect());
         let (udp, listener) = in_netns(&ns, || {
-            let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
-            socket.set_reuse_address(true)?;
-            socket.set_broadcast(true)?;
-            let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, LAN_PORT));
-            socket.bind(&addr.into())?;
-            let udp: UdpSocket = socket.into();
+            let udp = lan_udp_socket()?;
             let listener = match tcp {
                 TcpMode::Refuse => None,
-                TcpMode::Serve | TcpMode::Hang => {
-                    let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
-                    socket.set_reuse_address(true)?;
-                    socket.bind(&addr.into())?;
-                    socket.listen(64)?;
-                    Some(TcpListener::from(socket))
-                }
+                TcpMode::Serve | TcpMode::Hang => Some(tcp_listener(LAN_PORT, 64)?),
             };
             io::Result::Ok((udp, listener))
         })
@@ -1157,16 +1166,7 @@ impl FakeSummaryHost {
     pub fn start(lan: &Lan, i: usize, spec: SummaryHostSpec) -> FakeSummaryHost {
         let ns = lan.ns(i).to_string();
         let (udp, listener) = in_netns(&ns, || {
-            let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, LAN_PORT));
-            let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
-            socket.set_reuse_address(true)?;
-            socket.set_broadcast(true)?;
-            socket.bind(&addr.into())?;
-            let tcp = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
-            tcp.set_reuse_address(true)?;
-            tcp.bind(&addr.into())?;
-            tcp.listen(64)?;
-            io::Result::Ok((UdpSocket::from(socket), TcpListener::from(tcp)))
+            io::Result::Ok((lan_udp_socket()?, tcp_listener(LAN_PORT, 64)?))
         })
         .unwrap_or_else(|e| panic!("binding the fake summary host's sockets in {ns}: {e}"));
         let spec = Arc::new(spec);

@@ -702,6 +702,21 @@ impl Host {
         self.nix.run("nix", &args);
     }
 
+    /// Adds `file` to this store (`nix-store --add`, straight to the store,
+    /// so its daemon need not run) and returns its store path.
+    pub fn add_file(&self, file: &Path) -> String {
+        let store = self.store();
+        self.nix.stdout(
+            "nix-store",
+            &[
+                "--store",
+                store.as_str(),
+                "--add",
+                file.to_str().expect("a UTF-8 path"),
+            ],
+        )
+    }
+
     /// Sign paths (and their closures when `recursive`) in this store.
     pub fn sign(&self, key: &KeyPair, paths: &[&str], recursive: bool) {
         let store = self.store();
