@@ -394,18 +394,36 @@ pub struct SavedTop {
 /// start afresh.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Totals {
+    pub counters: Counters,
+    pub top_requested: Vec<SavedTop>,
+    pub top_served: Vec<SavedTop>,
+}
+
+/// The totals as numbers, read from the counters at one moment: in a
+/// [`Snapshot`], and in the saved [`Totals`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
     pub nars_served: u64,
     pub narinfos_served: u64,
     pub cache_hits: u64,
     pub cache_misses: u64,
     pub peer_requests: u64,
     pub errors: u64,
+    /// NAR bytes sent to this host's nix.
     pub bytes_sent_local: u64,
-    /// By [`Source::ALL`].
+    /// NAR bytes sent to and received from peers, by [`Source::ALL`].
     pub bytes_sent_peers: [u64; 3],
     pub bytes_received_peers: [u64; 3],
-    pub top_requested: Vec<SavedTop>,
-    pub top_served: Vec<SavedTop>,
+}
+
+impl Counters {
+    pub fn bytes_sent(&self) -> u64 {
+        self.bytes_sent_local + self.bytes_sent_peers.iter().sum::<u64>()
+    }
+
+    pub fn bytes_received(&self) -> u64 {
+        self.bytes_received_peers.iter().sum()
+    }
 }
 
 /// Entries a saved top-N list may hold.
@@ -595,17 +613,7 @@ pub struct Snapshot {
     pub routes: Vec<(RouteKind, HistogramSnapshot)>,
     /// Responses by status class, 1xx to 5xx.
     pub responses: [u64; 5],
-    pub nars_served: u64,
-    pub narinfos_served: u64,
-    pub cache_hits: u64,
-    pub cache_misses: u64,
-    pub peer_requests: u64,
-    pub errors: u64,
-    /// NAR bytes sent to this host's nix.
-    pub bytes_sent_local: u64,
-    /// NAR bytes sent to and received from peers, by [`Source::ALL`].
-    pub bytes_sent_peers: [u64; 3],
-    pub bytes_received_peers: [u64; 3],
+    pub counters: Counters,
     pub store: StoreView,
     /// Since the scan count last moved; `None` before the first scan.
     pub index_age: Option<Duration>,
@@ -646,14 +654,6 @@ impl LanCountersSnapshot {
 impl Snapshot {
     pub fn requests(&self) -> u64 {
         self.routes.iter().map(|(_, h)| h.count()).sum()
-    }
-
-    pub fn bytes_sent(&self) -> u64 {
-        self.bytes_sent_local + self.bytes_sent_peers.iter().sum::<u64>()
-    }
-
-    pub fn bytes_received(&self) -> u64 {
-        self.bytes_received_peers.iter().sum()
     }
 
     /// Peers in good standing.
@@ -873,8 +873,17 @@ impl Stats {
 
     /// The counters kept across restarts, as they are now.
     pub fn totals(&self) -> Totals {
-        let load = |c: &AtomicU64| c.load(Relaxed);
         Totals {
+            counters: self.counters(),
+            top_requested: self.requested.export(),
+            top_served: self.served.export(),
+        }
+    }
+
+    /// The counters as they are now.
+    fn counters(&self) -> Counters {
+        let load = |c: &AtomicU64| c.load(Relaxed);
+        Counters {
             nars_served: load(&self.nars_served),
             narinfos_served: load(&self.narinfos_served),
             cache_hits: load(&self.cache_hits),
@@ -884,8 +893,6 @@ impl Stats {
             bytes_sent_local: load(&self.bytes_sent_local),
             bytes_sent_peers: std::array::from_fn(|i| load(&self.bytes_sent_peers[i])),
             bytes_received_peers: std::array::from_fn(|i| load(&self.bytes_received_peers[i])),
-            top_requested: self.requested.export(),
-            top_served: self.served.export(),
         }
     }
 
@@ -894,16 +901,23 @@ impl Stats {
         let add = |c: &AtomicU64, n: u64| {
             c.fetch_add(n, Relaxed);
         };
-        add(&self.nars_served, saved.nars_served);
-        add(&self.narinfos_served, saved.narinfos_served);
-        add(&self.cache_hits, saved.cache_hits);
-        add(&self.cache_misses, saved.cache_misses);
-        add(&self.peer_requests, saved.peer_requests);
-        add(&self.errors, saved.errors);
-        add(&self.bytes_sent_local, saved.bytes_sent_local);
+        let saved_counters = &saved.counters;
+        add(&self.nars_served, saved_counters.nars_served);
+        add(&self.narinfos_served, saved_counters.narinfos_served);
+        add(&self.cache_hits, saved_counters.cache_hits);
+        add(&self.cache_misses, saved_counters.cache_misses);
+        add(&self.peer_requests, saved_counters.peer_requests);
+        add(&self.errors, saved_counters.errors);
+        add(&self.bytes_sent_local, saved_counters.bytes_sent_local);
         for i in 0..Source::ALL.len() {
-            add(&self.bytes_sent_peers[i], saved.bytes_sent_peers[i]);
-            add(&self.bytes_received_peers[i], saved.bytes_received_peers[i]);
+            add(
+                &self.bytes_sent_peers[i],
+                saved_counters.bytes_sent_peers[i],
+            );
+            add(
+                &self.bytes_received_peers[i],
+                saved_counters.bytes_received_peers[i],
+            );
         }
         self.requested.import(&saved.top_requested);
         self.served.import(&saved.top_served);
@@ -961,15 +975,7 @@ impl Stats {
                 .map(|&kind| (kind, self.routes[kind.index()].read()))
                 .collect(),
             responses: std::array::from_fn(|i| load(&self.responses[i])),
-            nars_served: load(&self.nars_served),
-            narinfos_served: load(&self.narinfos_served),
-            cache_hits: load(&self.cache_hits),
-            cache_misses: load(&self.cache_misses),
-            peer_requests: load(&self.peer_requests),
-            errors: load(&self.errors),
-            bytes_sent_local: load(&self.bytes_sent_local),
-            bytes_sent_peers: std::array::from_fn(|i| load(&self.bytes_sent_peers[i])),
-            bytes_received_peers: std::array::from_fn(|i| load(&self.bytes_received_peers[i])),
+            counters: self.counters(),
             store: view.store,
             index_age,
             daemon_answers: daemon_answers.map(|(_, answer)| answer),
@@ -1144,7 +1150,7 @@ mod tests {
         });
         assert_eq!(snap.requests(), 3);
         assert_eq!(snap.responses, [0, 1, 0, 1, 1]);
-        assert_eq!(snap.errors, 1);
+        assert_eq!(snap.counters.errors, 1);
         let narinfo = &snap.routes[RouteKind::NarInfo.index()];
         assert_eq!(narinfo.0, RouteKind::NarInfo);
         assert_eq!(narinfo.1.count(), 2);

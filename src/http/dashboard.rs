@@ -170,15 +170,16 @@ pub(crate) fn render(s: &Snapshot) -> String {
     top(&mut json, &s.top_served);
 
     json.key("totals").open();
-    json.key("bytes_received").u64(s.bytes_received());
-    json.key("bytes_sent").u64(s.bytes_sent());
-    json.key("bytes_sent_local").u64(s.bytes_sent_local);
-    json.key("cache_hits").u64(s.cache_hits);
-    json.key("cache_misses").u64(s.cache_misses);
-    json.key("errors").u64(s.errors);
-    json.key("narinfos_served").u64(s.narinfos_served);
-    json.key("nars_served").u64(s.nars_served);
-    json.key("peer_requests").u64(s.peer_requests);
+    json.key("bytes_received").u64(s.counters.bytes_received());
+    json.key("bytes_sent").u64(s.counters.bytes_sent());
+    json.key("bytes_sent_local")
+        .u64(s.counters.bytes_sent_local);
+    json.key("cache_hits").u64(s.counters.cache_hits);
+    json.key("cache_misses").u64(s.counters.cache_misses);
+    json.key("errors").u64(s.counters.errors);
+    json.key("narinfos_served").u64(s.counters.narinfos_served);
+    json.key("nars_served").u64(s.counters.nars_served);
+    json.key("peer_requests").u64(s.counters.peer_requests);
     json.key("requests").u64(s.requests());
     json.close();
 

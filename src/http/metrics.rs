@@ -155,42 +155,42 @@ pub(crate) fn render(s: &Snapshot) -> String {
         (
             "peerix_nars_served_total",
             "NARs sent whole (or the range asked), to this host's nix and to peers.",
-            s.nars_served,
+            s.counters.nars_served,
         ),
         (
             "peerix_narinfos_served_total",
             "Narinfos served, to this host's nix and to peers.",
-            s.narinfos_served,
+            s.counters.narinfos_served,
         ),
         (
             "peerix_bytes_sent_total",
             "NAR bytes sent, to this host's nix and to peers.",
-            s.bytes_sent(),
+            s.counters.bytes_sent(),
         ),
         (
             "peerix_bytes_received_total",
             "NAR bytes received from peers.",
-            s.bytes_received(),
+            s.counters.bytes_received(),
         ),
         (
             "peerix_cache_hits_total",
             "Narinfos this host's nix asked for and got, from here or a peer.",
-            s.cache_hits,
+            s.counters.cache_hits,
         ),
         (
             "peerix_cache_misses_total",
             "Narinfos this host's nix asked for that neither this host nor a peer has.",
-            s.cache_misses,
+            s.counters.cache_misses,
         ),
         (
             "peerix_peer_requests_total",
             "Lookups and NAR transfers this host sent to its peers.",
-            s.peer_requests,
+            s.counters.peer_requests,
         ),
         (
             "peerix_errors_total",
             "5xx responses, transfers broken after their headers, and failed handlers.",
-            s.errors,
+            s.counters.errors,
         ),
         (
             "peerix_requests_total",
@@ -210,19 +210,19 @@ pub(crate) fn render(s: &Snapshot) -> String {
     o.sample(
         "peerix_transfer_bytes_total",
         &[("direction", "sent"), ("source", "local")],
-        s.bytes_sent_local,
+        s.counters.bytes_sent_local,
     );
     for source in Source::ALL {
         let i = source as usize;
         o.sample(
             "peerix_transfer_bytes_total",
             &[("direction", "sent"), ("source", source.label())],
-            s.bytes_sent_peers[i],
+            s.counters.bytes_sent_peers[i],
         );
         o.sample(
             "peerix_transfer_bytes_total",
             &[("direction", "received"), ("source", source.label())],
-            s.bytes_received_peers[i],
+            s.counters.bytes_received_peers[i],
         );
     }
 

@@ -35,7 +35,7 @@ use crate::json::shown;
 
 use crate::nix::store_path::HashPart;
 use crate::peers::{MAX_PEERS, PeerId, SavedPeer};
-use crate::stats::{SavedTop, Source, TOP_SAVED, Totals};
+use crate::stats::{Counters, SavedTop, Source, TOP_SAVED, Totals};
 
 pub const VERSION: u64 = 1;
 const STATS_FORMAT: &str = "peerix-stats";
@@ -101,17 +101,17 @@ pub fn render_stats(t: &Totals, now: SystemTime) -> Vec<u8> {
          \"cache_misses\":{},\"peer_requests\":{},\"errors\":{}}},\
          \"bytes\":{{\"sent_local\":{},\"sent_peers\":",
         unix_secs(now),
-        t.nars_served,
-        t.narinfos_served,
-        t.cache_hits,
-        t.cache_misses,
-        t.peer_requests,
-        t.errors,
-        t.bytes_sent_local
+        t.counters.nars_served,
+        t.counters.narinfos_served,
+        t.counters.cache_hits,
+        t.counters.cache_misses,
+        t.counters.peer_requests,
+        t.counters.errors,
+        t.counters.bytes_sent_local
     );
-    by_source(&mut out, &t.bytes_sent_peers);
+    by_source(&mut out, &t.counters.bytes_sent_peers);
     out.push_str(",\"received_peers\":");
-    by_source(&mut out, &t.bytes_received_peers);
+    by_source(&mut out, &t.counters.bytes_received_peers);
     out.push_str("},\"top_requested\":");
     tops(&mut out, &t.top_requested);
     out.push_str(",\"top_served\":");
@@ -313,15 +313,20 @@ pub fn parse_stats(bytes: &[u8]) -> Result<Totals, String> {
         &["sent_local", "sent_peers", "received_peers"],
     )?;
     Ok(Totals {
-        nars_served: totals.u64("nars_served")?,
-        narinfos_served: totals.u64("narinfos_served")?,
-        cache_hits: totals.u64("cache_hits")?,
-        cache_misses: totals.u64("cache_misses")?,
-        peer_requests: totals.u64("peer_requests")?,
-        errors: totals.u64("errors")?,
-        bytes_sent_local: bytes.u64("sent_local")?,
-        bytes_sent_peers: parse_by_source(bytes.get("sent_peers"), "bytes.sent_peers")?,
-        bytes_received_peers: parse_by_source(bytes.get("received_peers"), "bytes.received_peers")?,
+        counters: Counters {
+            nars_served: totals.u64("nars_served")?,
+            narinfos_served: totals.u64("narinfos_served")?,
+            cache_hits: totals.u64("cache_hits")?,
+            cache_misses: totals.u64("cache_misses")?,
+            peer_requests: totals.u64("peer_requests")?,
+            errors: totals.u64("errors")?,
+            bytes_sent_local: bytes.u64("sent_local")?,
+            bytes_sent_peers: parse_by_source(bytes.get("sent_peers"), "bytes.sent_peers")?,
+            bytes_received_peers: parse_by_source(
+                bytes.get("received_peers"),
+                "bytes.received_peers",
+            )?,
+        },
         top_requested: parse_tops(doc.array("top_requested", TOP_SAVED)?)?,
         top_served: parse_tops(doc.array("top_served", TOP_SAVED)?)?,
     })
@@ -396,15 +401,17 @@ mod tests {
 
     fn sample_totals() -> Totals {
         Totals {
-            nars_served: 1,
-            narinfos_served: 2,
-            cache_hits: 3,
-            cache_misses: 4,
-            peer_requests: 5,
-            errors: 6,
-            bytes_sent_local: 7,
-            bytes_sent_peers: [8, 9, 10],
-            bytes_received_peers: [11, 12, 13],
+            counters: Counters {
+                nars_served: 1,
+                narinfos_served: 2,
+                cache_hits: 3,
+                cache_misses: 4,
+                peer_requests: 5,
+                errors: 6,
+                bytes_sent_local: 7,
+                bytes_sent_peers: [8, 9, 10],
+                bytes_received_peers: [11, 12, 13],
+            },
             top_requested: vec![SavedTop {
                 hash: hash('a'),
                 name: Some("hello-2.12".into()),

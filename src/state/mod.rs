@@ -275,7 +275,7 @@ mod tests {
             !peers.is_available(&liar, Instant::now()),
             "the ban is back"
         );
-        assert_eq!(stats.totals().cache_hits, 1);
+        assert_eq!(stats.totals().counters.cache_hits, 1);
 
         fs::write(dir.join(STATS_FILE), b"{\"format\":\"peerix-stats\",\"vers").unwrap();
         let stats = Arc::new(Stats::new());
