@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 
 use peerix::config::{self, Command, Config};
 use peerix::fetch::client::PeerClient;
+use peerix::fetch::read_ahead::{self, ReadAhead};
 use peerix::fetch::resolver::Resolver;
-use peerix::fetch::transfer::MemoryBudget;
+use peerix::fetch::transfer::{MemoryBudget, transfer_budget};
 use peerix::http::{Lanes, PublicPages, Server, ServerContext};
 use peerix::identity::Identity;
 use peerix::lan::Lan;
@@ -333,6 +334,11 @@ fn run(config: &Config) -> Result<(), String> {
         tracker,
         verify_before_send: config.verify_before_send,
         held_nars: MemoryBudget::new(config.verify_before_send.max(HELD_NARS_MIN_BUDGET)),
+        read_ahead: ReadAhead::new(
+            read_ahead::MAX_NAR,
+            read_ahead::BUDGET,
+            transfer_budget(read_ahead::MAX_NAR, config.peer_timeout),
+        ),
     };
     let server = Server::start(
         SocketAddr::new(config.bind, config.port),

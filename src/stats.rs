@@ -20,6 +20,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::fetch::read_ahead::ReadAheadCounts;
 use crate::lan::packet::PacketError;
 use crate::nix::store_path::HashPart;
 use crate::peers::{PeerId, PeerTable};
@@ -542,6 +543,8 @@ pub struct View<'a> {
     pub peers: Option<&'a PeerTable>,
     pub lan: Option<LanView>,
     pub tracker: Option<TrackerView>,
+    /// What the read-ahead did; `None` when no peer is ever asked.
+    pub read_ahead: Option<ReadAheadCounts>,
     /// The interface addresses of this host, for the dashboard.
     pub addresses: Vec<IpAddr>,
 }
@@ -622,6 +625,7 @@ pub struct Snapshot {
     pub rescans_requested: u64,
     pub lan: Option<LanView>,
     pub tracker: Option<TrackerView>,
+    pub read_ahead: Option<ReadAheadCounts>,
     pub lan_counters: LanCountersSnapshot,
     pub summary_counters: [u64; 4],
     pub peers: Vec<PeerView>,
@@ -982,6 +986,7 @@ impl Stats {
             rescans_requested: load(&self.rescans_requested),
             lan: view.lan,
             tracker: view.tracker,
+            read_ahead: view.read_ahead,
             lan_counters: LanCountersSnapshot {
                 queries: load(&lan.queries),
                 replies_received: load(&lan.replies_received),
@@ -1146,6 +1151,7 @@ mod tests {
             peers: None,
             lan: None,
             tracker: None,
+            read_ahead: None,
             addresses: Vec::new(),
         });
         assert_eq!(snap.requests(), 3);

@@ -514,7 +514,9 @@ fn a_large_nar_with_one_wrong_byte_is_aborted_and_the_retry_gets_it_from_a() {
 /// valid in B, and the liar is banned. After the ban, B must answer 404 for
 /// what only the liar offers, including an intact path whose narinfo B
 /// looked up before the ban: a narinfo whose only holder is banned would make
-/// nix fail on the NAR instead of moving on to its next substituter.
+/// nix fail on the NAR instead of moving on to its next substituter. (B
+/// reads the small NAR ahead once its narinfo is served, so the lie may be
+/// caught before nix asks for the NAR: the intact path is looked up first.)
 #[test]
 fn when_the_only_holder_of_a_small_nar_lies_the_fetch_fails_cleanly() {
     let fx = realistic_fixture();
@@ -528,10 +530,27 @@ fn when_the_only_holder_of_a_small_nar_lies_the_fetch_fails_cleanly() {
     };
     let c = corrupt_host(&dir, &lan, 1, "c", &up, &[&many.first, &fx.busybox], bad);
 
-    let narinfo = format!("/{}.narinfo", hash_part(&many.first));
-    status_not_5xx(&b, &narinfo);
     let other = format!("/{}.narinfo", hash_part(&fx.busybox));
     expect_status(&b, &other, 200, "C offers an intact path, not yet caught");
+    let narinfo = format!("/{}.narinfo", hash_part(&many.first));
+    let first = b.must_get(&narinfo);
+    assert!(
+        first.status < 500,
+        "GET {narinfo} on B: expected no 5xx, got {}",
+        first.describe()
+    );
+    // The NAR itself: whether B reads it ahead or fetches it now, C's wrong
+    // bytes must never make a 200.
+    if first.status == 200 {
+        let url = format!("/{}", NarInfoText::read(&first.text()).field("URL"));
+        if let Ok(response) = b.get(&url) {
+            assert!(
+                response.status != 200,
+                "GET {url} on B: expected no 200 for the liar's NAR, got {}",
+                response.describe()
+            );
+        }
+    }
     let out = b.substitute(&[&up.public], &many.first);
     assert_failure("nix-store -r in B when only C (a liar) has it", &out);
     assert!(!b.host.is_valid(&many.first), "expected nothing valid in B");

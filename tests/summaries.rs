@@ -10,10 +10,12 @@
 //! peerix's own code. What the tests prove:
 //! - With A, B and C all peerix, B realises a 320-path closure from its
 //!   peerix and an upstream cache (busybox httpd, `Priority: 40`) without a
-//!   single broadcast: A's half comes from A (asked directly), the rest from
-//!   upstream, and `nix store verify` passes with the upstream key alone.
+//!   single broadcast: A's half comes from A (asked directly, and read ahead
+//!   of nix), the rest from upstream, and `nix store verify` passes with the
+//!   upstream key alone.
 //! - A host that publishes no summary (the original peerix) keeps the
-//!   broadcast alive, and its paths are found by it.
+//!   broadcast alive, and its paths are found by it; no read-ahead
+//!   broadcasts then.
 //! - Truncated, oversized, unknown-version and overfull summaries are
 //!   dropped and counted; the overfull one's peer is banned and never asked
 //!   for a narinfo; paths on other peers are still found by broadcast.
@@ -361,6 +363,19 @@ fn a_lan_of_summaries_answers_misses_without_a_broadcast() {
         queries,
         "expected no LAN query from B once every host's summary is known; /health: {after}"
     );
+    // A's half was read ahead: narinfos looked up and small NARs fetched
+    // before nix asked, and nix got some of those NARs from B's memory (the
+    // rest raced nix's own requests). Every one of them checked out above.
+    let read_ahead = &after["read_ahead"];
+    let (found, held, served) = (
+        num(read_ahead, "found"),
+        num(read_ahead, "nars_held"),
+        num(read_ahead, "nars_served"),
+    );
+    assert!(
+        found > 0 && served > 0 && served <= held && held as usize <= half.len(),
+        "expected B to read A's half ahead and serve NARs from it: {read_ahead}"
+    );
     assert!(
         covered,
         "expected B to take the LAN as covered with A's and C's summaries: {before}"
@@ -443,6 +458,18 @@ fn a_host_without_a_summary_is_found_by_broadcast() {
         "expected a host heard without a summary to keep the broadcast alive: {heard}"
     );
     let queries = b.lan_counter("queries");
+
+    // A narinfo found by broadcast starts no read-ahead of its references:
+    // with the LAN uncovered, that would be a broadcast for each of them.
+    let narinfo = root_narinfo(&b, hash_part(&many.third));
+    assert_eq!(narinfo.status, 200, "expected B to find {}", many.third);
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert_eq!(
+        b.lan_counter("queries"),
+        queries + 1,
+        "expected one broadcast, for the path asked, and none for its references: {}",
+        b.health()
+    );
 
     let out = b.substitute(&[&up.public], &many.third);
     assert_success(

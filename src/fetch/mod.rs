@@ -6,11 +6,14 @@
 //!   timeouts), and what a bad answer means for the peer.
 //! - [`check`]: NAR structure, length and SHA-256, as the bytes arrive.
 //! - [`resolver`]: ask the LAN, pick and cache the answer.
+//! - [`read_ahead`]: look up references and fetch small NARs before nix
+//!   asks for them.
 //! - [`transfer`]: copy one NAR from its holders, resuming from the next
 //!   holder when one fails.
 
 pub(crate) mod check;
 pub mod client;
+pub mod read_ahead;
 pub mod resolver;
 pub mod transfer;
 pub mod transport;

@@ -107,6 +107,21 @@ impl Resolver {
         self.cached(hash).unwrap_or_else(|| self.resolve(hash))
     }
 
+    /// Looks `hash` up ahead of nix, so that nix's own request finds the
+    /// answer cached: only when it is not known yet, and only when no
+    /// source would broadcast and wait (see [`super::read_ahead`]).
+    /// Returns the offer when it was found now.
+    pub fn read_ahead(&self, hash: &HashPart) -> Option<Arc<Offer>> {
+        if self.cached(hash).is_some() || lock(&self.in_flight).contains_key(hash) {
+            return None;
+        }
+        let covered = self.sources.iter().any(|source| source.covers_all());
+        if covered || self.sources.iter().all(|source| !source.may_wait()) {
+            return self.resolve(hash);
+        }
+        None
+    }
+
     /// The answer for `hash` when it is known with no wait: a cached one,
     /// or a miss the directories settle from memory, as when the summaries
     /// cover every peer and none may hold it. `None` when the peers must be
@@ -367,11 +382,34 @@ impl Resolver {
         nar_hash: &NarHash,
         named: PeerId,
     ) -> Option<NarSource<'_>> {
+        self.nar_source_asking(hash, nar_hash, named, true)
+    }
+
+    /// [`Resolver::nar_source`] from the cached answer alone: no peer is
+    /// asked, now or when the holders fail (for the read-ahead, which never
+    /// broadcasts).
+    pub fn known_nar_source(
+        &self,
+        hash: &HashPart,
+        nar_hash: &NarHash,
+        named: PeerId,
+    ) -> Option<NarSource<'_>> {
+        self.nar_source_asking(hash, nar_hash, named, false)
+    }
+
+    fn nar_source_asking(
+        &self,
+        hash: &HashPart,
+        nar_hash: &NarHash,
+        named: PeerId,
+        ask: bool,
+    ) -> Option<NarSource<'_>> {
         let offer = match self.cached(hash) {
             Some(Some(offer)) if offer.narinfo.nar_hash == *nar_hash => offer,
             // Not cached, cached as missing, or another build of the path:
             // ask the peers (once).
-            _ => self.resolve(hash)?,
+            _ if ask => self.resolve(hash)?,
+            _ => return None,
         };
         // Without a narinfo for this very NAR, its size is unknown here.
         if offer.narinfo.nar_hash != *nar_hash {
@@ -394,7 +432,7 @@ impl Resolver {
             deadline,
             queue,
             tried: Vec::new(),
-            refreshed: false,
+            refreshed: !ask,
         })
     }
 }

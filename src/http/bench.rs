@@ -107,6 +107,7 @@ fn snapshot(stats: &Stats, table: &PeerTable, node: &NodeInfo) -> Snapshot {
             }),
         }),
         tracker: None,
+        read_ahead: Some(Default::default()),
         addresses: vec![IpAddr::from([10, 0, 0, 1])],
     })
 }

@@ -56,6 +56,8 @@ pub(crate) fn render(snapshot: &Snapshot, with_peers: bool) -> (String, bool) {
     }
     json.key("peer_id").str(&snapshot.node.peer_id);
     json.key("peers_connected").u64(snapshot.peers_connected());
+    json.key("read_ahead");
+    read_ahead(&mut json, snapshot);
     json.key("scan_pending").bool(store.scan_pending);
     json.key("scans").u64(store.scans);
     json.key("shared_paths").u64(store.shared as u64);
@@ -66,6 +68,20 @@ pub(crate) fn render(snapshot: &Snapshot, with_peers: bool) -> (String, bool) {
     json.key("version").str(snapshot.node.version);
     json.close();
     (json.out, healthy)
+}
+
+/// What was fetched before nix asked: `null` when no peer is ever asked.
+fn read_ahead(json: &mut Json, snapshot: &Snapshot) {
+    let Some(c) = &snapshot.read_ahead else {
+        json.null();
+        return;
+    };
+    json.open();
+    json.key("bytes_held").u64(c.bytes);
+    json.key("found").u64(c.found);
+    json.key("nars_held").u64(c.nars_held);
+    json.key("nars_served").u64(c.nars_served);
+    json.close();
 }
 
 pub(super) fn status(healthy: bool) -> &'static str {
@@ -300,6 +316,7 @@ mod tests {
             peers: None,
             lan: None,
             tracker: None,
+            read_ahead: None,
             addresses: Vec::new(),
         })
     }

@@ -387,6 +387,36 @@ pub(crate) fn render(s: &Snapshot) -> String {
             );
         }
     }
+    if let Some(c) = &s.read_ahead {
+        let o = &mut out;
+        o.single(
+            "peerix_read_ahead_found_total",
+            "counter",
+            "Paths found on peers before nix asked for them.",
+            c.found,
+        );
+        o.family(
+            "peerix_read_ahead_nars_total",
+            "counter",
+            "Small NARs fetched from peers before nix asked, and those nix then got from memory.",
+        );
+        o.sample(
+            "peerix_read_ahead_nars_total",
+            &[("result", "held")],
+            c.nars_held,
+        );
+        o.sample(
+            "peerix_read_ahead_nars_total",
+            &[("result", "served")],
+            c.nars_served,
+        );
+        o.single(
+            "peerix_read_ahead_bytes",
+            "gauge",
+            "Bytes of NARs read ahead, held or being fetched.",
+            c.bytes,
+        );
+    }
     out.text
 }
 
@@ -418,6 +448,7 @@ mod tests {
             peers: None,
             lan: Some(LanView::default()),
             tracker: Some(TrackerView::default()),
+            read_ahead: Some(Default::default()),
             addresses: Vec::new(),
         });
         let text = render(&snapshot);

@@ -48,6 +48,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender, unbounded};
 use socket2::{Domain, Socket, Type};
 
+use crate::fetch::read_ahead::ReadAhead;
 use crate::fetch::resolver::Resolver;
 use crate::fetch::transfer::MemoryBudget;
 use crate::lan::Lan;
@@ -91,6 +92,8 @@ pub struct ServerContext {
     pub verify_before_send: u64,
     /// while this budget for the memory they take lasts.
     pub held_nars: MemoryBudget,
+    /// Lookups and small NARs fetched before nix asks for them.
+    pub read_ahead: ReadAhead,
 }
 
 /// The stats pages other hosts may read; by default only this host may.
@@ -163,6 +166,7 @@ impl ServerContext {
             peers: self.resolver.as_ref().map(|r| r.peers()),
             lan,
             tracker,
+            read_ahead: self.resolver.as_ref().map(|_| self.read_ahead.counts()),
             addresses: addresses(self.node.bind),
         })
     }
@@ -274,7 +278,7 @@ impl Server {
         let server = Arc::new(server);
         let context = Arc::new(context);
         let activity = Arc::new(Activity::default());
-        let (to_peer, peer_queue) = unbounded();
+        let (to_peer, peer_queue) = unbounded::<PeerWork>();
         let handoff = Handoff {
             to_peer,
             pool: Arc::new(PeerPool {
@@ -341,21 +345,47 @@ impl Server {
 #[derive(Clone)]
 pub(crate) enum Lane {
     Local(Handoff),
-    Peer,
+    Peer(Handoff),
     Network,
+}
+
+impl Lane {
+    /// Has `runners` peer lane workers run the read-ahead work just queued.
+    pub(crate) fn wake_read_ahead(&self, runners: usize) {
+        match self {
+            // The peer lane's channel is never closed: the work is taken.
+            Lane::Local(handoff) | Lane::Peer(handoff) => {
+                for _ in 0..runners {
+                    handoff.start(PeerWork::ReadAhead);
+                }
+            }
+            // Other hosts' requests never queue read-ahead.
+            Lane::Network => {}
+        }
+    }
+}
+
+/// What the peer lane's workers do: a request a local worker handed over,
+/// or the queued read-ahead work.
+// The request was sent unboxed before; a box would cost an allocation per
+// request handed over.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum PeerWork {
+    Request(tiny_http::Request),
+    ReadAhead,
 }
 
 /// The way from the local lane to the peer lane.
 #[derive(Clone)]
 pub(crate) struct Handoff {
-    to_peer: Sender<tiny_http::Request>,
+    to_peer: Sender<PeerWork>,
     pool: Arc<PeerPool>,
 }
 
 /// The peer lane's threads, started as work comes (up to `max`) and kept:
 /// a host whose peers are never asked pays for none of them.
 struct PeerPool {
-    queue: Receiver<tiny_http::Request>,
+    queue: Receiver<PeerWork>,
     context: Arc<ServerContext>,
     activity: Arc<Activity>,
     idle: AtomicUsize,
@@ -370,8 +400,20 @@ impl Handoff {
     pub(crate) fn send(&self, request: tiny_http::Request) -> Option<tiny_http::Request> {
         let pool = &self.pool;
         pool.activity.running.fetch_add(1, Ordering::SeqCst);
-        if let Err(refused) = self.to_peer.send(request) {
-            pool.activity.running.fetch_sub(1, Ordering::SeqCst);
+        match self.start(PeerWork::Request(request)) {
+            Some(PeerWork::Request(refused)) => {
+                pool.activity.running.fetch_sub(1, Ordering::SeqCst);
+                Some(refused)
+            }
+            _ => None,
+        }
+    }
+
+    /// Queues `work` for the peer lane and starts a worker there if none is
+    /// free; gives the work back when the lane cannot take it.
+    fn start(&self, work: PeerWork) -> Option<PeerWork> {
+        let pool = &self.pool;
+        if let Err(refused) = self.to_peer.send(work) {
             return Some(refused.into_inner());
         }
         if pool.idle.load(Ordering::SeqCst) == 0 {
@@ -381,10 +423,10 @@ impl Handoff {
                     (n < pool.max).then_some(n + 1)
                 });
             if let Ok(n) = grown {
-                let worker_pool = Arc::clone(pool);
+                let handoff = self.clone();
                 let spawned = std::thread::Builder::new()
                     .name(format!("http-peer-{n}"))
-                    .spawn(move || peer_worker(&worker_pool));
+                    .spawn(move || peer_worker(&handoff));
                 if let Err(e) = spawned {
                     pool.spawned.fetch_sub(1, Ordering::SeqCst);
                     log::error!("cannot start a peer lane worker: {e}");
@@ -395,17 +437,43 @@ impl Handoff {
     }
 }
 
-fn peer_worker(pool: &PeerPool) {
+fn peer_worker(handoff: &Handoff) {
+    let pool = &handoff.pool;
+    let lane = Lane::Peer(handoff.clone());
     loop {
         pool.idle.fetch_add(1, Ordering::SeqCst);
         let next = pool.queue.recv();
         pool.idle.fetch_sub(1, Ordering::SeqCst);
-        let Ok(request) = next else {
-            return;
-        };
-        // Counted as running by the handoff; counted down here.
-        answer_counted(&pool.context, request, &Lane::Peer);
-        pool.activity.running.fetch_sub(1, Ordering::SeqCst);
+        match next {
+            Ok(PeerWork::Request(request)) => {
+                // Counted as running by the handoff; counted down here.
+                answer_counted(&pool.context, request, &lane);
+                pool.activity.running.fetch_sub(1, Ordering::SeqCst);
+            }
+            Ok(PeerWork::ReadAhead) => read_ahead(&pool.context),
+            Err(_) => return,
+        }
+    }
+}
+
+/// Runs the queued read-ahead work, counting what it fetched as received.
+fn read_ahead(context: &ServerContext) {
+    let Some(resolver) = &context.resolver else {
+        return;
+    };
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let index = context.store.index();
+        context
+            .read_ahead
+            .run(resolver, &|hash| index.contains(hash), &|peer, bytes| {
+                context
+                    .stats
+                    .received(crate::stats::Source::of(&peer), bytes)
+            });
+    }));
+    if outcome.is_err() {
+        log::error!("read-ahead panicked; the worker carries on");
+        context.stats.error();
     }
 }
 

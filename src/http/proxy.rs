@@ -6,6 +6,7 @@
 //! passes the NAR through this host, naming the peer and the NarHash.
 
 use std::io::{self, Write};
+use std::sync::Arc;
 use std::time::Instant;
 
 use tiny_http::Request;
@@ -13,6 +14,7 @@ use tiny_http::Request;
 use super::ServerContext;
 use super::respond::{abort, nar_head, nar_range, respond, text, unsatisfiable};
 use super::route::peer_nar_url;
+use crate::fetch::read_ahead::Pass;
 use crate::fetch::resolver::Offer;
 use crate::fetch::transfer::{self, Outcome, Plan, Sink, is_client_gone};
 use crate::nix::hash::NarHash;
@@ -27,12 +29,14 @@ pub struct PeerNarInfo {
     /// The store path's name, after its hash part.
     pub name: String,
     pub peer: PeerId,
+    /// The peer's offer, for the read-ahead.
+    pub offer: Arc<Offer>,
 }
 
 /// The narinfo to give nix for a path found on a peer, or `None`.
 pub fn peer_narinfo(context: &ServerContext, hash: &HashPart) -> Option<PeerNarInfo> {
     let offer = context.resolver.as_ref()?.offer(hash)?;
-    Some(for_nix(&offer, hash))
+    Some(for_nix(offer, hash))
 }
 
 /// [`peer_narinfo`] when its answer is known with no wait (cached, or a
@@ -42,18 +46,50 @@ pub fn settled_peer_narinfo(
     hash: &HashPart,
 ) -> Option<Option<PeerNarInfo>> {
     let answer = context.resolver.as_ref()?.settled(hash)?;
-    Some(answer.map(|offer| for_nix(&offer, hash)))
+    Some(answer.map(|offer| for_nix(offer, hash)))
 }
 
 /// The narinfo of `offer` as nix gets it: the NAR passed through this host.
-fn for_nix(offer: &Offer, hash: &HashPart) -> PeerNarInfo {
+fn for_nix(offer: Arc<Offer>, hash: &HashPart) -> PeerNarInfo {
     let mut narinfo = offer.narinfo.clone();
     narinfo.url = peer_nar_url(&offer.source.peer, hash, &narinfo.nar_hash);
     PeerNarInfo {
         text: narinfo.render(),
         name: narinfo.store_path.name().to_string(),
         peer: offer.source.peer,
+        offer,
     }
+}
+
+/// Serves a NAR the read-ahead fetched and verified (see
+/// [`crate::fetch::read_ahead`]); returns the status.
+pub fn serve_held_nar(
+    context: &ServerContext,
+    request: Request,
+    hash: &HashPart,
+    nar: &[u8],
+) -> u16 {
+    context.stats.peer_request();
+    let size = nar.len() as u64;
+    let Some((status, start, end)) = nar_range(&request, size) else {
+        return respond(request, unsatisfiable(size));
+    };
+    let head_lines = nar_head(status, start, end, size);
+    let mut writer = request.into_writer();
+    // Both bounds are within the NAR: `nar_range` checked them.
+    let bytes = &nar[start as usize..end as usize];
+    if let Err(e) = writer
+        .write_all(head_lines.as_bytes())
+        .and_then(|()| writer.write_all(bytes))
+        .and_then(|()| writer.flush())
+    {
+        log::debug!("read-ahead NAR of {hash} not delivered: {e}");
+        return status;
+    }
+    let stats = &context.stats;
+    let name = stats.name_of(hash);
+    stats.nar_served(Client::Local, *hash, name.as_deref(), end - start);
+    status
 }
 
 /// Passes a peer's NAR through to this host's nix; returns the status.
@@ -67,6 +103,16 @@ pub fn serve_peer_nar(
 ) -> u16 {
     let Some(resolver) = context.resolver.as_ref() else {
         return respond(request, text(404, "not found\n"));
+    };
+    // A read-ahead of this NAR is waited for, not raced: a liar would be
+    // asked twice. While this request fetches it, no read-ahead does.
+    let _passing = if head {
+        None
+    } else {
+        match context.read_ahead.pass(hash, nar_hash) {
+            Pass::Held(nar) => return serve_held_nar(context, request, hash, &nar),
+            Pass::Fetch(passing) => Some(passing),
+        }
     };
     context.stats.peer_request();
     let Some(mut source) = resolver.nar_source(hash, nar_hash, named) else {

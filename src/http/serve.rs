@@ -12,6 +12,7 @@ use super::respond::{
 };
 use super::route::{Route, Scope};
 use super::{Lane, ServerContext, dashboard, health, metrics, proxy};
+use crate::fetch::resolver::Offer;
 use crate::fetch::transfer::is_client_gone;
 use crate::nix::store_path::{HashPart, STORE_DIR};
 use crate::stats::{Client, RouteKind, Source};
@@ -162,7 +163,9 @@ fn answer(
                             "peer",
                             format!("{hash}-{} found on {}", found.name, found.peer),
                         );
-                        respond(request, narinfo(found.text))
+                        let status = respond(request, narinfo(found.text));
+                        read_ahead(context, lane, &hash, &found.offer);
+                        status
                     }
                     None => {
                         stats.narinfo_requested(hash, None);
@@ -185,8 +188,13 @@ fn answer(
             Err(response) => respond(request, response),
         },
         Route::PeerNar(peer, hash, nar_hash) => {
-            let request = hand_to_peer_lane(request, lane)?;
-            proxy::serve_peer_nar(context, request, peer, &hash, &nar_hash, head)
+            // A NAR read ahead is served here, from memory: no handoff.
+            if !head && let Some(nar) = context.read_ahead.take(&hash, &nar_hash) {
+                proxy::serve_held_nar(context, request, &hash, &nar)
+            } else {
+                let request = hand_to_peer_lane(request, lane)?;
+                proxy::serve_peer_nar(context, request, peer, &hash, &nar_hash, head)
+            }
         }
         Route::Summary => serve_summary(context, request),
         Route::BadRequest(why) => respond(request, text(400, &format!("bad request: {why}\n"))),
@@ -202,8 +210,18 @@ fn hand_to_peer_lane(request: Request, lane: &Lane) -> Option<Request> {
     match lane {
         // Back only when the peer lane is gone: then it is done here.
         Lane::Local(handoff) => handoff.send(request),
-        Lane::Peer | Lane::Network => Some(request),
+        Lane::Peer(_) | Lane::Network => Some(request),
     }
+}
+
+/// Nix got a narinfo from a peer: look up its references and fetch its NAR
+/// ahead of nix's next requests.
+fn read_ahead(context: &ServerContext, lane: &Lane, hash: &HashPart, offer: &Arc<Offer>) {
+    let index = context.store.index();
+    let runners = context
+        .read_ahead
+        .after_narinfo(hash, offer, &|reference| index.contains(reference));
+    lane.wake_read_ahead(runners);
 }
 
 pub(super) fn header_value<'r>(request: &'r Request, name: &'static str) -> Option<&'r str> {

@@ -320,6 +320,10 @@ impl Discovery for Lan {
         "lan"
     }
 
+    fn may_wait(&self) -> bool {
+        true
+    }
+
     /// Nothing is sent yet: the query goes out when its answers are first
     /// wanted, so a lookup the summaries settle sends no packet at all.
     fn search(&self, hash: &HashPart) -> Box<dyn Search + '_> {

@@ -471,6 +471,10 @@ impl Discovery for Summaries {
         "summaries"
     }
 
+    fn covers_all(&self) -> bool {
+        self.cover_all()
+    }
+
     fn search(&self, hash: &HashPart) -> Box<dyn Search + '_> {
         Box::new(SummarySearch {
             summaries: self,

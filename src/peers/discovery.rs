@@ -15,6 +15,18 @@ pub trait Discovery: Send + Sync {
 
     /// Starts looking for the holders of `hash`.
     fn search(&self, hash: &HashPart) -> Box<dyn Search + '_>;
+
+    /// Whether its searches may send queries and wait for answers (a LAN
+    /// broadcast and its window).
+    fn may_wait(&self) -> bool {
+        false
+    }
+
+    /// Whether this directory answers for every peer there is to ask now,
+    /// so that no source that waits needs to be asked.
+    fn covers_all(&self) -> bool {
+        false
+    }
 }
 
 /// One search for the holders of one hash.
