@@ -277,6 +277,8 @@ for run in $(seq "$rounds"); do
 done
 record warm_b "$(median <"$work/warm-b")"
 record warm_a "$(median <"$work/warm-a")"
+# B was restarted before its last run: these are that run's.
+record warm_read_ahead "$(health b | json read_ahead)"
 
 # 3. Misses once the summaries are known: root narinfo requests to B for
 # random valid hash parts nobody has, each asked once (B remembers a miss
@@ -384,6 +386,7 @@ print(f"{'   floor: static 404 server+upstream / upstream':44} {cold_floor:>9.2f
 print(f"{'   B+upstream / static 404 server+upstream':44} {cold_b:>9.2f} {cold_floor:>9.2f} {ratio(cold_b, cold_floor):>6.3f}")
 print(f"{'2. warm LAN (s): through B / A /local':44} {warm_b:>9.2f} {warm_a:>9.2f} {ratio(warm_b, warm_a):>6.3f}")
 print()
+print(f"2. B's read-ahead in its last warm run: {rows.get('warm_read_ahead')}")
 print(f"1. LAN queries B sent per cold update, when no host had a path: {rows.get('cold_queries')} (target 0)")
 print(f"3. misses on B, summaries known (covers_lan {rows['covers_during_misses']}):")
 print(f"   p50 {rows['miss_p50']} ms, p90 {rows['miss_p90']} ms, p99 {rows['miss_p99']} ms; LAN queries per miss {rows['miss_queries']}")
