@@ -359,7 +359,7 @@ impl Lane {
                     handoff.start(PeerWork::ReadAhead);
                 }
             }
-            // Other hosts' requests never queue read-ahead.
+            // Other hosts' requests queue no read-ahead (see `serve`).
             Lane::Network => {}
         }
     }

@@ -217,6 +217,11 @@ fn hand_to_peer_lane(request: Request, lane: &Lane) -> Option<Request> {
 /// Nix got a narinfo from a peer: look up its references and fetch its NAR
 /// ahead of nix's next requests.
 fn read_ahead(context: &ServerContext, lane: &Lane, hash: &HashPart, offer: &Arc<Offer>) {
+    // Only this host's nix is read ahead for (root requests come from
+    // loopback, on the local lane or the peer lane it hands over to).
+    if matches!(lane, Lane::Network) {
+        return;
+    }
     let index = context.store.index();
     let runners = context
         .read_ahead
