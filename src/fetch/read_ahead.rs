@@ -25,7 +25,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::resolver::{Offer, Resolver};
-use super::transfer::{self, MemoryBudget, Outcome, Plan, Reservation, Sink};
+use super::transfer::{MemoryBudget, Outcome, Plan, Reservation, Sink};
 use crate::nix::hash::NarHash;
 use crate::nix::store_path::HashPart;
 use crate::peers::PeerId;
@@ -312,19 +312,7 @@ impl ReadAhead {
             deadline: source.deadline,
         };
         let mut sink = VecSink(Vec::new());
-        let mut holder = None;
-        let outcome = transfer::copy(
-            &plan,
-            &mut || {
-                let next = source.next_holder();
-                holder = next.as_ref().map(|h| h.peer);
-                next
-            },
-            resolver.transport(),
-            resolver.peers(),
-            resolver.buffers(),
-            &mut sink,
-        );
+        let (outcome, holder) = source.copy(&plan, &mut sink);
         drop(plan);
         if outcome != Outcome::Done {
             log::debug!("read-ahead of the NAR of {hash}: {outcome:?}");

@@ -14,7 +14,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use super::client::PeerError;
-use super::transfer::{BufferPool, Holder, transfer_budget};
+use super::transfer::{self, BufferPool, Holder, Outcome, Plan, Sink, transfer_budget};
 use super::transport::Transport;
 use crate::nix::hash::NarHash;
 use crate::nix::keys::{PublicKey, any_valid_signature};
@@ -544,6 +544,27 @@ pub struct NarSource<'r> {
 }
 
 impl NarSource<'_> {
+    /// Copies `plan` to `sink` from these holders, best first, recording
+    /// each outcome in the peer table; returns the outcome and the last
+    /// holder tried: the one that completed the copy, when it is done.
+    pub fn copy(&mut self, plan: &Plan, sink: &mut dyn Sink) -> (Outcome, Option<PeerId>) {
+        let resolver = self.resolver;
+        let mut holder = None;
+        let outcome = transfer::copy(
+            plan,
+            &mut || {
+                let next = self.next_holder();
+                holder = next.as_ref().map(|h| h.peer);
+                next
+            },
+            resolver.transport(),
+            resolver.peers(),
+            resolver.buffers(),
+            sink,
+        );
+        (outcome, holder)
+    }
+
     pub fn next_holder(&mut self) -> Option<Holder> {
         if let Some(holder) = self.next_queued() {
             return Some(holder);

@@ -16,7 +16,7 @@ use super::respond::{abort, nar_head, nar_range, respond, text, unsatisfiable};
 use super::route::peer_nar_url;
 use crate::fetch::read_ahead::Pass;
 use crate::fetch::resolver::Offer;
-use crate::fetch::transfer::{self, Outcome, Plan, Sink, is_client_gone};
+use crate::fetch::transfer::{Outcome, Plan, Sink, is_client_gone};
 use crate::nix::hash::NarHash;
 use crate::nix::store_path::HashPart;
 use crate::peers::PeerId;
@@ -156,20 +156,7 @@ pub fn serve_peer_nar(
         head_lines,
     };
     let began = Instant::now();
-    // The last holder given is the one that completed the transfer.
-    let mut holder = None;
-    let outcome = transfer::copy(
-        &plan,
-        &mut || {
-            let next = source.next_holder();
-            holder = next.as_ref().map(|h| h.peer);
-            next
-        },
-        resolver.transport(),
-        resolver.peers(),
-        resolver.buffers(),
-        &mut sink,
-    );
+    let (outcome, holder) = source.copy(&plan, &mut sink);
     let stats = &context.stats;
     match outcome {
         Outcome::Done => {
