@@ -7,7 +7,9 @@
 //!   and no peer can hold one of these workers.
 //! - **peer**: loopback requests that need the peers (a narinfo this host
 //!   lacks, a NAR passed through). They wait on the network, within
-//!   deadlines; a local worker hands them over and goes back to nix.
+//!   deadlines; a local worker hands them over and goes back to nix. The
+//!   read-ahead of what nix will ask next runs here too, on two workers at
+//!   most (see [`crate::fetch::read_ahead`]).
 //! - **network**: everything from other hosts (`/local/`, `/health`, and
 //!   the stats pages when a flag opens them).
 //!
