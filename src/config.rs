@@ -26,7 +26,7 @@
 //! and the setter. Nothing else changes.
 //!
 //! Settings that depend on each other are checked after the merge
-//! ([`check`]): an `http://` upstream cache needs `allow_insecure_http`, and
+//! (`check`): an `http://` upstream cache needs `allow_insecure_http`, and
 //! an `https://` one a build with the `tls` feature.
 
 mod help;

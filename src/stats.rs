@@ -858,7 +858,7 @@ impl Stats {
     }
 
     /// Whether the nix-daemon answers, asking it with `ask` at most once a
-    /// [`DAEMON_PROBE_EVERY`]; concurrent callers take the last answer.
+    /// `DAEMON_PROBE_EVERY`; concurrent callers take the last answer.
     pub fn probe_daemon(&self, ask: impl FnOnce() -> bool) -> Option<bool> {
         let last = *self.probe.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((at, answer)) = last

@@ -4,7 +4,7 @@
 //!
 //! - [`client`]: HTTP requests to a peer's `/local` cache (ureq, with
 //!   timeouts), and what a bad answer means for the peer.
-//! - [`check`]: NAR structure, length and SHA-256, as the bytes arrive.
+//! - `check`: NAR structure, length and SHA-256, as the bytes arrive.
 //! - [`resolver`]: ask the LAN, pick and cache the answer.
 //! - [`read_ahead`]: look up references and fetch small NARs before nix
 //!   asks for them.

@@ -1,6 +1,6 @@
 //! Copies one NAR from the peers that hold it to nix, verified.
 //!
-//! The bytes go through a [`NarCheck`] as they arrive. Nothing is sent until
+//! The bytes go through a `NarCheck` as they arrive. Nothing is sent until
 //! the first chunk has parsed, so garbage never reaches nix and the next
 //! holder can be tried. A NAR up to the verify-before-send bound is held
 //! whole and sent only once its hash checks out, so a bad holder is replaced

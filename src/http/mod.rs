@@ -21,7 +21,7 @@
 //! and idle deadlines, line limits while reading, and bounded body drains.
 //!
 //! Root endpoints serve this host's own nix and answer loopback clients that
-//! name this host in `Host` only (see [`access`]). `/local/...` serves peers
+//! name this host in `Host` only (see `access`). `/local/...` serves peers
 //! and LAN hosts, under the share policy. `/metrics` and `/dashboard` are
 //! root endpoints unless a flag opens them; the control endpoints always
 //! are.

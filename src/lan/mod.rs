@@ -59,7 +59,7 @@ struct Waiter {
     replies: Sender<SocketAddr>,
 }
 
-/// The LAN side of this host: query peers with [`Lan::ask`].
+/// The LAN side of this host: query peers with [`Lan::query`].
 pub struct Lan {
     socket: UdpSocket,
     /// The UDP port peers listen on: the same number as ours.

@@ -28,7 +28,7 @@ const SOLICIT: u8 = 3;
 pub enum Packet {
     /// "Who has this hash part?"
     Request { id: u32, hash: HashPart },
-    /// "I have it: GET http://<sender>:<port>/local/<hash>.narinfo." The
+    /// "I have it: GET `http://<sender>:<port>/local/<hash>.narinfo`." The
     /// url path is the only form ever fetched, so the packet keeps its hash.
     Response { id: u32, port: u16, hash: HashPart },
     /// "My store summary is at `generation`, with `paths` paths, at

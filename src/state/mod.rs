@@ -12,7 +12,7 @@
 //! `/health` (the `state` check), renamed to `<name>.damaged` (replacing an
 //! older one), and replaced by a good one at once. It is never fatal: the
 //! counters or the peer table then start empty. The parsers
-//! ([`format`]) reject rather than guess: an unknown format or version, a
+//! (the `format` module) reject rather than guess: an unknown format or version, a
 //! missing or unknown field, or a value out of range rejects the file.
 
 pub mod format;

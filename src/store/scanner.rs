@@ -59,7 +59,7 @@ const UPSTREAM_BATCH: usize = 1000;
 /// goes up by one exactly when the shared set changes (scans that change
 /// nothing shared leave it, and send nothing). So deltas come numbered
 /// 1, 2, 3, …, and a receiver that sees a gap has missed one and should
-/// rebuild from [`Index::for_each_shared`]. The first delta (generation 1,
+/// rebuild from `Index::for_each_shared`. The first delta (generation 1,
 /// from the first scan) adds every shared path.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ShareDelta {

@@ -243,7 +243,7 @@ impl Writer {
         }
     }
 
-    /// One bounded step of the sweep: up to [`SWEEP_ROWS`] rows of one
+    /// One bounded step of the sweep: up to `SWEEP_ROWS` rows of one
     /// expired peer, and the peer once it has none left; forgotten stale
     /// signatures. Returns whether there is more to do.
     pub fn sweep_step(&mut self, now: i64, ttl: i64) -> rusqlite::Result<bool> {
