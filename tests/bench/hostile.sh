@@ -92,11 +92,7 @@ NIX_DAEMON_SOCKET_PATH=$work/d.sock setsid nix-daemon --store "$store" >"$work/d
 daemon_pid=$!
 wait_for "nix-daemon" test -S "$work/d.sock"
 
-peerix=${PEERIX_BIN:-}
-if [ -z "$peerix" ]; then
-    (cd "$repo" && cargo build --release -q)
-    peerix=$repo/target/release/peerix
-fi
+peerix=$(peerix_bin "$repo")
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("0.0.0.0",0)); print(s.getsockname()[1])'; }
 

@@ -38,6 +38,17 @@ build_bench_paths() {
     top=$(nix-build "$1/tests/fixtures/many.nix" --no-out-link --max-jobs 8 --arg busyboxDir "$2/busybox" -A top)
 }
 
+# peerix_bin REPO: prints the peerix binary to measure: $PEERIX_BIN, or a
+# release build of REPO (built now; cargo's progress goes to stderr).
+peerix_bin() {
+    if [ -n "${PEERIX_BIN:-}" ]; then
+        echo "$PEERIX_BIN"
+    else
+        (cd "$1" && cargo build --release -q >&2)
+        echo "$1/target/release/peerix"
+    fi
+}
+
 # stop_daemon PID: stops a nix-daemon we started. It forks one worker per
 # client connection (peerix's pool): stop those (by their parent's id)
 # first, whose clients are gone by now, and give it up to 5 s to reap

@@ -53,11 +53,7 @@ daemon_pid=$!
 pids+=("$daemon_pid")
 wait_for "nix-daemon" test -S "$work/d.sock"
 
-peerix=${PEERIX_BIN:-}
-if [ -z "$peerix" ]; then
-    (cd "$repo" && cargo build --release -q)
-    peerix=$repo/target/release/peerix
-fi
+peerix=$(peerix_bin "$repo")
 peerix_port=$(free_port)
 "$peerix" --bind 127.0.0.1 --port "$peerix_port" --daemon-socket "$work/d.sock" \
     --store-root "$store" --no-lan --no-filter --scan-interval 0 >"$work/peerix.log" 2>&1 &

@@ -59,11 +59,7 @@ daemon_pid=$!
 pids+=("$daemon_pid")
 wait_for "nix-daemon" test -S "$work/d.sock"
 
-peerix=${PEERIX_BIN:-}
-if [ -z "$peerix" ]; then
-    (cd "$repo" && cargo build --release -q)
-    peerix=$repo/target/release/peerix
-fi
+peerix=$(peerix_bin "$repo")
 
 # A namespace with loopback only: LAN mode runs (its UDP thread, the
 # summaries), and nothing leaves it.

@@ -132,11 +132,7 @@ for host in a b; do
     wait_for "nix-daemon of $host" test -S "$work/$host.sock"
 done
 
-peerix=${PEERIX_BIN:-}
-if [ -z "$peerix" ]; then
-    (cd "$repo" && cargo build --release -q)
-    peerix=$repo/target/release/peerix
-fi
+peerix=$(peerix_bin "$repo")
 start_peerix() { # start_peerix a|b: sets a_pid or b_pid
     local ns=$ns_a
     [ "$1" = b ] && ns=$ns_b

@@ -65,11 +65,7 @@ NIX_DAEMON_SOCKET_PATH=$work/b.sock nix-daemon --store "$work/b" >"$work/daemon.
 daemon_pid=$!
 wait_for "nix-daemon" test -S "$work/b.sock"
 
-peerix=${PEERIX_BIN:-}
-if [ -z "$peerix" ]; then
-    (cd "$repo" && cargo build --release -q)
-    peerix=$repo/target/release/peerix
-fi
+peerix=$(peerix_bin "$repo")
 ip netns exec "$ns_b" "$peerix" --bind 0.0.0.0 --port "$port" --daemon-socket "$work/b.sock" \
     --store-root "$work/b" --scan-interval 0 --state-dir "$work/state-b" >"$work/peerix.log" 2>&1 &
 b_pid=$!
