@@ -51,6 +51,21 @@ impl Out {
         let _ = writeln!(self.text, " {value}");
     }
 
+    /// A family of samples told apart by one label: `(label value, value)`.
+    fn by_label(
+        &mut self,
+        name: &str,
+        kind: &str,
+        help: &str,
+        label: &str,
+        values: &[(&str, u64)],
+    ) {
+        self.family(name, kind, help);
+        for (value_label, value) in values {
+            self.sample(name, &[(label, value_label)], value);
+        }
+    }
+
     /// A family of one unlabelled sample.
     fn single(&mut self, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
         self.family(name, kind, help);
@@ -83,18 +98,13 @@ pub(crate) fn render(s: &Snapshot) -> String {
         "Peer hosts in good standing (neither in backoff nor banned).",
         s.peers_connected(),
     );
-    o.family(
+    o.by_label(
         "peerix_peers",
         "gauge",
         "Peer hosts in the peer table, by state.",
+        "state",
+        &PeerState::ALL.map(|state| (state.label(), s.peer_states[state as usize])),
     );
-    for state in PeerState::ALL {
-        o.sample(
-            "peerix_peers",
-            &[("state", state.label())],
-            s.peer_states[state as usize],
-        );
-    }
     o.single(
         "peerix_available_hashes",
         "gauge",
@@ -107,20 +117,18 @@ pub(crate) fn render(s: &Snapshot) -> String {
         "Valid store paths in the index.",
         s.store.indexed,
     );
-    o.family(
+    o.by_label(
         "peerix_share_decisions",
         "gauge",
         "Paths of the index by the share policy's decision.",
-    );
-    o.sample(
-        "peerix_share_decisions",
-        &[("decision", "shared")],
-        s.store.shared,
-    );
-    o.sample(
-        "peerix_share_decisions",
-        &[("decision", "not_shared")],
-        s.store.indexed.saturating_sub(s.store.shared),
+        "decision",
+        &[
+            ("shared", s.store.shared as u64),
+            (
+                "not_shared",
+                s.store.indexed.saturating_sub(s.store.shared) as u64,
+            ),
+        ],
     );
     o.single(
         "peerix_scans_total",
@@ -226,18 +234,16 @@ pub(crate) fn render(s: &Snapshot) -> String {
         );
     }
 
-    o.family(
+    o.by_label(
         "peerix_http_responses_total",
         "counter",
         "HTTP responses by status class.",
+        "code",
+        &["1xx", "2xx", "3xx", "4xx", "5xx"]
+            .into_iter()
+            .zip(s.responses)
+            .collect::<Vec<_>>(),
     );
-    for (i, class) in ["1xx", "2xx", "3xx", "4xx", "5xx"].iter().enumerate() {
-        o.sample(
-            "peerix_http_responses_total",
-            &[("code", class)],
-            s.responses[i],
-        );
-    }
 
     o.family(
         "peerix_request_duration_seconds",
@@ -299,20 +305,15 @@ pub(crate) fn render(s: &Snapshot) -> String {
             "Hash parts sent to the tracker.",
             t.hashes_sent,
         );
-        o.family(
+        o.by_label(
             "peerix_tracker_lookups_total",
             "counter",
             "Lookups asked of the tracker, by result.",
-        );
-        o.sample(
-            "peerix_tracker_lookups_total",
-            &[("result", "answered")],
-            t.lookups.saturating_sub(t.lookup_failures),
-        );
-        o.sample(
-            "peerix_tracker_lookups_total",
-            &[("result", "failed")],
-            t.lookup_failures,
+            "result",
+            &[
+                ("answered", t.lookups.saturating_sub(t.lookup_failures)),
+                ("failed", t.lookup_failures),
+            ],
         );
         o.single(
             "peerix_tracker_failures_total",
@@ -329,44 +330,37 @@ pub(crate) fn render(s: &Snapshot) -> String {
             "LAN queries this host broadcast.",
             c.queries,
         );
-        o.family(
+        o.by_label(
             "peerix_lan_replies_total",
             "counter",
             "LAN replies by what became of them.",
+            "kind",
+            &[
+                ("received", c.replies_received),
+                ("shunned", c.replies_shunned),
+                ("sent", c.replies_sent),
+                ("rate_limited", c.replies_rate_limited),
+            ],
         );
-        for (kind, value) in [
-            ("received", c.replies_received),
-            ("shunned", c.replies_shunned),
-            ("sent", c.replies_sent),
-            ("rate_limited", c.replies_rate_limited),
-        ] {
-            o.sample("peerix_lan_replies_total", &[("kind", kind)], value);
-        }
-        o.family(
+        o.by_label(
             "peerix_lan_packets_dropped_total",
             "counter",
             "UDP packets dropped, by reason.",
+            "reason",
+            &DropReason::ALL.map(|reason| (reason.label(), c.dropped[reason as usize])),
         );
-        for reason in DropReason::ALL {
-            o.sample(
-                "peerix_lan_packets_dropped_total",
-                &[("reason", reason.label())],
-                c.dropped[reason as usize],
-            );
-        }
-        o.family(
+        let [fetched, dropped, failed, misses] = s.summary_counters;
+        o.by_label(
             "peerix_lan_summaries_total",
             "counter",
             "Peers' store summaries by outcome.",
+            "result",
+            &[
+                ("fetched", fetched),
+                ("dropped", dropped),
+                ("failed", failed),
+            ],
         );
-        let [fetched, dropped, failed, misses] = s.summary_counters;
-        for (result, value) in [
-            ("fetched", fetched),
-            ("dropped", dropped),
-            ("failed", failed),
-        ] {
-            o.sample("peerix_lan_summaries_total", &[("result", result)], value);
-        }
         o.single(
             "peerix_lan_misses_answered_total",
             "counter",
@@ -374,41 +368,31 @@ pub(crate) fn render(s: &Snapshot) -> String {
             misses,
         );
         if let Some(summaries) = s.lan.as_ref().and_then(|l| l.summaries.as_ref()) {
-            o.family("peerix_lan_hosts", "gauge", "LAN hosts heard recently.");
-            o.sample(
+            o.by_label(
                 "peerix_lan_hosts",
-                &[("summary", "any")],
-                summaries.hosts_heard,
-            );
-            o.sample(
-                "peerix_lan_hosts",
-                &[("summary", "fresh")],
-                summaries.hosts_with_summary,
+                "gauge",
+                "LAN hosts heard recently.",
+                "summary",
+                &[
+                    ("any", summaries.hosts_heard as u64),
+                    ("fresh", summaries.hosts_with_summary as u64),
+                ],
             );
         }
     }
     if let Some(c) = &s.read_ahead {
-        let o = &mut out;
         o.single(
             "peerix_read_ahead_found_total",
             "counter",
             "Paths found on peers before nix asked for them.",
             c.found,
         );
-        o.family(
+        o.by_label(
             "peerix_read_ahead_nars_total",
             "counter",
             "Small NARs fetched from peers before nix asked, and those nix then got from memory.",
-        );
-        o.sample(
-            "peerix_read_ahead_nars_total",
-            &[("result", "held")],
-            c.nars_held,
-        );
-        o.sample(
-            "peerix_read_ahead_nars_total",
-            &[("result", "served")],
-            c.nars_served,
+            "result",
+            &[("held", c.nars_held), ("served", c.nars_served)],
         );
         o.single(
             "peerix_read_ahead_bytes",
